@@ -1,0 +1,37 @@
+# mmcl — the two commands: `make quickstart` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Quickstart runs on every local device; on a CPU-only machine simulate one device per core.
+NCPU := $(shell $(PYTHON) -c "import os; print(os.cpu_count() or 1)")
+QS_DIR ?= workdirs/quickstart
+DATA_DIR ?= data/shapes
+
+.PHONY: quickstart test venv clean bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# open_clip's loss module is the parity reference for the loss tests; --no-deps because its
+	# torchvision dependency cannot import beside the CPU torch (see pyproject.toml).
+	$(PY) -m pip install -q --no-deps "open_clip_torch>=3.3"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m mmcl.cli data build-shapes --output $(DATA_DIR)
+	rm -rf $(QS_DIR)
+	XLA_FLAGS="--xla_force_host_platform_device_count=$(NCPU) $$XLA_FLAGS" \
+	  $(PY) -m mmcl.cli train --config experiments/clip_shapes.py --workdir $(QS_DIR) \
+	  --set data.dir=$(DATA_DIR)
+	XLA_FLAGS="--xla_force_host_platform_device_count=$(NCPU) $$XLA_FLAGS" \
+	  $(PY) -m mmcl.cli eval --workdir $(QS_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) workdirs data

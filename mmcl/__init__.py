@@ -1,0 +1,1 @@
+"""mmcl: multimodal contrastive learning in JAX/Flax."""

@@ -1,0 +1,123 @@
+"""The `mmcl` command line.
+
+  mmcl train --config experiments/clip_shapes.py[:arg] --workdir DIR [--set key=value ...]
+  mmcl eval  --workdir DIR [--step N] [--watch [--poll S] [--timeout S]]
+  mmcl sweep --config F --workdir DIR --grid key=v1,v2 [--grid key2=...] [--set key=value ...]
+  mmcl data  build-shapes --output DIR [--num-train N] [--num-test N] [--image-size P]
+  mmcl train --config F --help-config        (every key with its type, default and doc)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _configure_logging() -> None:
+  logging.basicConfig(level=os.environ.get("MMCL_LOG_LEVEL", "INFO"),
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+  for noisy in ("absl", "jax._src", "orbax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load_config(spec: str, overrides: list[str]):
+  from mmcl.config import load_config_file
+  config = load_config_file(spec)
+  for o in overrides or []:
+    config.override(o)
+  return config
+
+
+def cmd_train(args) -> int:
+  config = _load_config(args.config, args.set)
+  if args.help_config:
+    print(config.describe())
+    return 0
+  from mmcl.tasks import get_task_class
+  from mmcl.train.loop import train
+  train(config, args.workdir, get_task_class(config.task.name))
+  return 0
+
+
+def cmd_eval(args) -> int:
+  from mmcl.eval.evaluator import run_evaluator
+  run_evaluator(args.workdir, step=args.step, watch=args.watch, poll_seconds=args.poll,
+                timeout_seconds=args.timeout)
+  return 0
+
+
+def cmd_sweep(args) -> int:
+  from mmcl.sweep import run_sweep
+  run_sweep(args.config, args.workdir, grids=args.grid, overrides=args.set or [],
+            evaluate=not args.no_eval)
+  return 0
+
+
+def cmd_data(args) -> int:
+  if args.data_command == "build-shapes":
+    from data_pipelines.image_text import build_shapes_dataset
+    info = build_shapes_dataset(args.output, num_train=args.num_train, num_test=args.num_test,
+                                image_size=args.image_size, seed=args.seed)
+    print(f"shapes dataset in {args.output}: {info}")
+    return 0
+  raise SystemExit(f"unknown data command {args.data_command!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="mmcl", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="train (or resume) a job in a workdir")
+  t.add_argument("--config", required=True, help="experiments/<file>.py[:arg]")
+  t.add_argument("--workdir", help="output directory; an existing one is resumed")
+  t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+  t.add_argument("--help-config", action="store_true", help="list every config key and exit")
+  t.set_defaults(fn=cmd_train)
+
+  e = sub.add_parser("eval", help="evaluate checkpoints of a workdir in this (separate) process")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  e.add_argument("--watch", action="store_true", help="evaluate each new checkpoint once")
+  e.add_argument("--poll", type=float, default=10.0, help="seconds between checks in --watch")
+  e.add_argument("--timeout", type=float, default=None,
+                 help="--watch: stop after this many seconds without a new checkpoint")
+  e.set_defaults(fn=cmd_eval)
+
+  s = sub.add_parser("sweep", help="train every combination of a grid; writes results.csv/.md")
+  s.add_argument("--config", required=True)
+  s.add_argument("--workdir", required=True)
+  s.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2")
+  s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run")
+  s.add_argument("--no-eval", action="store_true", help="skip the evaluator after each run")
+  s.set_defaults(fn=cmd_sweep)
+
+  d = sub.add_parser("data", help="build or convert datasets")
+  dsub = d.add_subparsers(dest="data_command", required=True)
+  b = dsub.add_parser("build-shapes", help="the built-in procedural image–caption set")
+  b.add_argument("--output", required=True)
+  b.add_argument("--num-train", type=int, default=5000)
+  b.add_argument("--num-test", type=int, default=1000)
+  b.add_argument("--image-size", type=int, default=32)
+  b.add_argument("--seed", type=int, default=0)
+  d.set_defaults(fn=cmd_data)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  if args.command == "train" and not args.help_config and not args.workdir:
+    raise SystemExit("mmcl train: --workdir is required")
+  _configure_logging()
+  from mmcl.config import ConfigError
+  try:
+    return args.fn(args)
+  except (ConfigError, FileNotFoundError) as e:
+    print(f"mmcl {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

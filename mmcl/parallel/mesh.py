@@ -1,0 +1,83 @@
+"""Device mesh construction and multi-process start-up.
+
+The mesh has two named axes: `data` (batch / FSDP parameter sharding) and `model` (tensor
+parallelism for rules that name it). `mesh_shape` -1 on one axis means "all remaining devices".
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+
+def maybe_initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                                 process_id: int | None) -> None:
+  """Calls `jax.distributed.initialize` when this is one process of several.
+
+  Explicit arguments (config `distributed.*`) win; otherwise a cluster environment that JAX detects
+  itself (SLURM, Open MPI, Cloud TPU, or `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` +
+  `JAX_PROCESS_ID`) triggers a bare `initialize()`. A single plain process does nothing.
+  """
+  if jax.distributed.is_initialized():
+    return
+  if coordinator_address is not None:
+    if num_processes is None or process_id is None:
+      raise ValueError("config distributed.coordinator_address is set, so distributed.num_processes "
+                       "and distributed.process_id must be set too")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
+    jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: list | None = None) -> Mesh:
+  """Builds a (data, model) mesh over `devices` (default: all devices of all processes).
+
+  Args:
+    data: size of the data axis; -1 = number of devices // model.
+    model: size of the model axis.
+  Returns:
+    A `Mesh` with Auto axis types, so jit propagates shardings through matmuls of sharded operands.
+  """
+  devices = list(jax.devices()) if devices is None else list(devices)
+  n = len(devices)
+  if model < 1 or n % model:
+    raise ValueError(f"config mesh.model={model} must divide the number of devices ({n})")
+  if data == -1:
+    data = n // model
+  if data * model != n:
+    raise ValueError(f"config mesh.data={data} × mesh.model={model} = {data * model} does not match "
+                     f"the {n} available devices")
+  # Keep each process's devices contiguous along `data` so host-local batches map to one block.
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  grid = np.asarray(devices, dtype=object).reshape(data, model)
+  return Mesh(grid, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a batch: leading dim over `data`, the rest replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def host_batch_to_global(mesh: Mesh, local_batch: dict) -> dict:
+  """Assembles this process's rows into globally sharded arrays.
+
+  Args:
+    local_batch: dict of numpy arrays [b_local, ...] — this process's contiguous block of the global
+      batch (process p holds rows [p·B/P, (p+1)·B/P)).
+  Returns:
+    dict of `jax.Array` [B, ...] sharded over `data`.
+  """
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

@@ -1,0 +1,193 @@
+"""CLIP / SigLIP image–text dual encoder.
+
+Batch: `image` [B, H, W, 3] float32 (normalised), `text` [B, L] int32 (0 = padding).
+Towers: a ViT (`mmcl.models.vit`) and a Transformer text encoder (`mmcl.models.text_transformer`), each
+followed by L2 normalisation. Loss (config `task.loss`):
+  infonce: L = ½[CE(s·A·Bᵀ, I) + CE(s·B·Aᵀ, I)], s = exp(t) with learnable t (Radford et al. 2021);
+  sigmoid: L = −(1/B) Σ_ij log σ(z_ij (s·a_i·b_j + β)), z_ij = ±1 (Zhai et al. 2023);
+computed with the negatives of the whole global batch by the sharded loss core (`mmcl.losses`).
+Evaluation: image→text and text→image Recall@{1,5,10} over the held-out split (pair i is the positive).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import image_text as data_lib
+from mmcl.config import Config
+from mmcl.eval import image_text as eval_lib
+from mmcl.losses import sharded as sharded_losses
+from mmcl.models.text_transformer import TextTransformer
+from mmcl.models.vit import ViT
+from mmcl.models import flops as flops_lib
+from mmcl.parallel import mesh as mesh_lib
+from mmcl.train.task import Task
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  """x: [B, D] → rows of unit norm (float32)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+class ClipTask(Task):
+  """Image–text contrastive pretraining."""
+
+  @classmethod
+  def declare_config(cls, c: Config) -> None:
+    t = c.task
+    t.define("loss", "infonce", "contrastive loss", choices=("infonce", "sigmoid"))
+    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses)",
+             choices=("auto", "dense", "tiled"))
+    t.define("init_temperature", 0.07, "initial softmax temperature τ (logit scale s = 1/τ)")
+    t.define("max_logit_scale", 100.0, "upper clip of the learnable logit scale s")
+    t.define("init_logit_bias", -10.0, "initial bias β of the sigmoid loss")
+    t.define("eval_ks", (1, 5, 10), "k of the Recall@k the evaluator reports")
+    t.define("eval_batch_size", 256, "batch size of the evaluator's embedding passes")
+
+    m = c.model
+    m.define("embed_dim", 128, "dimension of the shared embedding space")
+    img = m.section("image", "ViT image tower")
+    img.define("patch_size", 4, "patch side in pixels")
+    img.define("width", 128, "token width")
+    img.define("depth", 3, "Transformer blocks")
+    img.define("num_heads", 4, "attention heads")
+    img.define("mlp_dim", 256, "hidden units of each block's MLP")
+    img.define("pool", "gap", "how patch tokens become one vector", choices=("gap", "cls"))
+    img.define("dropout", 0.0, "dropout rate")
+    txt = m.section("text", "Transformer text tower")
+    txt.define("width", 128, "token width")
+    txt.define("depth", 3, "Transformer blocks")
+    txt.define("num_heads", 4, "attention heads")
+    txt.define("mlp_dim", 256, "hidden units of each block's MLP")
+    txt.define("causal", False, "causal self-attention (CLIP) instead of bidirectional")
+    txt.define("pool", "eos", "how tokens become one vector", choices=("eos", "mean", "first"))
+    txt.define("dropout", 0.0, "dropout rate")
+
+    d = c.data
+    d.define("max_text_len", 24, "text tokens per caption (BOS + tokens + EOS, padded with 0)")
+    d.define("augment", True, "light image augmentation (seeded per record and epoch)")
+    d.define("eval_split", "test", "held-out split used by validation and the evaluator")
+
+  def __init__(self, config: Config, mesh):
+    super().__init__(config, mesh)
+    self.data_dir = pathlib.Path(config.data.dir)
+    self.metadata = data_lib.load_metadata(self.data_dir)
+    image_shape = tuple(self.metadata["image_shape"])
+    self.image_size, self.channels = image_shape[0], image_shape[2]
+    self.vocab_size = int(self.metadata["vocab_size"])
+    dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+    m = config.model
+    self.image_tower = ViT(
+        patch_size=m.image.patch_size, width=m.image.width, depth=m.image.depth,
+        num_heads=m.image.num_heads, mlp_dim=m.image.mlp_dim, embed_dim=m.embed_dim,
+        dropout=m.image.dropout, pool=m.image.pool, dtype=dtype)
+    self.text_tower = TextTransformer(
+        vocab_size=self.vocab_size, max_len=config.data.max_text_len, width=m.text.width,
+        depth=m.text.depth, num_heads=m.text.num_heads, mlp_dim=m.text.mlp_dim,
+        embed_dim=m.embed_dim, causal=m.text.causal, pool=m.text.pool, dropout=m.text.dropout,
+        dtype=dtype)
+
+  # --- data ---------------------------------------------------------------------------------------
+  def train_iterator(self, process_index: int, process_count: int):
+    c = self.config
+    return data_lib.train_iterator(
+        self.data_dir, split="train", global_batch_size=c.data.global_batch_size,
+        process_index=process_index, process_count=process_count, seed=c.seed,
+        num_epochs=c.data.num_epochs, max_text_len=c.data.max_text_len, augment=c.data.augment,
+        worker_count=c.data.worker_count, skip_bad_records=c.data.skip_bad_records)
+
+  def val_iterator(self, process_index: int, process_count: int):
+    c = self.config
+    return data_lib.train_iterator(
+        self.data_dir, split=c.data.eval_split, global_batch_size=c.data.global_batch_size,
+        process_index=process_index, process_count=process_count, seed=c.seed, num_epochs=1,
+        max_text_len=c.data.max_text_len, augment=False, worker_count=0,
+        skip_bad_records=c.data.skip_bad_records)
+
+  # --- model --------------------------------------------------------------------------------------
+  def init_params(self, rng: jax.Array) -> dict[str, Any]:
+    k_img, k_txt = jax.random.split(rng)
+    images = jnp.zeros((1, self.image_size, self.image_size, self.channels), jnp.float32)
+    texts = jnp.ones((1, self.config.data.max_text_len), jnp.int32)
+    t = self.config.task
+    params = {
+        "image": self.image_tower.init(k_img, images, train=False)["params"],
+        "text": self.text_tower.init(k_txt, texts, train=False)["params"],
+        "log_logit_scale": jnp.asarray(math.log(1.0 / t.init_temperature), jnp.float32),
+    }
+    if t.loss == "sigmoid":
+      params["logit_bias"] = jnp.asarray(t.init_logit_bias, jnp.float32)
+    return params
+
+  def embed_images(self, params, images: jax.Array, *, train: bool = False,
+                   rng: jax.Array | None = None) -> jax.Array:
+    """images: [B, H, W, C] float32 → [B, D] unit-norm float32."""
+    rngs = {"dropout": rng} if train else None
+    return _l2_normalize(self.image_tower.apply({"params": params["image"]}, images, train=train,
+                                                rngs=rngs))
+
+  def embed_texts(self, params, texts: jax.Array, *, train: bool = False,
+                  rng: jax.Array | None = None) -> jax.Array:
+    """texts: [B, L] int32 → [B, D] unit-norm float32."""
+    rngs = {"dropout": rng} if train else None
+    return _l2_normalize(self.text_tower.apply({"params": params["text"]}, texts, train=train,
+                                               rngs=rngs))
+
+  def logit_scale(self, params) -> jax.Array:
+    return jnp.minimum(jnp.exp(params["log_logit_scale"]), self.config.task.max_logit_scale)
+
+  def loss(self, params, batch, rng, *, train: bool):
+    k_img, k_txt = jax.random.split(rng)
+    img = self.embed_images(params, batch["image"], train=train, rng=k_img)
+    txt = self.embed_texts(params, batch["text"], train=train, rng=k_txt)
+    scale = self.logit_scale(params)
+    t = self.config.task
+    if t.loss == "infonce":
+      loss = sharded_losses.infonce_over_mesh(img, txt, self.mesh, logit_scale=scale,
+                                              impl=t.loss_impl)
+    else:
+      loss = sharded_losses.sigmoid_loss_over_mesh(img, txt, self.mesh, logit_scale=scale,
+                                                   logit_bias=params["logit_bias"], impl=t.loss_impl)
+    return loss, {"temperature": 1.0 / scale, "logit_scale": scale}
+
+  def flops_per_example(self) -> float | None:
+    image_shape = (self.image_size, self.image_size, self.channels)
+    return float(flops_lib.vit_flops(self.image_tower, image_shape)
+                 + flops_lib.text_transformer_flops(self.text_tower, self.config.data.max_text_len))
+
+  # --- evaluation ---------------------------------------------------------------------------------
+  def embed_split(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Embeds every pair of `split` with the mesh → (image_emb [N, D], text_emb [N, D]) numpy."""
+    c = self.config
+    sharding = mesh_lib.batch_sharding(self.mesh)
+    embed_img = jax.jit(lambda p, x: self.embed_images(p, x), out_shardings=mesh_lib.replicated(
+        self.mesh))
+    embed_txt = jax.jit(lambda p, x: self.embed_texts(p, x), out_shardings=mesh_lib.replicated(
+        self.mesh))
+    n_dev = self.mesh.shape[mesh_lib.DATA_AXIS]
+    bs = max(n_dev, c.task.eval_batch_size // n_dev * n_dev)
+    imgs, txts = [], []
+    for batch in data_lib.eval_batches(self.data_dir, split=split, batch_size=bs,
+                                       max_text_len=c.data.max_text_len):
+      valid = np.asarray(batch["valid"])
+      x = jax.device_put(np.asarray(batch["image"]), sharding)
+      y = jax.device_put(np.asarray(batch["text"]), sharding)
+      imgs.append(np.asarray(embed_img(params, x))[valid])
+      txts.append(np.asarray(embed_txt(params, y))[valid])
+    return np.concatenate(imgs), np.concatenate(txts)
+
+  def evaluate(self, params, out_dir: str) -> dict[str, float]:
+    split = self.config.data.eval_split
+    img, txt = self.embed_split(params, split)
+    metrics = eval_lib.image_text_retrieval_metrics(img, txt, ks=tuple(self.config.task.eval_ks),
+                                                    mesh=self.mesh)
+    metrics["num_pairs"] = float(img.shape[0])
+    metrics["chance_recall@1"] = 1.0 / img.shape[0]
+    return metrics

@@ -1,0 +1,75 @@
+"""The trainer's config keys, each declared (and documented) here.
+
+Task modules add their own `task.*`, `model.*` and `data.*` keys (see `mmcl.tasks`); an experiment
+file starts from `mmcl.tasks.make_config(name)`, which is this base plus the task's keys.
+"""
+
+from __future__ import annotations
+
+from mmcl.config import Config
+
+
+def base_config() -> Config:
+  """Returns a Config holding every trainer key with its default."""
+  c = Config("mmcl training job")
+  c.define("seed", 0, "PRNG seed for parameter init, dropout and the data order")
+
+  t = c.section("task", "the method: how a batch becomes embeddings and a loss")
+  t.define("name", "clip", "task module registered in mmcl.tasks (e.g. clip)")
+
+  c.section("model", "the task's towers (keys declared by the task)")
+  d = c.section("data", "the task's data (keys declared by the task; these are common)")
+  d.define("dir", "data/shapes", "dataset directory (ArrayRecord shards + metadata.json)")
+  d.define("global_batch_size", 256, "examples per optimizer step over all devices and hosts")
+  d.define("num_epochs", None, "epochs to stream; None = repeat forever", type=(int, type(None)))
+  d.define("worker_count", 0, "grain worker processes per host (0 = in-process)")
+  d.define("skip_bad_records", False, "skip (and count) undecodable records instead of failing")
+
+  tr = c.section("train", "the training loop")
+  tr.define("total_steps", 1000, "optimizer steps to run")
+  tr.define("grad_accum_steps", 1,
+            "split each global batch into this many micro-batches and sum their gradients "
+            "(each micro-batch sees only its own in-batch negatives)")
+  tr.define("compute_dtype", "float32", "dtype of activations and matmuls in the towers",
+            choices=("float32", "bfloat16"))
+  tr.define("log_every", 10, "steps between metric log lines (JSONL, TensorBoard, progress bar)")
+  tr.define("checkpoint_every", 100, "steps between checkpoints (the final step is always saved)")
+  tr.define("keep_checkpoints", 3, "keep the newest N checkpoints")
+  tr.define("keep_best", 1, "also keep the best N checkpoints by train.best_metric (0 = off)")
+  tr.define("best_metric", "val/loss", "metric (computed at each checkpoint) ranking checkpoints")
+  tr.define("best_mode", "min", "whether a smaller or larger best_metric is better",
+            choices=("min", "max"))
+  tr.define("val_batches", 4, "held-out batches evaluated at each checkpoint for best_metric "
+            "(0 = none, then only the newest checkpoints are kept)")
+  tr.define("async_checkpointing", True, "write checkpoints in the background")
+  tr.define("progress_bar", True, "print a progress line with ETA to stderr")
+  tr.define("stop_after_steps", None, "stop early after this many steps of this invocation "
+            "(for tests of resume; the schedule still uses total_steps)", type=(int, type(None)))
+
+  o = c.section("optim", "optimizer and learning-rate schedule (optax)")
+  o.define("name", "adamw", "optimizer", choices=("adamw", "adam", "sgd", "lamb"))
+  o.define("lr", 1e-3, "peak learning rate")
+  o.define("weight_decay", 0.1, "decoupled weight decay (adamw/lamb); not applied to biases, norms, "
+           "embeddings' scale parameters")
+  o.define("b1", 0.9, "Adam beta1 / SGD momentum")
+  o.define("b2", 0.98, "Adam beta2")
+  o.define("eps", 1e-6, "Adam epsilon")
+  o.define("schedule", "cosine", "learning-rate schedule after warm-up",
+           choices=("cosine", "linear", "constant"))
+  o.define("warmup_steps", 100, "linear warm-up steps from 0 to lr")
+  o.define("end_lr_ratio", 0.0, "final lr as a fraction of lr (cosine/linear)")
+  o.define("grad_clip_norm", 1.0, "clip gradients to this global norm (None = off)",
+           type=(float, type(None)))
+
+  m = c.section("mesh", "device mesh and parameter sharding")
+  m.define("data", -1, "size of the data axis (-1 = all devices / mesh.model)")
+  m.define("model", 1, "size of the model axis")
+  m.define("param_sharding", "replicate", "how parameters and optimizer state are sharded",
+           choices=("replicate", "fsdp"))
+
+  dist = c.section("distributed", "multi-process start-up (jax.distributed.initialize)")
+  dist.define("coordinator_address", None, "host:port of process 0; None = single process or the "
+              "cluster's environment", type=(str, type(None)))
+  dist.define("num_processes", None, "number of processes", type=(int, type(None)))
+  dist.define("process_id", None, "this process's index", type=(int, type(None)))
+  return c

@@ -1,0 +1,21 @@
+"""Test setup: every test runs on the CPU with 8 simulated devices, so sharding is exercised."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in flags:
+  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+  """Path to ../shared/data; skips the test with a reason when it is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"shared datasets not found at {SHARED_DATA}")
+  return SHARED_DATA
