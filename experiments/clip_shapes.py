@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
   c.seed = 0
   c.data.dir = "data/shapes"
   c.data.global_batch_size = 256
-  c.data.max_text_len = 24
+  c.data.max_text_len = 40  # captions are at most 36 word pieces + BOS/EOS
 
   c.model.embed_dim = 128
   c.model.image.patch_size = 4
@@ -45,7 +45,6 @@ def get_config(arg: str | None = None):
 
   if arg == "tiny":
     c.data.global_batch_size = 32
-    c.data.max_text_len = 16
     c.model.embed_dim = 32
     c.model.image.patch_size = 8
     c.model.image.width = 32

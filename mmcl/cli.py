@@ -60,7 +60,8 @@ def cmd_data(args) -> int:
     from data_pipelines.image_text import build_shapes_dataset
     info = build_shapes_dataset(args.output, num_train=args.num_train, num_test=args.num_test,
                                 image_size=args.image_size, seed=args.seed)
-    print(f"shapes dataset in {args.output}: {info}")
+    counts = {k: v["num_examples"] for k, v in info["splits"].items()}
+    print(f"shapes dataset in {args.output}: {counts}, vocab {info['vocab_size']} tokens")
     return 0
   raise SystemExit(f"unknown data command {args.data_command!r}")
 

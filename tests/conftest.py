@@ -19,3 +19,15 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"shared datasets not found at {SHARED_DATA}")
   return SHARED_DATA
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+  """A small procedural image–caption dataset (512 train / 128 test pairs, 32 px), built once."""
+  from data_pipelines.image_text import build_shapes_dataset
+  out = tmp_path_factory.mktemp("shapes")
+  build_shapes_dataset(out, num_train=512, num_test=128, image_size=32, seed=0, num_shards=2)
+  return out

@@ -22,6 +22,7 @@ import numpy as np
 from data_pipelines import image_text as data_lib
 from mmcl.config import Config
 from mmcl.eval import image_text as eval_lib
+from mmcl.eval import trec as trec_lib
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models.text_transformer import TextTransformer
 from mmcl.models.vit import ViT
@@ -38,6 +39,8 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 class ClipTask(Task):
   """Image–text contrastive pretraining."""
+
+  primary_metric = "t2i/recall@1"
 
   @classmethod
   def declare_config(cls, c: Config) -> None:
@@ -79,7 +82,7 @@ class ClipTask(Task):
     super().__init__(config, mesh)
     self.data_dir = pathlib.Path(config.data.dir)
     self.metadata = data_lib.load_metadata(self.data_dir)
-    image_shape = tuple(self.metadata["image_shape"])
+    image_shape = next(tuple(f["shape"]) for f in self.metadata["schema"] if f["name"] == "image")
     self.image_size, self.channels = image_shape[0], image_shape[2]
     self.vocab_size = int(self.metadata["vocab_size"])
     dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
@@ -190,4 +193,8 @@ class ClipTask(Task):
                                                     mesh=self.mesh)
     metrics["num_pairs"] = float(img.shape[0])
     metrics["chance_recall@1"] = 1.0 / img.shape[0]
+    # TREC run + qrels files (top-100 per query) beside metrics.json, for external tools.
+    rankings = eval_lib.image_text_rankings(img, txt, 100, mesh=self.mesh)
+    for direction, r in rankings.items():
+      trec_lib.write_run_and_qrels(out_dir, direction, r.indices, r.scores, r.qrels)
     return metrics

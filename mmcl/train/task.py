@@ -22,6 +22,9 @@ Batch = dict[str, jax.Array]
 class Task(abc.ABC):
   """A method: data, parameters, loss and evaluation. Subclasses register with `mmcl.tasks`."""
 
+  # The evaluator's headline metric (higher is better): tracked as "best so far" in watch mode.
+  primary_metric: str | None = None
+
   def __init__(self, config: Config, mesh: Mesh):
     self.config = config
     self.mesh = mesh

@@ -1,0 +1,106 @@
+"""The evaluator process (`mmcl eval`): restores checkpoints read-only and runs the task's evaluation.
+
+It shares nothing with a running trainer but the workdir: it reads `config.json`, lists only
+finalized orbax checkpoints (orbax renames a step directory into place only when the save has
+completed, so a half-written checkpoint is never listed), restores the parameters onto its own mesh
+and calls `Task.evaluate`. Results go to `workdir/eval/<step>/metrics.json` and `report.md` (with
+plots); `eval/latest.json` holds the newest evaluated step's metrics and `eval/state.json` the watch
+state (evaluated steps, best so far), so a restarted watcher never redoes a step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+
+from mmcl.eval import report as report_lib
+from mmcl.eval import watch as watch_lib
+from mmcl.eval.atomic import write_json_atomic
+from mmcl.tasks import config_from_dict, get_task_class
+from mmcl.train import checkpoint as ckpt_lib
+from mmcl.train import loop as loop_lib
+
+log = logging.getLogger("mmcl.eval")
+
+
+class Evaluator:
+  """Evaluates checkpoints of one workdir."""
+
+  def __init__(self, workdir: str | pathlib.Path):
+    self.workdir = pathlib.Path(workdir)
+    cfg_path = self.workdir / "config.json"
+    if not cfg_path.is_file():
+      raise FileNotFoundError(f"{cfg_path} not found: is {self.workdir} a `mmcl train` workdir?")
+    config = config_from_dict(json.loads(cfg_path.read_text()))
+    # The evaluator is its own single process on its own devices, whatever the trainer used.
+    config.distributed.coordinator_address = None
+    config.distributed.num_processes = None
+    config.distributed.process_id = None
+    config.mesh.data, config.mesh.model = -1, 1
+    self.config = config
+    self.mesh, self.task = loop_lib.setup(config, get_task_class(config.task.name))
+    _, abstract, shardings, _, _ = loop_lib.build_state(config, self.task, self.mesh)
+    self.abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
+    self.ckpt = ckpt_lib.Checkpointer(self.workdir, read_only=True)
+    self.eval_dir = self.workdir / "eval"
+
+  def finished_steps(self) -> list[int]:
+    return self.ckpt.all_steps()
+
+  def evaluate(self, step: int) -> dict[str, float]:
+    """Evaluates checkpoint `step`; the task writes its artefacts into eval/<step>/."""
+    state = self.ckpt.restore(step, self.abstract)
+    out = self.eval_dir / str(step)
+    out.mkdir(parents=True, exist_ok=True)
+    return {k: float(v) for k, v in self.task.evaluate(state.params, str(out)).items()}
+
+  def write_report(self, step: int, metrics: dict[str, float], *, history: dict | None = None,
+                   best: dict | None = None) -> None:
+    """eval/<step>/{metrics.json, report.md, plots} and eval/latest.json."""
+    if history is None:
+      history = report_lib.load_history(self.eval_dir)
+    report_lib.write_report(self.eval_dir / str(step), metrics, step=step, history=history,
+                            best=best, title=f"{self.config.task.name} — {self.workdir.name}")
+    write_json_atomic(self.eval_dir / "latest.json", {"step": step, **metrics})
+
+
+def _print_summary(step: int, metrics: dict[str, Any], report_dir: pathlib.Path) -> None:
+  keys = sorted(k for k in metrics if "recall@" in k or "ndcg" in k or "mrr" in k)
+  print(f"step {step}:")
+  for k in keys:
+    print(f"  {k:28s} {metrics[k]:.4f}")
+  if "chance_recall@1" in metrics:
+    print(f"  {'chance_recall@1':28s} {metrics['chance_recall@1']:.4f}")
+  print(f"report: {report_dir / 'report.md'}")
+
+
+def run_evaluator(workdir: str, *, step: int | None = None, watch: bool = False,
+                  poll_seconds: float = 10.0, timeout_seconds: float | None = None) -> dict:
+  ev = Evaluator(workdir)
+  if watch:
+    tc = ev.config.train
+    state_path = ev.eval_dir / "state.json"
+
+    def after_step(s, metrics, state):
+      ev.write_report(s, dict(metrics), history=state.history, best=state.best)
+      _print_summary(s, metrics, ev.eval_dir / str(s))
+    return watch_lib.watch(ev.finished_steps, ev.evaluate, state_path=state_path,
+                           poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
+                           stop_after_step=tc.total_steps, best_metric=ev.task.primary_metric,
+                           best_mode="max", after_step=after_step)
+  steps = ev.finished_steps()
+  if not steps:
+    raise FileNotFoundError(f"no finished checkpoint in {ckpt_lib.checkpoint_dir(workdir)}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f"checkpoint step {step} not in {ckpt_lib.checkpoint_dir(workdir)} "
+                            f"(finished steps: {steps})")
+  metrics = ev.evaluate(step)
+  ev.write_report(step, metrics)
+  _print_summary(step, metrics, ev.eval_dir / str(step))
+  return metrics
