@@ -18,8 +18,9 @@ import sys
 def _configure_logging() -> None:
   logging.basicConfig(level=os.environ.get("MMCL_LOG_LEVEL", "INFO"),
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-  for noisy in ("absl", "jax._src", "orbax", "grain"):
+  for noisy in ("jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices go through absl
 
 
 def _load_config(spec: str, overrides: list[str]):

@@ -69,7 +69,11 @@ class Evaluator:
 
 
 def _print_summary(step: int, metrics: dict[str, Any], report_dir: pathlib.Path) -> None:
-  keys = sorted(k for k in metrics if "recall@" in k or "ndcg" in k or "mrr" in k)
+  def order(k):
+    name, _, at = k.partition("@")
+    return (name, int(at) if at.isdigit() else 0)
+  keys = sorted((k for k in metrics if "/" in k and ("recall@" in k or "ndcg" in k or "mrr" in k)),
+                key=order)
   print(f"step {step}:")
   for k in keys:
     print(f"  {k:28s} {metrics[k]:.4f}")

@@ -138,6 +138,9 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
       state, metrics = step_fn(state, batch)
       steps_since += 1
       done = step + 1
+      if step == start:  # keep compilation out of the throughput numbers
+        jax.block_until_ready(metrics)
+        t_last, steps_since = time.perf_counter(), 0
       if int(metrics["nonfinite"]):
         rows = local.get("index")
         where = f"; host-local record indices {np.asarray(rows)[:8].tolist()}…" if rows is not None \
@@ -151,8 +154,9 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
         last = _to_float(metrics)
         last.pop("nonfinite", None)
         dt = time.perf_counter() - t_last
-        last["examples_per_s"] = steps_since * config.data.global_batch_size / dt
-        if flops and peak:
+        if steps_since:
+          last["examples_per_s"] = steps_since * config.data.global_batch_size / dt
+        if flops and peak and steps_since:
           last["mfu"] = 3 * flops * last["examples_per_s"] / (peak * jax.device_count())
         logger.write(done, last)
         t_last, steps_since = time.perf_counter(), 0
@@ -162,6 +166,7 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
           logger.write(done, val)
           last.update(val)
         ckpt.save(done, state, data_iter, metrics=val or None)
+        t_last, steps_since = time.perf_counter(), 0  # keep validation/saving out of throughput
   finally:
     ckpt.close()
     logger.close()
