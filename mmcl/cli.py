@@ -4,6 +4,8 @@
   mmcl eval  --workdir DIR [--step N] [--watch [--poll S] [--timeout S]]
   mmcl sweep --config F --workdir DIR --grid key=v1,v2 [--grid key2=...] [--set key=value ...]
   mmcl data  build-shapes --output DIR [--num-train N] [--num-test N] [--image-size P]
+  mmcl data  convert --format F --input PATH --output DIR [--split-by ...]   (see --help)
+  mmcl features --tower FOLDER --input FILE --field NAME --output PATH
   mmcl train --config F --help-config        (every key with its type, default and doc)
 """
 
@@ -64,7 +66,25 @@ def cmd_data(args) -> int:
     counts = {k: v["num_examples"] for k, v in info["splits"].items()}
     print(f"shapes dataset in {args.output}: {counts}, vocab {info['vocab_size']} tokens")
     return 0
+  if args.data_command == "convert":
+    from data_pipelines import convert
+    opts = {k: v for k, v in vars(args).items()
+            if k not in ("command", "data_command", "fn", "format", "input", "output")}
+    meta = convert.convert(args.format, args.input, args.output, **opts)
+    counts = {k: v["num_examples"] for k, v in meta["splits"].items()}
+    print(f"{args.format} → {args.output}: kind {meta['kind']}, splits {counts}")
+    return 0
   raise SystemExit(f"unknown data command {args.data_command!r}")
+
+
+def cmd_features(args) -> int:
+  from mmcl.features import compute_features
+  result = compute_features(args.tower, args.input, args.field, args.output,
+                            batch_size=args.batch_size, max_length=args.max_length,
+                            id_field=args.id_field, overwrite=args.overwrite)
+  m = result.manifest
+  print(f"features → {args.output}.npy: {m.get('count')} × {m.get('dim')}")
+  return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--num-test", type=int, default=1000)
   b.add_argument("--image-size", type=int, default=32)
   b.add_argument("--seed", type=int, default=0)
+  from data_pipelines import convert
+  convert.build_parser(dsub.add_parser("convert", help="convert a public format to ArrayRecord"))
   d.set_defaults(fn=cmd_data)
+
+  f = sub.add_parser("features", help="precompute embeddings of a text field with a tower")
+  f.add_argument("--tower", required=True, help="local Hugging Face model folder (BERT family)")
+  f.add_argument("--input", required=True, help="JSONL ({id, <field>}) or text file")
+  f.add_argument("--field", required=True, help="field to embed")
+  f.add_argument("--output", required=True, help="output path stem (PATH.npy/.ids.txt/.json)")
+  f.add_argument("--id-field", default="id")
+  f.add_argument("--batch-size", type=int, default=256)
+  f.add_argument("--max-length", type=int, default=256)
+  f.add_argument("--overwrite", action="store_true")
+  f.set_defaults(fn=cmd_features)
   return p
 
 
@@ -113,12 +146,20 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "train" and not args.help_config and not args.workdir:
     raise SystemExit("mmcl train: --workdir is required")
   _configure_logging()
+  from data_pipelines.records import CorruptRecordError
   from mmcl.config import ConfigError
   try:
     return args.fn(args)
-  except (ConfigError, FileNotFoundError) as e:
+  except (ConfigError, FileNotFoundError, CorruptRecordError) as e:
+    # Bad input: the message names the file / record / field / key; no traceback needed.
     print(f"mmcl {args.command}: error: {e}", file=sys.stderr)
     return 2
+  except Exception as e:  # a training that stopped on a NaN says so without a traceback
+    from mmcl.train.loop import NonFiniteLossError
+    if isinstance(e, NonFiniteLossError):
+      print(f"mmcl {args.command}: error: {e}", file=sys.stderr)
+      return 3
+    raise
 
 
 if __name__ == "__main__":

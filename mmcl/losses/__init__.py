@@ -1,0 +1,20 @@
+"""Contrastive losses: dense references, tiled kernels with memory linear in the batch, sharding.
+
+  infonce(a, b, *, logit_scale, ...)                    symmetric CLIP / GCL loss
+  sigmoid_loss(a, b, *, logit_scale, logit_bias, ...)   SigLIP
+  multimodal_infonce(embeddings, valid, *, ...)         InfoNCE over modality pairs
+  supcon(z, *, logit_scale, clip_ids, exclude, ...)     SupCon "all" form (LOEV)
+
+Every loss takes impl in {"auto", "dense", "tiled"} ("fused" is reserved for a GPU kernel) and,
+inside `shard_map`, `axis_name` to use every device's rows as negatives. `mmcl.losses.sharded`
+wraps them for arrays sharded over a mesh (`infonce_over_mesh`, ...).
+"""
+from mmcl.losses.common import AUTO_TILED_MIN_LOGITS
+from mmcl.losses.infonce import infonce
+from mmcl.losses.multimodal import multimodal_infonce
+from mmcl.losses.sigmoid import sigmoid_loss
+from mmcl.losses.supcon import supcon
+from mmcl.losses import sharded  # noqa: E402,I001 (after the losses it wraps)
+
+__all__ = ["AUTO_TILED_MIN_LOGITS", "infonce", "multimodal_infonce", "sharded", "sigmoid_loss",
+           "supcon"]

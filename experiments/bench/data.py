@@ -1,0 +1,97 @@
+"""Input-pipeline throughput on the CPU: examples/s per core for each example kind.
+
+  .venv/bin/python experiments/bench/data.py [--shared ../shared/data] [--work /tmp/mmcl_bench]
+
+Each pipeline's batch function runs in this one thread (no prefetch threads, no workers), so
+examples/s is per CPU core. Measured:
+  * image_text at 224 px: JPEG decode + random-resized-crop + flip + normalise + token padding
+    (fashion-product-images, converted with `--format image-captions`);
+  * interactions: SASRec next-item rows and BERT4Rec masked rows (amazon-videogames-sasrec);
+  * audio log-mel of [32, 10 s at 16 kHz]: host numpy vs the jitted JAX function (CPU backend);
+  * the quickstart pipeline (shapes, 32 px, batch 256): time per batch.
+Prints one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+from data_pipelines import audio  # noqa: E402
+from data_pipelines import convert  # noqa: E402
+from data_pipelines import image_text  # noqa: E402
+from data_pipelines import pipelines  # noqa: E402
+
+
+def _rate(fn, n_examples: int, repeats: int) -> float:
+  fn(0)  # warm-up (opens shard readers, JIT compiles)
+  t0 = time.perf_counter()
+  for r in range(1, repeats + 1):
+    fn(r)
+  return n_examples * repeats / (time.perf_counter() - t0)
+
+
+def main() -> None:
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--shared", default=str(repo.parent / "shared" / "data"))
+  p.add_argument("--work", default="/tmp/mmcl_bench")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=8)
+  args = p.parse_args()
+  shared, work = pathlib.Path(args.shared), pathlib.Path(args.work)
+  results = []
+
+  def report(**kw):
+    results.append(kw)
+    print(json.dumps(kw), flush=True)
+
+  fashion = shared / "fashion-product-images"
+  if fashion.is_dir():
+    convert.convert("image-captions", fashion / "styles.csv", work / "fashion",
+                    image_root=str(fashion / "images"), caption_column="productDisplayName",
+                    id_column="id", split_by="holdout:0.1")
+    cfg = {"dir": str(work / "fashion"), "global_batch_size": args.batch, "seed": 0,
+           "image_size": 224, "max_text_len": 32}
+    ds, _ = pipelines.build_train_dataset(cfg)
+    report(kind="image_text", what="decode+rrc+flip+normalize+tokens @224px, 1 thread",
+           examples_per_s_per_core=round(_rate(lambda t: ds[t], args.batch, args.repeats), 1))
+  video = shared / "amazon-videogames-sasrec" / "Video.txt"
+  if video.is_file():
+    convert.convert("sasrec", video, work / "video")
+    for mode in ("next_item", "masked"):
+      cfg = {"dir": str(work / "video"), "global_batch_size": 256, "seed": 0, "max_len": 50,
+             "sequence_mode": mode}
+      ds, _ = pipelines.build_train_dataset(cfg)
+      report(kind="interactions", what=f"{mode} rows, L=50, 1 thread",
+             examples_per_s_per_core=round(_rate(lambda t: ds[t], 256, args.repeats), 1))
+  lm = audio.LogMel()
+  wave = np.random.default_rng(0).normal(size=(32, 160000)).astype(np.float32)
+  host = _rate(lambda t: lm.numpy(wave), 32, 3)
+  dev = _rate(lambda t: np.asarray(lm.jax(wave)), 32, 3)
+  report(kind="audio_clip", what="log-mel [32, 10 s @16 kHz] -> [32, 998, 64]",
+         host_numpy_clips_per_s=round(host, 1), jax_jit_cpu_clips_per_s=round(dev, 1))
+  shapes = work / "shapes"
+  image_text.build_shapes_dataset(shapes)
+  src = image_text.open_source(shapes, "train")
+  ds = image_text.train_dataset(src, global_batch_size=256, seed=0, max_text_len=40,
+                                augment=True)
+  rate = _rate(lambda t: ds[t], 256, args.repeats)
+  report(kind="image_text (quickstart shapes 32 px)", what="batch 256, augment, 1 thread",
+         examples_per_s_per_core=round(rate, 1), ms_per_batch=round(256 / rate * 1e3, 2))
+  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+              if l.startswith("model name")), "?")
+  print(json.dumps({"cpu": cpu, "cores": os.cpu_count(),
+                    "loadavg": open("/proc/loadavg").read().split()[:3]}))
+
+
+if __name__ == "__main__":
+  main()

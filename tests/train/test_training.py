@@ -1,0 +1,152 @@
+"""End-to-end trainer behaviour on the tiny CLIP config: learning, resume after SIGKILL, multi-host,
+NaN handling, retention, and clear errors for bad input."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mmcl.config import load_config_file
+from mmcl.tasks import get_task_class
+from mmcl.train import checkpoint as ckpt_lib
+from mmcl.train import loop as loop_lib
+from mmcl.train.metric_log import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TINY = "experiments/clip_shapes.py:tiny"
+
+
+def _config(shapes_dir, **overrides):
+  c = load_config_file(str(REPO / "experiments/clip_shapes.py") + ":tiny")
+  c.data.dir = str(shapes_dir)
+  for k, v in overrides.items():
+    c.set(k.replace("__", "."), v)
+  return c
+
+
+def _cli(args, devices=8, env=None, **kw):
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["JAX_PLATFORMS"] = "cpu"
+  e.update(env or {})
+  return subprocess.Popen([sys.executable, "-m", "mmcl.cli", *args], cwd=REPO, env=e, **kw)
+
+
+def _final_params(workdir, shapes_dir):
+  """Params of the newest checkpoint in `workdir`, restored on this process's 8 devices."""
+  c = _config(shapes_dir)
+  c.update_from_dict(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+  mesh, task = loop_lib.setup(c, get_task_class(c.task.name))
+  _, abstract, shardings, _, _ = loop_lib.build_state(c, task, mesh)
+  ck = ckpt_lib.Checkpointer(workdir, read_only=True)
+  step = ck.latest_step()
+  state = ck.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
+  return step, jax.device_get(state.params)
+
+
+def test_training_learns_on_procedural_data(shapes_dir, tmp_path):
+  c = _config(shapes_dir, train__total_steps=40, train__log_every=5, train__checkpoint_every=40,
+              optim__lr=3e-3, optim__warmup_steps=5)
+  loop_lib.train(c, tmp_path, get_task_class("clip"))
+  rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+  first, last = rows[0]["loss"], rows[-1]["loss"]
+  # ln(32) = 3.47 is the loss of an untrained model on batches of 32; learning must cut it clearly.
+  assert first > 3.0 and last < 0.8 * first, (first, last)
+  assert all(r["examples_per_s"] > 0 for r in rows)
+  assert 0 < rows[-1]["temperature"] < 1
+
+
+def test_resume_after_sigkill_is_bit_identical(shapes_dir, tmp_path):
+  sets = ["--set", f"data.dir={shapes_dir}", "--set", "train.total_steps=24",
+          "--set", "train.checkpoint_every=4", "--set", "train.keep_checkpoints=2"]
+  full = tmp_path / "full"
+  assert _cli(["train", "--config", TINY, "--workdir", str(full), *sets]).wait() == 0
+  killed = tmp_path / "killed"
+  p = _cli(["train", "--config", TINY, "--workdir", str(killed), *sets])
+  ckdir = killed / "checkpoints"
+  deadline = time.time() + 120
+  while time.time() < deadline and p.poll() is None:
+    if ckdir.is_dir() and any(d.name.isdigit() and int(d.name) >= 8 for d in ckdir.iterdir()):
+      break
+    time.sleep(0.01)
+  os.kill(p.pid, signal.SIGKILL)
+  assert p.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  steps = ckpt_lib.Checkpointer(killed, read_only=True).all_steps()
+  assert steps and max(steps) < 24
+  assert _cli(["train", "--config", TINY, "--workdir", str(killed), *sets]).wait() == 0
+  s1, p1 = _final_params(full, shapes_dir)
+  s2, p2 = _final_params(killed, shapes_dir)
+  assert s1 == s2 == 24
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(shapes_dir, tmp_path):
+  sets = ["--set", f"data.dir={shapes_dir}", "--set", "train.total_steps=6",
+          "--set", "train.log_every=1", "--set", "train.checkpoint_every=6",
+          "--set", "train.val_batches=0"]
+  one = tmp_path / "one"
+  assert _cli(["train", "--config", TINY, "--workdir", str(one), *sets], devices=4).wait() == 0
+  two = tmp_path / "two"
+  port = _free_port()
+  procs = [_cli(["train", "--config", TINY, "--workdir", str(two), *sets,
+                 "--set", f"distributed.coordinator_address=127.0.0.1:{port}",
+                 "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}"],
+                devices=2) for i in range(2)]
+  assert [p.wait(timeout=300) for p in procs] == [0, 0]
+  l1 = [r["loss"] for r in read_metrics(one) if "loss" in r]
+  l2 = [r["loss"] for r in read_metrics(two) if "loss" in r]
+  assert len(l1) == len(l2) == 6
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(shapes_dir, tmp_path):
+  from data_pipelines.image_text import global_batch_indices, split_size
+  import jax.numpy as jnp
+  c = _config(shapes_dir, train__total_steps=12, train__checkpoint_every=4)
+  # A record that is in global batch 7 (0-based step 6) and in no earlier batch.
+  n, bsz = split_size(shapes_dir, "train"), c.data.global_batch_size
+  earlier = set(np.concatenate([global_batch_indices(n, bsz, c.seed, s) for s in range(6)]).tolist())
+  poison = next(i for i in global_batch_indices(n, bsz, c.seed, 6).tolist() if i not in earlier)
+
+  class NaNOnOneRecord(get_task_class("clip")):
+    def loss(self, params, batch, rng, *, train):
+      loss, aux = super().loss(params, batch, rng, train=train)
+      return jnp.where(jnp.any(batch["index"] == poison), jnp.nan, loss), aux
+
+  with pytest.raises(loop_lib.NonFiniteLossError,
+                     match=f"at step 7 .*record indices.*{poison}.*Last good checkpoint: step 4"):
+    loop_lib.train(c, tmp_path, NaNOnOneRecord)
+  assert ckpt_lib.Checkpointer(tmp_path, read_only=True).all_steps() == [4]
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+  p = _cli(["train", "--config", TINY, "--workdir", str(tmp_path / "w"),
+            "--set", f"data.dir={tmp_path / 'nope'}"], stderr=subprocess.PIPE, text=True)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode != 0
+  assert str(tmp_path / "nope") in err and "build-shapes" in err
+  assert "Traceback" not in err
+
+
+def test_retention_keeps_latest_and_best(shapes_dir, tmp_path):
+  c = _config(shapes_dir, train__total_steps=16, train__checkpoint_every=2,
+              train__keep_checkpoints=2, train__keep_best=1)
+  loop_lib.train(c, tmp_path, get_task_class("clip"))
+  steps = ckpt_lib.Checkpointer(tmp_path, read_only=True).all_steps()
+  vals = {r["step"]: r["val/loss"] for r in read_metrics(tmp_path) if "val/loss" in r}
+  best = min(vals, key=vals.get)
+  assert set(steps) == {14, 16} | {best}
