@@ -15,6 +15,12 @@ from mmcl.train.task import Task
 # name -> "module:Class"; imported lazily so that one task's dependencies never load for another.
 TASKS: dict[str, str] = {
     "clip": "mmcl.tasks.clip:ClipTask",
+    "sasrec": "mmcl.tasks.sasrec:SASRecTask",
+    "demure": "mmcl.tasks.demure:DemureTask",
+    "mmsrec": "mmcl.tasks.mmsrec:MMSRecTask",
+    "artist_retrieval": "mmcl.tasks.artist_retrieval:ArtistRetrievalTask",
+    "loev": "mmcl.tasks.loev:LOEVTask",
+    "gcl": "mmcl.tasks.gcl:GCLTask",
 }
 
 
