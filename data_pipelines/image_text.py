@@ -55,7 +55,7 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 TOKENIZER_FILE = "tokenizer.json"
 BUILD_HINT = ("build the built-in shapes dataset with "
-              "`python -m data_pipelines.image_text --output_dir {path}` "
+              "`mmcl data build-shapes --output {path}` "
               "(or data_pipelines.image_text.build_shapes_dataset)")
 _AUGMENT_STREAM = 0x417567  # Separates augmentation randomness from any other use of the seed.
 

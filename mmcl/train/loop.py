@@ -126,6 +126,21 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
                         progress=tc.progress_bar)
   last: dict[str, float] = {}
   t_last, steps_since = time.perf_counter(), 0
+  pending = None
+
+  def check_finite(p):
+    if p is None or not int(p[1]["nonfinite"]):
+      return
+    done, m, rows = p
+    rows = None if rows is None else np.asarray(rows).tolist()
+    where = "" if rows is None else (
+        f"; the batch's host-local record indices: {rows[:64]}{'…' if len(rows) > 64 else ''}")
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {done} (loss={float(m['loss'])}, "
+        f"grad_norm={float(m['grad_norm'])}){where}. The update was not applied; training "
+        f"stopped. Last good checkpoint: step {ckpt.latest_step()} in "
+        f"{ckpt_lib.checkpoint_dir(workdir)}")
+
   try:
     for step in range(start, end):
       try:
@@ -141,15 +156,13 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
       if step == start:  # keep compilation out of the throughput numbers
         jax.block_until_ready(metrics)
         t_last, steps_since = time.perf_counter(), 0
-      if int(metrics["nonfinite"]):
-        rows = local.get("index")
-        where = f"; host-local record indices {np.asarray(rows)[:8].tolist()}…" if rows is not None \
-            else ""
-        good = ckpt.latest_step()
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {done} (loss={float(metrics['loss'])}, "
-            f"grad_norm={float(metrics['grad_norm'])}){where}. The update was not applied; training "
-            f"stopped. Last good checkpoint: step {good} in {ckpt_lib.checkpoint_dir(workdir)}")
+      # The finiteness of step t is read after step t+1 is dispatched, so the host never waits on
+      # the device in steady state; nothing is logged or saved before the check.
+      check_finite(pending)
+      pending = (done, metrics, local.get("index"))
+      if done % tc.log_every == 0 or done % tc.checkpoint_every == 0 or done == end:
+        check_finite(pending)
+        pending = None
       if done % tc.log_every == 0 or done == end:
         last = _to_float(metrics)
         last.pop("nonfinite", None)
@@ -167,6 +180,7 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
           last.update(val)
         ckpt.save(done, state, data_iter, metrics=val or None)
         t_last, steps_since = time.perf_counter(), 0  # keep validation/saving out of throughput
+    check_finite(pending)
   finally:
     ckpt.close()
     logger.close()

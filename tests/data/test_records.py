@@ -99,7 +99,7 @@ def test_missing_dataset_messages_name_path_and_build_command(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     image_text.load_metadata(missing)
   assert str(missing) in str(e.value)
-  assert "python -m data_pipelines.image_text --output_dir" in str(e.value)
+  assert "mmcl data build-shapes --output" in str(e.value)
   with pytest.raises(FileNotFoundError, match="metadata.json not found"):
     image_text.train_iterator(tmp_path, global_batch_size=2, seed=0, max_text_len=8)
 
