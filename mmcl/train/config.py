@@ -30,6 +30,11 @@ def base_config() -> Config:
   tr.define("grad_accum_steps", 1,
             "split each global batch into this many micro-batches and sum their gradients "
             "(each micro-batch sees only its own in-batch negatives)")
+  tr.define("grad_cache", False,
+            "with grad_accum_steps > 1: gradient caching (Gao et al. 2021) — embed every micro-batch "
+            "without gradients, take the loss over the whole global batch, then backpropagate each "
+            "micro-batch with its embedding gradients: the full batch's in-batch negatives and "
+            "gradients at the memory of one micro-batch (needs Task.embed/loss_from_embeddings)")
   tr.define("compute_dtype", "float32", "dtype of activations and matmuls in the towers",
             choices=("float32", "bfloat16"))
   tr.define("log_every", 10, "steps between metric log lines (JSONL, TensorBoard, progress bar)")

@@ -111,8 +111,9 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
     state, start = state_fn(), 0
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
+  grad_cache = (task.embed, task.loss_from_embeddings) if tc.grad_cache else None
   step_fn = jax.jit(make_train_step(task.loss, tx, schedule, grad_accum_steps=tc.grad_accum_steps,
-                                    mesh=mesh),
+                                    mesh=mesh, grad_cache=grad_cache),
                     in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(task.loss))

@@ -32,8 +32,47 @@ def _split_micro(batch: dict, accum: int, mesh: Mesh | None) -> dict:
   return jax.tree.map(split, batch)
 
 
+def _merge_micro(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+  """Inverse of `_split_micro` for one array: [accum, B/accum, ...] → [B, ...] in batch row order."""
+  y = jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+  if mesh is not None:
+    y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(DATA_AXIS)))
+  return y
+
+
+def _grad_cache_grads(embed_fn, emb_loss_fn, params, batch, rng, accum, mesh):
+  """Exact full-batch gradients of `emb_loss_fn(params, embed_fn(params, batch), batch)` computed
+  one micro-batch at a time (gradient caching, Gao et al. 2021).
+
+  1. e_j = embed(params, micro_j) for every micro-batch, without keeping activations;
+  2. (loss, aux), (∂L/∂params|direct, ∂L/∂e) from the loss over the whole batch of embeddings;
+  3. for each micro-batch, recompute its forward pass and pull ∂L/∂e_j back to the parameters.
+  Peak activation memory is one micro-batch's; the result equals the un-accumulated gradient.
+  """
+  micro = _split_micro(batch, accum, mesh)
+  keys = jax.random.split(rng, accum)
+
+  def embed_one(_, xs):
+    mb, k = xs
+    return None, embed_fn(params, mb, k)
+  _, emb_stack = jax.lax.scan(embed_one, None, (micro, keys))
+  emb = jax.tree.map(lambda e: _merge_micro(e, mesh), emb_stack)
+  (loss, aux), (g_direct, g_emb) = jax.value_and_grad(emb_loss_fn, argnums=(0, 1), has_aux=True)(
+      params, emb, batch)
+  g_emb_micro = _split_micro(g_emb, accum, mesh)
+
+  def backprop_one(acc, xs):
+    mb, k, ge = xs
+    _, vjp = jax.vjp(lambda p: embed_fn(p, mb, k), params)
+    (g,) = vjp(ge)
+    return jax.tree.map(jnp.add, acc, g), None
+  grads, _ = jax.lax.scan(backprop_one, g_direct, (micro, keys, g_emb_micro))
+  return (loss, aux), grads
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    grad_accum_steps: int = 1, mesh: Mesh | None = None
+                    grad_accum_steps: int = 1, mesh: Mesh | None = None,
+                    grad_cache: tuple[Callable, Callable] | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the train step.
 
@@ -42,7 +81,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     tx: optimizer. schedule: learning rate as a function of the step (logged).
     grad_accum_steps: micro-batches per step; their gradients are averaged (equal to the full-batch
       gradient for losses that are means over independent examples; for in-batch-negative losses each
-      micro-batch has only its own negatives).
+      micro-batch has only its own negatives — use `grad_cache` for those).
+    grad_cache: optional `(embed_fn(params, batch, rng, train=True) -> {name: [B, D]},
+      emb_loss_fn(params, embeddings, batch) -> (loss, metrics))`; with grad_accum_steps > 1 the
+      step then computes the exact full-batch loss and gradient micro-batch by micro-batch.
   Returns:
     step(state, batch) -> (new_state, metrics). A step whose loss or gradient is not finite leaves
     the state unchanged (except `step`) and reports `nonfinite = 1`, so the caller can stop with the
@@ -54,6 +96,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
       (loss, aux), grads = grad_fn(state.params, batch, rng)
+    elif grad_cache is not None:
+      embed_fn, emb_loss_fn = grad_cache
+      (loss, aux), grads = _grad_cache_grads(
+          lambda p, b, r: embed_fn(p, b, r, train=True), emb_loss_fn, state.params, batch, rng,
+          grad_accum_steps, mesh)
     else:
       micro = _split_micro(batch, grad_accum_steps, mesh)
 
