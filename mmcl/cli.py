@@ -2,6 +2,7 @@
 
   mmcl train --config experiments/clip_shapes.py[:arg] --workdir DIR [--set key=value ...]
   mmcl eval  --workdir DIR [--step N] [--watch [--poll S] [--timeout S]]
+  mmcl export --workdir DIR [--step N] --out DIR [--corpus] [--overwrite]
   mmcl sweep --config F --workdir DIR --grid key=v1,v2 [--grid key2=...] [--set key=value ...]
   mmcl data  build-shapes --output DIR [--num-train N] [--num-test N] [--image-size P]
   mmcl data  convert --format F --input PATH --output DIR [--split-by ...]   (see --help)
@@ -48,6 +49,22 @@ def cmd_eval(args) -> int:
   from mmcl.eval.evaluator import run_evaluator
   run_evaluator(args.workdir, step=args.step, watch=args.watch, poll_seconds=args.poll,
                 timeout_seconds=args.timeout)
+  return 0
+
+
+def cmd_export(args) -> int:
+  from mmcl.export import export_workdir
+  try:
+    manifest = export_workdir(args.workdir, args.out, step=args.step, corpus=args.corpus,
+                              platforms=tuple(args.platforms), overwrite=args.overwrite)
+  except (FileExistsError, NotImplementedError) as e:
+    print(f"mmcl export: error: {e}", file=sys.stderr)
+    return 2
+  towers = ", ".join(f"{name} → {t['artifact']} (dim {t['output']['dim']})"
+                     for name, t in manifest["towers"].items())
+  print(f"step {manifest['step']}: {towers}; manifest {args.out}/manifest.json")
+  for name, c in manifest["corpus"].items():
+    print(f"  corpus {name}: {c['count']} × {c['dim']} → {args.out}/{c['embeddings']}")
   return 0
 
 
@@ -107,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--timeout", type=float, default=None,
                  help="--watch: stop after this many seconds without a new checkpoint")
   e.set_defaults(fn=cmd_eval)
+
+  x = sub.add_parser("export", help="write jax.export serving artifacts of a checkpoint's towers")
+  x.add_argument("--workdir", required=True)
+  x.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  x.add_argument("--out", required=True, help="output directory (artifacts + manifest.json)")
+  x.add_argument("--corpus", action="store_true",
+                 help="also write the task's corpus embeddings with their ids")
+  x.add_argument("--platforms", nargs="+", default=["cpu", "cuda"],
+                 help="platforms the artifacts are lowered for")
+  x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  x.set_defaults(fn=cmd_export)
 
   s = sub.add_parser("sweep", help="train every combination of a grid; writes results.csv/.md")
   s.add_argument("--config", required=True)

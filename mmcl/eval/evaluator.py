@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -58,6 +59,18 @@ class Evaluator:
     out.mkdir(parents=True, exist_ok=True)
     return {k: float(v) for k, v in self.task.evaluate(state.params, str(out)).items()}
 
+  def evaluate_if_present(self, step: int) -> dict[str, float]:
+    """`evaluate`, raising `watch.SkipStep` when the step's checkpoint vanished after it was listed
+    (the trainer's retention deleted it), which the watch loop then leaves out."""
+    try:
+      return self.evaluate(step)
+    except Exception as e:
+      if step in self.finished_steps():
+        raise
+      log.warning("checkpoint step %d was deleted before it could be evaluated (%s); skipped",
+                  step, type(e).__name__)
+      raise watch_lib.SkipStep(step) from e
+
   def write_report(self, step: int, metrics: dict[str, float], *, history: dict | None = None,
                    best: dict | None = None) -> None:
     """eval/<step>/{metrics.json, report.md, plots} and eval/latest.json."""
@@ -82,8 +95,32 @@ def _print_summary(step: int, metrics: dict[str, Any], report_dir: pathlib.Path)
   print(f"report: {report_dir / 'report.md'}")
 
 
+def wait_for_workdir(workdir: str | pathlib.Path, *, poll_seconds: float,
+                     timeout_seconds: float | None, clock=time.monotonic,
+                     sleep=time.sleep) -> None:
+  """Waits until the trainer has written config.json and created checkpoints/ in `workdir`.
+
+  `mmcl eval --watch` may be started before (or together with) `mmcl train`.
+
+  Raises:
+    FileNotFoundError: naming what is missing, after `timeout_seconds` (None waits forever).
+  """
+  workdir = pathlib.Path(workdir)
+  needed = (workdir / "config.json", ckpt_lib.checkpoint_dir(workdir))
+  start = clock()
+  while not all(p.exists() for p in needed):
+    missing = [str(p) for p in needed if not p.exists()]
+    if timeout_seconds is not None and clock() - start >= timeout_seconds:
+      raise FileNotFoundError(f"waited {timeout_seconds:g} s for {', '.join(missing)}: is "
+                              f"`mmcl train --workdir {workdir}` running?")
+    log.info("waiting for %s", ", ".join(missing))
+    sleep(poll_seconds)
+
+
 def run_evaluator(workdir: str, *, step: int | None = None, watch: bool = False,
                   poll_seconds: float = 10.0, timeout_seconds: float | None = None) -> dict:
+  if watch:
+    wait_for_workdir(workdir, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)
   ev = Evaluator(workdir)
   if watch:
     tc = ev.config.train
@@ -92,7 +129,7 @@ def run_evaluator(workdir: str, *, step: int | None = None, watch: bool = False,
     def after_step(s, metrics, state):
       ev.write_report(s, dict(metrics), history=state.history, best=state.best)
       _print_summary(s, metrics, ev.eval_dir / str(s))
-    return watch_lib.watch(ev.finished_steps, ev.evaluate, state_path=state_path,
+    return watch_lib.watch(ev.finished_steps, ev.evaluate_if_present, state_path=state_path,
                            poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
                            stop_after_step=tc.total_steps, best_metric=ev.task.primary_metric,
                            best_mode="max", after_step=after_step)

@@ -2,8 +2,21 @@
 
 Both entry points stream the corpus through a `lax.scan` in chunks of `corpus_chunk` rows and
 process queries in blocks of `query_chunk` rows (`lax.map`), so the largest live score block is
-[query_chunk, corpus_chunk + k] whatever the corpus size. With a `mesh`, queries are sharded over
-its "data" axis (`jax.shard_map`) and the corpus is replicated on every device.
+[query_chunk, corpus_chunk + k] whatever the corpus size.
+
+With a `mesh`, the work is split over its "data" axis (`jax.shard_map`) in one of two ways
+(`shard=`):
+  "queries"  queries sharded, the corpus replicated on every device: no communication until the
+             small [Q, k] results are gathered; each device holds the whole corpus.
+  "corpus"   the corpus sharded (N / S rows per device), queries replicated: each device ranks
+             its corpus slice, then the S local top-k lists are all-gathered ([Q, S·k]) and
+             merged (`exact_topk`), or the best positive is agreed on with pmax/pmin and the
+             counts above it are summed with psum (`positive_ranks`).
+  "auto"     (default) shards whichever of the two is larger, so the replicated operand is the
+             smaller one: a 10M-item corpus is split over the devices, a few thousand paired
+             image/text embeddings are split by query.
+Both modes do the same FLOPs and return identical results (same tie-breaking), so the choice only
+moves memory: per device O(N·D + Q·D / S) for "queries", O(N·D / S + Q·D) for "corpus".
 
 Ordering, everywhere: decreasing score, ties broken by **lower corpus index first**. Scores are
 inner products accumulated in float32 at `Precision.HIGHEST` (no bf16/tf32 passes on
@@ -21,6 +34,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 _DATA_AXIS = "data"
+SHARD_MODES = ("auto", "queries", "corpus")
 
 
 def _check_embeddings(queries, corpus, where: str):
@@ -56,53 +70,81 @@ def _data_shards(mesh: Mesh | None, where: str) -> int:
 
 
 def _chunk_sizes(num_queries: int, num_corpus: int, query_chunk: int, corpus_chunk: int,
-                 shards: int) -> tuple[int, int]:
+                 shards: int, shard: str = "queries") -> tuple[int, int]:
   if query_chunk < 1 or corpus_chunk < 1:
     raise ValueError(f"query_chunk and corpus_chunk must be >= 1, got {query_chunk}, "
                      f"{corpus_chunk}")
-  # Shrink chunks to the problem so small evals do not pay for padding.
+  # Shrink chunks to the problem (the sharded side to its rows per device) so small evals do
+  # not pay for padding.
+  if shard == "corpus":
+    return min(query_chunk, num_queries), min(corpus_chunk, math.ceil(num_corpus / shards))
   return (min(query_chunk, math.ceil(num_queries / shards)), min(corpus_chunk, num_corpus))
 
 
-def _chunked_corpus(corpus: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-  """corpus [N, D] -> ([num_chunks, chunk, D] zero-padded, [num_chunks] int32 start indices)."""
-  num, dim = corpus.shape
-  num_chunks = math.ceil(num / chunk)
-  padded = jnp.pad(corpus, ((0, num_chunks * chunk - num), (0, 0)))
-  return padded.reshape(num_chunks, chunk, dim), jnp.arange(num_chunks, dtype=jnp.int32) * chunk
+def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
+  """x [N, ...] zero-padded to a multiple of `multiple` rows (x itself when it already is one)."""
+  extra = -x.shape[0] % multiple
+  return x if not extra else jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
 
 
-def _chunk_scores(queries: jax.Array, chunk: jax.Array, start: jax.Array, num_corpus: int
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Scores of a query block against one corpus chunk.
+def _scan_chunks(step: Callable, init, corpus: jax.Array, extras: Sequence[jax.Array], *,
+                 chunk: int, corpus_sharded: bool, num_corpus: int):
+  """Folds `step(carry, rows, extra_rows, indices, valid) -> carry` over the corpus in chunks.
+
+  Chunks are dynamic slices of `corpus`, never a padded copy of it (a 10M x 512 float32 corpus
+  is 20 GB): the last chunk is moved back to end at the last row, and its rows that the previous
+  chunk already covered are marked invalid.
 
   Args:
-    queries: [Qc, D].
-    chunk: [C, D] rows start..start+C-1 of the zero-padded corpus.
-    start: [] int32.
-    num_corpus: N, rows >= N are padding.
+    corpus: [n, D] this device's corpus rows (all N rows, or its slice when `corpus_sharded`,
+      inside shard_map); chunk <= n.
+    extras: arrays [n, ...] sliced alongside (e.g. labels).
+    chunk: C, rows per step.
+    corpus_sharded: the global index of local row r is axis_index("data") * n + r.
+    num_corpus: N; rows with a global index >= N (shard padding) are invalid.
 
-  Returns:
-    scores [Qc, C] float32, indices [C] int32, valid [C] bool (False on padding rows).
+  `step` receives rows [C, D], extra_rows [[C, ...]], indices [C] int32 (global, increasing
+  from chunk to chunk) and valid [C] bool.
   """
-  scores = jnp.einsum("qd,cd->qc", queries, chunk, precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32)
-  indices = start + jnp.arange(chunk.shape[0], dtype=jnp.int32)
-  return scores, indices, indices < num_corpus
+  n = corpus.shape[0]
+  offset = jax.lax.axis_index(_DATA_AXIS) * n if corpus_sharded else 0
+
+  def body(carry, i):
+    nominal = i * chunk
+    start = jnp.minimum(nominal, n - chunk)
+    rows = jax.lax.dynamic_slice_in_dim(corpus, start, chunk)
+    extra_rows = [jax.lax.dynamic_slice_in_dim(e, start, chunk) for e in extras]
+    local = start + jnp.arange(chunk, dtype=jnp.int32)
+    indices = (offset + local).astype(jnp.int32)
+    valid = (local >= nominal) & (indices < num_corpus)
+    return step(carry, rows, extra_rows, indices, valid), None
+
+  carry, _ = jax.lax.scan(body, init, jnp.arange(math.ceil(n / chunk), dtype=jnp.int32))
+  return carry
+
+
+def _scores(queries: jax.Array, rows: jax.Array) -> jax.Array:
+  """queries [Qc, D], rows [C, D] -> [Qc, C] float32 inner products at full precision."""
+  return jnp.einsum("qd,cd->qc", queries, rows, precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32)
 
 
 def _over_query_blocks(block_fn: Callable, query_args: Sequence[jax.Array],
                        corpus_args: Sequence[jax.Array], *, query_chunk: int,
-                       mesh: Mesh | None, pad_values: Sequence):
+                       mesh: Mesh | None, pad_values: Sequence, shard: str = "queries"):
   """Runs `block_fn(*query_blocks, *corpus_args)` over blocks of `query_chunk` query rows.
 
-  Query-side arrays (leading axis Q) are padded to a multiple of shards * query_chunk with
-  `pad_values`, sharded over the mesh's data axis when a mesh is given, and split into blocks
-  processed one after another (`lax.map`); corpus-side arrays are replicated. Outputs have a
-  leading Q axis and are cut back to Q rows.
+  Query-side arrays (leading axis Q) are padded with `pad_values` and split into blocks processed
+  one after another (`lax.map`). Outputs have a leading Q axis and are cut back to Q rows.
+
+  With a mesh and shard="queries", query arrays are padded to a multiple of shards * query_chunk
+  and sharded over the data axis, corpus arrays replicated. With shard="corpus", corpus arrays
+  (leading axis a multiple of the shard count) are sharded over the data axis and queries
+  replicated; `block_fn` then sees its device's corpus slice and must combine the shards itself
+  (collectives over the data axis) so that its output is the same on every device.
   """
   num_queries = query_args[0].shape[0]
-  shards = 1 if mesh is None else mesh.shape[_DATA_AXIS]
+  shards = 1 if mesh is None or shard == "corpus" else mesh.shape[_DATA_AXIS]
   padded_q = math.ceil(num_queries / (shards * query_chunk)) * shards * query_chunk
   query_args = [
       jnp.pad(x, [(0, padded_q - num_queries)] + [(0, 0)] * (x.ndim - 1), constant_values=v)
@@ -116,6 +158,15 @@ def _over_query_blocks(block_fn: Callable, query_args: Sequence[jax.Array],
 
   if mesh is None:
     out = local(*query_args, *corpus_args)
+  elif shard == "corpus":
+    query_args = [_constrain(x, mesh, P()) for x in query_args]
+    corpus_args = [_constrain(x, mesh, P(_DATA_AXIS)) for x in corpus_args]
+    out = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=tuple([P()] * len(query_args) + [P(_DATA_AXIS)] * len(corpus_args)),
+        # block_fn reduces over the data axis, so every device holds the same result; the
+        # varying-axis check cannot see that through lax.map and would demand pcasts.
+        out_specs=P(), check_vma=False)(*query_args, *corpus_args)
   else:
     query_args = [_constrain(x, mesh, P(_DATA_AXIS)) for x in query_args]
     corpus_args = [_constrain(x, mesh, P()) for x in corpus_args]
@@ -139,51 +190,106 @@ def _constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _topk_block(queries, exclude, chunks, starts, *, k: int, num_corpus: int):
-  """Top-k of a query block [Qc, D] over all corpus chunks (running merge); exclude [Qc, E]."""
-  num_q = queries.shape[0]
-  chunk_size = chunks.shape[1]
-  rows = jnp.arange(num_q)[:, None]
+def _topk_block(queries, exclude, corpus, *, k: int, chunk: int, num_corpus: int,
+                corpus_sharded: bool):
+  """Top-k of a query block over this device's corpus rows (running merge over chunks).
 
-  def step(carry, xs):
+  Args:
+    queries: [Qc, D]; exclude: [Qc, E] int global corpus indices (-1 padded).
+    corpus: [n, D] (see `_scan_chunks`).
+
+  Returns:
+    scores [Qc, k] float32, indices [Qc, k] int32 (-inf / -1 in empty slots).
+  """
+  num_q = queries.shape[0]
+  rows_q = jnp.arange(num_q)[:, None]
+
+  def step(carry, rows, _, indices, valid):
     top_scores, top_indices = carry
-    scores, indices, valid = _chunk_scores(queries, *xs, num_corpus)
-    scores = jnp.where(valid[None, :], scores, -jnp.inf)
+    scores = jnp.where(valid[None, :], _scores(queries, rows), -jnp.inf)
     if exclude.shape[1]:
-      local = exclude - xs[1]
-      inside = (exclude >= 0) & (local >= 0) & (local < chunk_size)
+      local = exclude - indices[0]
+      inside = (exclude >= 0) & (local >= 0) & (local < chunk)
       # Out-of-chunk exclusions point past the end and are dropped by the scatter.
-      local = jnp.where(inside, local, chunk_size)
-      scores = scores.at[rows, local].set(-jnp.inf, mode="drop")
-    # Carried entries precede the chunk's and hold lower corpus indices, and lax.top_k puts the
-    # lower position first on ties, so ties resolve to the lower corpus index.
+      local = jnp.where(inside, local, chunk)
+      scores = scores.at[rows_q, local].set(-jnp.inf, mode="drop")
+    # Carried entries precede the chunk's and hold lower corpus indices (the chunk's valid rows
+    # are all new), and lax.top_k puts the lower position first on ties, so ties resolve to the
+    # lower corpus index.
     cand_scores = jnp.concatenate([top_scores, scores], axis=1)
     cand_indices = jnp.concatenate(
         [top_indices, jnp.broadcast_to(indices[None, :], scores.shape)], axis=1)
     top_scores, pos = jax.lax.top_k(cand_scores, k)
-    return (top_scores, jnp.take_along_axis(cand_indices, pos, axis=1)), None
+    return top_scores, jnp.take_along_axis(cand_indices, pos, axis=1)
 
   init = (jnp.full((num_q, k), -jnp.inf, jnp.float32), jnp.full((num_q, k), -1, jnp.int32))
-  (top_scores, top_indices), _ = jax.lax.scan(step, init, (chunks, starts))
+  top_scores, top_indices = _scan_chunks(step, init, corpus, [], chunk=chunk,
+                                         corpus_sharded=corpus_sharded, num_corpus=num_corpus)
+  if corpus_sharded:
+    return _merge_shard_topk(top_scores, top_indices, k)
   return top_scores, top_indices
 
 
-@functools.partial(jax.jit, static_argnames=("k", "corpus_chunk", "query_chunk", "mesh"))
-def _exact_topk(queries, corpus, exclude, *, k, corpus_chunk, query_chunk, mesh):
-  chunks, starts = _chunked_corpus(corpus, corpus_chunk)
-  block = functools.partial(_topk_block, k=k, num_corpus=corpus.shape[0])
-  return _over_query_blocks(block, [queries, exclude], [chunks, starts], query_chunk=query_chunk,
-                            mesh=mesh, pad_values=[0, -1])
+def _merge_shard_topk(scores: jax.Array, indices: jax.Array, k: int
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Global top-k from each data shard's local top-k; scores, indices: [Qc, k] per shard.
+
+  The all-gather lays the lists out shard by shard, i.e. by increasing corpus index, and each
+  list is ordered with ties to the lower index, so lax.top_k (lower position first on ties)
+  keeps the global tie-breaking. Empty slots (-inf, -1) stay behind every real item.
+  """
+  all_scores = jax.lax.all_gather(scores, _DATA_AXIS, axis=1, tiled=True)
+  all_indices = jax.lax.all_gather(indices, _DATA_AXIS, axis=1, tiled=True)
+  top_scores, pos = jax.lax.top_k(all_scores, k)
+  return top_scores, jnp.take_along_axis(all_indices, pos, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_corpus", "corpus_chunk", "query_chunk",
+                                             "mesh", "shard"))
+def _exact_topk(queries, corpus, exclude, *, k, num_corpus, corpus_chunk, query_chunk, mesh,
+                shard):
+  if shard == "corpus":
+    corpus = _pad_rows(corpus, mesh.shape[_DATA_AXIS])
+  block = functools.partial(_topk_block, k=k, chunk=corpus_chunk, num_corpus=num_corpus,
+                            corpus_sharded=shard == "corpus")
+  return _over_query_blocks(block, [queries, exclude], [corpus], query_chunk=query_chunk,
+                            mesh=mesh, pad_values=[0, -1], shard=shard)
+
+
+def _resolve_shard(shard: str, num_queries: int, num_corpus: int, mesh: Mesh | None,
+                   where: str) -> str:
+  """The effective mode: "queries" or "corpus" ("queries" without a mesh, where it is moot)."""
+  if shard not in SHARD_MODES:
+    raise ValueError(f"{where}: shard must be one of {SHARD_MODES}, got {shard!r}")
+  if mesh is None:
+    return "queries"
+  if shard == "auto":
+    return "corpus" if num_corpus > num_queries else "queries"
+  return shard
+
+
+def _place_corpus(corpus, mesh: Mesh | None, shard: str):
+  """Host corpora for shard="corpus" are padded to a multiple of the shard count on the host and
+  sent to the devices already split, so no device ever holds the whole corpus (jnp.asarray
+  would put it all on one)."""
+  if shard != "corpus" or isinstance(corpus, jax.Array):
+    return jnp.asarray(corpus)
+  corpus = np.asarray(corpus)
+  extra = -corpus.shape[0] % mesh.shape[_DATA_AXIS]
+  if extra:
+    corpus = np.pad(corpus, ((0, extra), (0, 0)))
+  return jax.device_put(corpus, NamedSharding(mesh, P(_DATA_AXIS)))
 
 
 def exact_topk(queries: jax.Array | np.ndarray, corpus: jax.Array | np.ndarray, k: int, *,
                corpus_chunk: int = 8192, query_chunk: int = 1024, mesh: Mesh | None = None,
-               exclude: jax.Array | np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
+               exclude: jax.Array | np.ndarray | None = None, shard: str = "auto"
+               ) -> tuple[jax.Array, jax.Array]:
   """Exact top-k corpus items per query by inner product.
 
   Memory is O(query_chunk * (corpus_chunk + k)) per device beside the inputs; the corpus is
-  scanned chunk by chunk with a running top-k merge (`lax.top_k` over the carried k and the
-  chunk's scores), the last chunk padded with -inf scores.
+  scanned chunk by chunk (dynamic slices, never a padded copy) with a running top-k merge
+  (`lax.top_k` over the carried k and the chunk's scores).
 
   Args:
     queries: [Q, D] float (any float dtype; scores accumulate in float32).
@@ -191,10 +297,12 @@ def exact_topk(queries: jax.Array | np.ndarray, corpus: jax.Array | np.ndarray, 
     k: number of items to return, 1 <= k <= N.
     corpus_chunk: corpus rows scored per step (clipped to N; a static jit argument).
     query_chunk: query rows per block and device (clipped to the rows per shard; static).
-    mesh: optional mesh whose first axis is "data" (explicit or auto axis types); queries are
-      sharded over it, the corpus replicated; the small outputs come back replicated.
+    mesh: optional mesh whose first axis is "data" (explicit or auto axis types); the work is
+      split over it as `shard` says; the small outputs come back replicated.
     exclude: optional [Q, E] int corpus indices to leave out per query (e.g. items a user already
       interacted with), padded with -1.
+    shard: with a mesh, "queries", "corpus" or "auto" (the larger of the two; see the module
+      docstring). A host (numpy) corpus sharded by "corpus" goes to the devices already split.
 
   Returns:
     scores: [Q, k] float32, non-increasing along k.
@@ -202,7 +310,7 @@ def exact_topk(queries: jax.Array | np.ndarray, corpus: jax.Array | np.ndarray, 
       remain after `exclude`, the trailing slots hold score -inf and index -1.
   """
   queries = jnp.asarray(queries)
-  corpus = jnp.asarray(corpus)
+  corpus = corpus if isinstance(corpus, jax.Array) else np.asarray(corpus)
   _check_embeddings(queries, corpus, "exact_topk")
   num_q, num_c = queries.shape[0], corpus.shape[0]
   if not 1 <= k <= num_c:
@@ -215,66 +323,84 @@ def exact_topk(queries: jax.Array | np.ndarray, corpus: jax.Array | np.ndarray, 
     raise ValueError(f"exact_topk: expected exclude int [Q={num_q}, E], got {exclude.dtype} "
                      f"{tuple(exclude.shape)}")
   shards = _data_shards(mesh, "exact_topk")
+  shard = _resolve_shard(shard, num_q, num_c, mesh, "exact_topk")
+  query_chunk, corpus_chunk = _chunk_sizes(num_q, num_c, query_chunk, corpus_chunk, shards, shard)
+  corpus = _place_corpus(corpus, mesh, shard)
   if mesh is None:
     queries, corpus, exclude = map(_replicated_if_explicit, (queries, corpus, exclude))
-  query_chunk, corpus_chunk = _chunk_sizes(num_q, num_c, query_chunk, corpus_chunk, shards)
-  return _exact_topk(queries, corpus, exclude.astype(jnp.int32), k=k, corpus_chunk=corpus_chunk,
-                     query_chunk=query_chunk, mesh=mesh)
+  return _exact_topk(queries, corpus, exclude.astype(jnp.int32), k=k, num_corpus=num_c,
+                     corpus_chunk=corpus_chunk, query_chunk=query_chunk, mesh=mesh, shard=shard)
 
 
-def _rank_block(queries, labels, chunks, starts, corpus_labels, *, num_corpus: int):
-  """0-based rank of each query's first positive; queries [Qc, D], labels [Qc]."""
+def _rank_block(queries, labels, corpus, corpus_labels, *, chunk: int, num_corpus: int,
+                corpus_sharded: bool):
+  """0-based rank of each query's first positive among this device's corpus rows.
+
+  Args:
+    queries: [Qc, D]; labels: [Qc] int (-1 on padding queries).
+    corpus: [n, D]; corpus_labels: [n] int (see `_scan_chunks`).
+
+  With `corpus_sharded` (inside shard_map) the devices agree on the global first positive before
+  counting, and sum their counts.
+
+  Returns:
+    [Qc] int32.
+  """
   num_q = queries.shape[0]
-  label_chunks = corpus_labels.reshape(chunks.shape[0], chunks.shape[1])
 
-  def chunk(xs):
-    chunk_rows, start, chunk_labels = xs
-    scores, indices, valid = _chunk_scores(queries, chunk_rows, start, num_corpus)
-    positive = valid[None, :] & (chunk_labels[None, :] == labels[:, None])
-    return scores, indices, valid, positive
+  def positives(label_rows, valid):
+    return valid[None, :] & (label_rows[0][None, :] == labels[:, None])
 
-  def best_positive(carry, xs):
+  def best_positive(carry, rows, label_rows, indices, valid):
     best_score, best_index = carry
-    scores, indices, _, positive = chunk(xs)
-    scores = jnp.where(positive, scores, -jnp.inf)
+    scores = jnp.where(positives(label_rows, valid), _scores(queries, rows), -jnp.inf)
     chunk_best = scores.max(axis=1)
     # Strict > keeps the earlier (lower-index) positive on ties; argmax returns the first max.
     better = chunk_best > best_score
     return (jnp.where(better, chunk_best, best_score),
-            jnp.where(better, indices[scores.argmax(axis=1)], best_index)), None
+            jnp.where(better, indices[scores.argmax(axis=1)], best_index))
 
+  scan = functools.partial(_scan_chunks, corpus=corpus, extras=[corpus_labels], chunk=chunk,
+                           corpus_sharded=corpus_sharded, num_corpus=num_corpus)
   init = (jnp.full((num_q,), -jnp.inf, jnp.float32), jnp.full((num_q,), num_corpus, jnp.int32))
-  (best_score, best_index), _ = jax.lax.scan(best_positive, init, (chunks, starts, label_chunks))
+  best_score, best_index = scan(best_positive, init)
+  if corpus_sharded:
+    global_best = jax.lax.pmax(best_score, _DATA_AXIS)
+    best_index = jax.lax.pmin(jnp.where(best_score == global_best, best_index, num_corpus),
+                              _DATA_AXIS)
+    best_score = global_best
 
-  def count_above(count, xs):
-    scores, indices, valid, positive = chunk(xs)
+  def count_above(count, rows, label_rows, indices, valid):
+    scores = _scores(queries, rows)
     # Positives never count: the rank is that of the first positive, and this keeps the
     # positive from outranking itself even if two score passes rounded differently.
     above = (scores > best_score[:, None]) | (
         (scores == best_score[:, None]) & (indices[None, :] < best_index[:, None]))
-    return count + (above & valid[None, :] & ~positive).sum(axis=1, dtype=jnp.int32), None
+    return count + (above & valid[None, :] & ~positives(label_rows, valid)).sum(
+        axis=1, dtype=jnp.int32)
 
-  count, _ = jax.lax.scan(count_above, jnp.zeros((num_q,), jnp.int32),
-                          (chunks, starts, label_chunks))
-  return count
+  count = scan(count_above, jnp.zeros((num_q,), jnp.int32))
+  return jax.lax.psum(count, _DATA_AXIS) if corpus_sharded else count
 
 
-@functools.partial(jax.jit, static_argnames=("corpus_chunk", "query_chunk", "mesh"))
-def _positive_ranks(queries, corpus, query_labels, corpus_labels, *, corpus_chunk, query_chunk,
-                    mesh):
-  chunks, starts = _chunked_corpus(corpus, corpus_chunk)
-  num_c = corpus.shape[0]
-  # Padding rows' labels are irrelevant: `valid` masks them out of both passes.
-  corpus_labels = jnp.pad(corpus_labels, (0, chunks.shape[0] * corpus_chunk - num_c))
-  block = functools.partial(_rank_block, num_corpus=num_c)
-  return _over_query_blocks(block, [queries, query_labels], [chunks, starts, corpus_labels],
-                            query_chunk=query_chunk, mesh=mesh, pad_values=[0, -1])
+@functools.partial(jax.jit, static_argnames=("num_corpus", "corpus_chunk", "query_chunk", "mesh",
+                                             "shard"))
+def _positive_ranks(queries, corpus, query_labels, corpus_labels, *, num_corpus, corpus_chunk,
+                    query_chunk, mesh, shard):
+  if shard == "corpus":
+    corpus = _pad_rows(corpus, mesh.shape[_DATA_AXIS])
+  # Labels of padding rows are irrelevant: `valid` masks those rows out of both passes.
+  corpus_labels = jnp.pad(corpus_labels, (0, corpus.shape[0] - corpus_labels.shape[0]))
+  block = functools.partial(_rank_block, chunk=corpus_chunk, num_corpus=num_corpus,
+                            corpus_sharded=shard == "corpus")
+  return _over_query_blocks(block, [queries, query_labels], [corpus, corpus_labels],
+                            query_chunk=query_chunk, mesh=mesh, pad_values=[0, -1], shard=shard)
 
 
 def positive_ranks(queries: jax.Array | np.ndarray, corpus: jax.Array | np.ndarray,
                    query_labels: jax.Array | np.ndarray, corpus_labels: jax.Array | np.ndarray,
                    *, corpus_chunk: int = 8192, query_chunk: int = 1024,
-                   mesh: Mesh | None = None) -> jax.Array:
+                   mesh: Mesh | None = None, shard: str = "auto") -> jax.Array:
   """Rank of each query's first positive in the full ranking of the corpus, without a top-k.
 
   Corpus item j is a positive of query q iff `corpus_labels[j] == query_labels[q]` (for paired
@@ -288,13 +414,13 @@ def positive_ranks(queries: jax.Array | np.ndarray, corpus: jax.Array | np.ndarr
     corpus: [N, D] float.
     query_labels: [Q] int; every label must occur in `corpus_labels`.
     corpus_labels: [N] int.
-    corpus_chunk, query_chunk, mesh: as in `exact_topk`.
+    corpus_chunk, query_chunk, mesh, shard: as in `exact_topk`.
 
   Returns:
     [Q] int32 0-based ranks (0 = a positive is the top item).
   """
   queries = jnp.asarray(queries)
-  corpus = jnp.asarray(corpus)
+  corpus = corpus if isinstance(corpus, jax.Array) else np.asarray(corpus)
   _check_embeddings(queries, corpus, "positive_ranks")
   num_q, num_c = queries.shape[0], corpus.shape[0]
   query_labels = np.asarray(query_labels)
@@ -311,12 +437,15 @@ def positive_ranks(queries: jax.Array | np.ndarray, corpus: jax.Array | np.ndarr
                      f"corpus, e.g. query {int(np.argmax(missing))} with label "
                      f"{query_labels[missing][0]}")
   shards = _data_shards(mesh, "positive_ranks")
+  shard = _resolve_shard(shard, num_q, num_c, mesh, "positive_ranks")
+  query_chunk, corpus_chunk = _chunk_sizes(num_q, num_c, query_chunk, corpus_chunk, shards, shard)
+  corpus = _place_corpus(corpus, mesh, shard)
   if mesh is None:
     queries, corpus = map(_replicated_if_explicit, (queries, corpus))
-  query_chunk, corpus_chunk = _chunk_sizes(num_q, num_c, query_chunk, corpus_chunk, shards)
   return _positive_ranks(queries, corpus, jnp.asarray(query_labels, jnp.int32),
-                         jnp.asarray(corpus_labels, jnp.int32), corpus_chunk=corpus_chunk,
-                         query_chunk=query_chunk, mesh=mesh)
+                         jnp.asarray(corpus_labels, jnp.int32), num_corpus=num_c,
+                         corpus_chunk=corpus_chunk, query_chunk=query_chunk, mesh=mesh,
+                         shard=shard)
 
 
 def pad_ragged(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:

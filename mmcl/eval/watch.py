@@ -28,6 +28,12 @@ from mmcl.eval.report import scalar_metrics
 STATE_VERSION = 1
 
 
+class SkipStep(Exception):
+  """Raised by `evaluate` for a step that can no longer be evaluated (e.g. its checkpoint was
+  deleted by the trainer's retention after it was listed): the step is left unrecorded and not
+  retried by this watcher."""
+
+
 @dataclasses.dataclass
 class WatchState:
   """What the watcher has done.
@@ -98,7 +104,8 @@ def watch(list_finished_steps: Callable[[], Iterable[int]],
   Each round lists the finished steps, evaluates those not yet in the state (lowest first),
   saving the state after each one, and then either lists again (when it evaluated something, as
   more steps may have finished meanwhile) or sleeps `poll_seconds`. A step that raises in
-  `evaluate` propagates: the state holds every step finished before it, and a restart retries it.
+  `evaluate` propagates: the state holds every step finished before it, and a restart retries it;
+  one that raises `SkipStep` is left out (unrecorded, not retried by this call).
 
   Args:
     list_finished_steps: returns the steps whose checkpoints are complete (never one still being
@@ -111,8 +118,9 @@ def watch(list_finished_steps: Callable[[], Iterable[int]],
     stop_after_step: stop once a step >= this one has been evaluated (e.g. the final step).
     best_metric: metric whose best value (per `best_mode`) is tracked in `state.best`.
     best_mode: "max" or "min".
-    after_step: called as after_step(step, metrics, state) once the state is saved (e.g. to
-      write a report with `state.history` and `state.best`).
+    after_step: called as after_step(step, metrics, state) with the step already in `state`
+      (e.g. to write a report with `state.history` and `state.best`), before the state file
+      records the step; if it raises, the step stays unrecorded and a restart redoes it.
     clock, sleep: injectable for tests.
 
   Returns:
@@ -128,10 +136,15 @@ def watch(list_finished_steps: Callable[[], Iterable[int]],
     return stop_after_step is not None and any(s >= stop_after_step for s in state.done)
 
   last_progress = clock()
+  skipped: set[int] = set()
   while not finished():
-    pending = sorted({int(s) for s in list_finished_steps()} - set(state.done))
+    pending = sorted({int(s) for s in list_finished_steps()} - set(state.done) - skipped)
     for step in pending:
-      metrics = evaluate(step)
+      try:
+        metrics = evaluate(step)
+      except SkipStep:
+        skipped.add(step)
+        continue
       values = scalar_metrics(metrics)
       if best_metric is not None:
         if best_metric not in values:
@@ -140,9 +153,11 @@ def watch(list_finished_steps: Callable[[], Iterable[int]],
         if _improves(values[best_metric], state.best, best_mode):
           state.best = {"step": step, "metric": best_metric, "value": values[best_metric]}
       state.done[step] = values
-      save_state(state_path, state)
+      # The step's own outputs (report, plots) come first and the state record last, so a crash
+      # in between re-evaluates the step instead of leaving it recorded without its report.
       if after_step is not None:
         after_step(step, metrics, state)
+      save_state(state_path, state)
       last_progress = clock()
       if finished():
         return state

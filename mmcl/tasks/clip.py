@@ -28,7 +28,7 @@ from mmcl.models.text_transformer import TextTransformer
 from mmcl.models.vit import ViT
 from mmcl.models import flops as flops_lib
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.train.task import Task
+from mmcl.train.task import CorpusExport, Task, TowerExport
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -146,10 +146,14 @@ class ClipTask(Task):
   def logit_scale(self, params) -> jax.Array:
     return jnp.minimum(jnp.exp(params["log_logit_scale"]), self.config.task.max_logit_scale)
 
-  def loss(self, params, batch, rng, *, train: bool):
+  def embed(self, params, batch, rng, *, train: bool) -> dict[str, jax.Array]:
+    """{"image": [B, D], "text": [B, D]} unit-norm embeddings of the batch."""
     k_img, k_txt = jax.random.split(rng)
-    img = self.embed_images(params, batch["image"], train=train, rng=k_img)
-    txt = self.embed_texts(params, batch["text"], train=train, rng=k_txt)
+    return {"image": self.embed_images(params, batch["image"], train=train, rng=k_img),
+            "text": self.embed_texts(params, batch["text"], train=train, rng=k_txt)}
+
+  def loss_from_embeddings(self, params, embeddings, batch):
+    img, txt = embeddings["image"], embeddings["text"]
     scale = self.logit_scale(params)
     t = self.config.task
     if t.loss == "infonce":
@@ -160,6 +164,9 @@ class ClipTask(Task):
                                                    logit_bias=params["logit_bias"], impl=t.loss_impl)
     return loss, {"temperature": 1.0 / scale, "logit_scale": scale}
 
+  def loss(self, params, batch, rng, *, train: bool):
+    return self.loss_from_embeddings(params, self.embed(params, batch, rng, train=train), batch)
+
   def flops_per_example(self) -> float | None:
     image_shape = (self.image_size, self.image_size, self.channels)
     return float(flops_lib.vit_flops(self.image_tower, image_shape)
@@ -168,6 +175,12 @@ class ClipTask(Task):
   # --- evaluation ---------------------------------------------------------------------------------
   def embed_split(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Embeds every pair of `split` with the mesh → (image_emb [N, D], text_emb [N, D]) numpy."""
+    img, txt, _ = self.embed_split_indexed(params, split)
+    return img, txt
+
+  def embed_split_indexed(self, params, split: str
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`embed_split` plus each row's record index in the split: index [N] int64."""
     c = self.config
     sharding = mesh_lib.batch_sharding(self.mesh)
     embed_img = jax.jit(lambda p, x: self.embed_images(p, x), out_shardings=mesh_lib.replicated(
@@ -176,7 +189,7 @@ class ClipTask(Task):
         self.mesh))
     n_dev = self.mesh.shape[mesh_lib.DATA_AXIS]
     bs = max(n_dev, c.task.eval_batch_size // n_dev * n_dev)
-    imgs, txts = [], []
+    imgs, txts, indices = [], [], []
     for batch in data_lib.eval_batches(self.data_dir, split=split, batch_size=bs,
                                        max_text_len=c.data.max_text_len):
       valid = np.asarray(batch["valid"])
@@ -184,7 +197,8 @@ class ClipTask(Task):
       y = jax.device_put(np.asarray(batch["text"]), sharding)
       imgs.append(np.asarray(embed_img(params, x))[valid])
       txts.append(np.asarray(embed_txt(params, y))[valid])
-    return np.concatenate(imgs), np.concatenate(txts)
+      indices.append(np.asarray(batch["index"])[valid])
+    return np.concatenate(imgs), np.concatenate(txts), np.concatenate(indices)
 
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
     split = self.config.data.eval_split
@@ -198,3 +212,54 @@ class ClipTask(Task):
     for direction, r in rankings.items():
       trec_lib.write_run_and_qrels(out_dir, direction, r.indices, r.scores, r.qrels)
     return metrics
+
+  # --- export to serving --------------------------------------------------------------------------
+  def export_towers(self, params) -> dict[str, TowerExport]:
+    """The image tower (normalised float images) and the text tower (token ids + tokenizer.json)."""
+    c = self.config
+    norm = self.metadata.get("image_normalization",
+                             {"mean": list(data_lib.IMAGE_MEAN), "std": list(data_lib.IMAGE_STD)})
+    special = self.metadata.get("special_token_ids", {})
+    tokenizer = self.data_dir / self.metadata.get("tokenizer", data_lib.TOKENIZER_FILE)
+    if not tokenizer.is_file():
+      raise FileNotFoundError(f"{tokenizer} (named by {self.data_dir / 'metadata.json'}) not found:"
+                              " the text tower cannot be exported without its tokenizer")
+    length = c.data.max_text_len
+    image = TowerExport(
+        fn=lambda p, x: self.embed_images(p, x),
+        input_spec=jax.ShapeDtypeStruct((1, self.image_size, self.image_size, self.channels),
+                                        jnp.float32),
+        preprocessing={
+            "input": "image", "layout": "NHWC", "height": self.image_size,
+            "width": self.image_size, "channels": self.channels, "channel_order": "RGB",
+            "source": "uint8 pixels in [0, 255], already at height x width (no resize or crop)",
+            "formula": "x = (pixel / 255 - mean[c]) / std[c]",
+            "mean": list(norm["mean"]), "std": list(norm["std"]),
+            # The training pipeline's exact float32 arithmetic, for bit-identical inputs.
+            "as_computed": "x = float32(pixel) * scale[c] - shift[c] in float32",
+            "scale": [float(np.float32(1.0 / (255.0 * s))) for s in norm["std"]],
+            "shift": [float(np.float32(m / s)) for m, s in zip(norm["mean"], norm["std"])]},
+        files=())
+    text = TowerExport(
+        fn=lambda p, x: self.embed_texts(p, x),
+        input_spec=jax.ShapeDtypeStruct((1, length), jnp.int32),
+        preprocessing={
+            "input": "token_ids", "tokenizer": tokenizer.name, "library": "huggingface tokenizers",
+            "encode": "Tokenizer.from_file(tokenizer).encode(text).ids (the post-processor adds "
+                      "[BOS] ... [EOS]; the normaliser lowercases)",
+            "max_len": length, "pad_id": int(special.get("pad", 0)),
+            "bos_id": int(special.get("bos", 2)), "eos_id": int(special.get("eos", 3)),
+            "truncation": "ids longer than max_len keep their first max_len - 1 ids followed by "
+                          "eos_id, so the last non-pad id of every row is eos_id",
+            "padding": "right-pad with pad_id to max_len"},
+        files=(str(tokenizer),))
+    return {"image": image, "text": text}
+
+  def export_corpus(self, params) -> dict[str, CorpusExport]:
+    """Image and caption embeddings of the evaluation split, ids = record index in the split."""
+    split = self.config.data.eval_split
+    img, txt, index = self.embed_split_indexed(params, split)
+    ids = [str(int(i)) for i in index]
+    what = f"record index in split {split!r} of {self.data_dir}"
+    return {"images": CorpusExport("image", img, ids, f"images; id = {what}"),
+            "captions": CorpusExport("text", txt, ids, f"captions; id = {what}")}

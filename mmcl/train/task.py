@@ -8,15 +8,52 @@ trainer (`mmcl.train.loop`) and the evaluator (`mmcl.eval.evaluator`) only call 
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from mmcl.config import Config
 
 Params = Any
 Batch = dict[str, jax.Array]
+
+
+class TowerExport(NamedTuple):
+  """One tower as a serving function (what `Task.export_towers` returns per tower).
+
+  Attributes:
+    fn: fn(params, x) -> [B, D] float embeddings; traceable with a symbolic batch size B (the
+      exporter closes over `params`, so the weights are embedded in the artifact).
+    input_spec: jax.ShapeDtypeStruct of an example input [1, ...]; the leading axis is the batch
+      and is exported as the symbolic dimension "b".
+    preprocessing: JSON-serialisable description of how raw inputs become `x` (normalisation,
+      tokenizer settings, ...), copied into the export manifest.
+    files: paths of files the preprocessing needs (e.g. tokenizer.json), copied beside the
+      artifact and named in the manifest by their base name.
+    l2_normalized: whether the output rows have unit L2 norm (inner product = cosine).
+  """
+  fn: Callable[[Params, jax.Array], jax.Array]
+  input_spec: jax.ShapeDtypeStruct
+  preprocessing: dict[str, Any]
+  files: tuple[str, ...] = ()
+  l2_normalized: bool = True
+
+
+class CorpusExport(NamedTuple):
+  """Embeddings of a retrieval corpus (what `Task.export_corpus` returns per corpus).
+
+  Attributes:
+    tower: the `export_towers` tower that embeds this corpus's items.
+    embeddings: [N, D] float32, row i the embedding of item ids[i].
+    ids: N unique strings without newlines.
+    description: what the items and the ids are.
+  """
+  tower: str
+  embeddings: np.ndarray
+  ids: list[str]
+  description: str
 
 
 class Task(abc.ABC):
@@ -59,6 +96,22 @@ class Task(abc.ABC):
            train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scalar loss and scalar metrics for one (micro-)batch of global arrays [B, ...]."""
 
+  # Optional split of `loss` for gradient caching (config train.grad_cache): with both defined,
+  # loss(params, batch, rng) == loss_from_embeddings(params, embed(params, batch, rng), batch), and
+  # `embed` is row-wise (row i of each embedding depends only on row i of the batch).
+  def embed(self, params: Params, batch: Batch, rng: jax.Array, *,
+            train: bool) -> dict[str, jax.Array]:
+    """The batch's embeddings {name: [B, D]} (no loss)."""
+    raise NotImplementedError(
+        f"task {type(self).__name__} does not split its loss into embed + loss_from_embeddings, "
+        "so train.grad_cache is not available for it")
+
+  def loss_from_embeddings(self, params: Params, embeddings: dict[str, jax.Array],
+                           batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss of the whole batch given its embeddings (and params such as the temperature)."""
+    raise NotImplementedError(
+        f"task {type(self).__name__} does not implement loss_from_embeddings")
+
   def frozen_params_filter(self, path: str) -> bool:
     """True for parameters that receive no updates and no optimizer state (locked towers)."""
     return False
@@ -74,3 +127,22 @@ class Task(abc.ABC):
 
     Returns flat metrics {name: value}.
     """
+
+  # --- export to serving (`mmcl export`) ---------------------------------------------------------
+  def export_towers(self, params: Params) -> dict[str, TowerExport]:
+    """{tower name: TowerExport} of the towers a serving stack calls (e.g. "image", "text").
+
+    Optional: tasks without it cannot be exported. `params` are host (numpy) parameters.
+    """
+    raise NotImplementedError(
+        f"task {type(self).__name__} does not implement Task.export_towers(params), so it cannot "
+        "be exported; see mmcl/train/task.py and mmcl/tasks/clip.py for an example")
+
+  def export_corpus(self, params: Params) -> dict[str, CorpusExport]:
+    """{corpus name: CorpusExport} of the items a serving stack retrieves (`mmcl export --corpus`).
+
+    Optional; computed with the task's own (sharded) embedding passes.
+    """
+    raise NotImplementedError(
+        f"task {type(self).__name__} does not implement Task.export_corpus(params), so "
+        "`mmcl export --corpus` is not available for it; see mmcl/tasks/clip.py for an example")

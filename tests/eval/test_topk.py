@@ -97,12 +97,16 @@ def test_mesh_with_model_axis():
   np.testing.assert_array_equal(np.asarray(indices), _reference_order(queries, corpus)[1][:, :5])
 
 
-def test_200k_corpus_on_cpu():
+@pytest.mark.parametrize("sharded", [False, True])
+def test_200k_corpus_on_cpu(sharded):
   rng = np.random.default_rng(6)
   queries = _integer_embeddings(rng, (4, 32), bound=4)
   corpus = _integer_embeddings(rng, (200_000, 32), bound=4)
+  # Sharded: the corpus is split over the 8 simulated devices (25,000 rows each).
+  mesh = jax.make_mesh((8,), ("data",)) if sharded else None
   start = time.perf_counter()
-  scores, indices = exact_topk(queries, corpus, 10, corpus_chunk=16_384)
+  scores, indices = exact_topk(queries, corpus, 10, corpus_chunk=16_384, mesh=mesh,
+                               shard="corpus")
   indices = np.asarray(indices)
   elapsed = time.perf_counter() - start
   ref_scores, order = _reference_order(queries, corpus)
@@ -179,3 +183,74 @@ def test_inputs_already_sharded_on_an_explicit_mesh(pass_mesh):
                          mesh=mesh if pass_mesh else None)
   np.testing.assert_array_equal(
       np.asarray(ranks), _reference_ranks(queries, corpus, np.arange(16), np.arange(40)))
+
+
+@pytest.mark.parametrize("shard", ["queries", "corpus"])
+@pytest.mark.parametrize("axis_types", [(AxisType.Explicit,), (AxisType.Auto,)])
+def test_both_shard_modes_match_the_full_sort(shard, axis_types):
+  # 101 items over 8 devices: uneven slices, padding rows on the last devices, ties everywhere.
+  rng = np.random.default_rng(10)
+  queries, corpus = _integer_embeddings(rng, (13, 8)), _integer_embeddings(rng, (101, 8))
+  exclude = pad_ragged([[q, q + 1, 100 - q] for q in range(13)])
+  mesh = jax.make_mesh((8,), ("data",), axis_types=axis_types)
+  scores, indices = exact_topk(queries, corpus, 7, corpus_chunk=4, query_chunk=5, mesh=mesh,
+                               exclude=exclude, shard=shard)
+  ref_scores, order = _reference_order(queries, corpus, exclude)
+  np.testing.assert_array_equal(np.asarray(indices), order[:, :7])
+  np.testing.assert_array_equal(np.asarray(scores), np.take_along_axis(ref_scores, order[:, :7], 1))
+  labels = np.arange(101) % 20
+  ranks = positive_ranks(queries, corpus, np.arange(13), labels, corpus_chunk=4, query_chunk=5,
+                         mesh=mesh, shard=shard)
+  np.testing.assert_array_equal(np.asarray(ranks),
+                                _reference_ranks(queries, corpus, np.arange(13), labels))
+
+
+def test_corpus_sharding_with_k_beyond_a_device_slice_and_a_model_axis():
+  # k = 30 > 50 / 4 rows per device; fewer than k eligible items leave (-inf, -1) slots.
+  rng = np.random.default_rng(11)
+  queries, corpus = _integer_embeddings(rng, (3, 4)), _integer_embeddings(rng, (50, 4))
+  exclude = pad_ragged([list(range(25)), [], list(range(0, 50, 2))])
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+  scores, indices = exact_topk(queries, corpus, 30, corpus_chunk=8, mesh=mesh, exclude=exclude,
+                               shard="corpus")
+  ref = exact_topk(queries, corpus, 30, corpus_chunk=8, exclude=exclude)
+  np.testing.assert_array_equal(np.asarray(indices), np.asarray(ref[1]))
+  np.testing.assert_array_equal(np.asarray(scores), np.asarray(ref[0]))
+  assert (np.asarray(indices)[0] == -1).sum() == 5
+
+
+def test_auto_shards_the_larger_side_and_host_corpus_arrives_split():
+  from mmcl.eval import topk as topk_lib
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  assert topk_lib._resolve_shard("auto", 10, 1000, mesh, "t") == "corpus"
+  assert topk_lib._resolve_shard("auto", 1000, 1000, mesh, "t") == "queries"
+  assert topk_lib._resolve_shard("auto", 10, 1000, None, "t") == "queries"
+  placed = topk_lib._place_corpus(np.ones((100, 4), np.float32), mesh, "corpus")
+  # Padded to a multiple of the 8 devices; each device holds only its slice.
+  assert placed.shape == (104, 4)
+  assert {s.data.shape for s in placed.addressable_shards} == {(13, 4)}
+  with pytest.raises(ValueError, match="shard must be one of"):
+    exact_topk(np.ones((2, 4), np.float32), np.ones((5, 4), np.float32), 1, mesh=mesh,
+               shard="rows")
+
+
+@pytest.mark.parametrize("shard", ["queries", "corpus"])
+def test_memory_stays_bounded_whatever_the_corpus_size(shard):
+  # XLA's own accounting of the compiled ranking: temporaries stay far below one copy of the
+  # corpus (no padded copy, no [Q, N] score matrix), and per device the corpus argument is
+  # replicated ("queries") or 1/8 of it ("corpus").
+  from mmcl.eval import topk as topk_lib
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  num_q, num_c, dim = 64, 400_003, 16
+  queries = jax.ShapeDtypeStruct((num_q, dim), np.float32)
+  corpus = jax.ShapeDtypeStruct((num_c + (-num_c % 8 if shard == "corpus" else 0), dim),
+                                np.float32)
+  exclude = jax.ShapeDtypeStruct((num_q, 0), np.int32)
+  compiled = topk_lib._exact_topk.lower(
+      queries, corpus, exclude, k=10, num_corpus=num_c, corpus_chunk=4096, query_chunk=8,
+      mesh=mesh, shard=shard).compile()
+  mem = compiled.memory_analysis()
+  corpus_bytes = num_c * dim * 4
+  assert mem.temp_size_in_bytes < corpus_bytes / 8, mem
+  expected_arg = corpus_bytes / 8 if shard == "corpus" else corpus_bytes
+  assert mem.argument_size_in_bytes == pytest.approx(expected_arg, rel=0.05)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from mmcl.eval.watch import WatchState, load_state, watch
+from mmcl.eval.watch import SkipStep, WatchState, load_state, watch
 
 
 class FakeTrainer:
@@ -77,13 +77,16 @@ def test_timeout_counts_from_last_new_step(tmp_path):
   assert state.best["step"] == 100  # min mode
 
 
-def test_after_step_sees_saved_state_and_errors_propagate(tmp_path):
+def test_after_step_runs_before_the_step_is_recorded_and_errors_propagate(tmp_path):
   state_path = tmp_path / "s.json"
   trainer = FakeTrainer({0: 100, 0.1: 200})
   seen = []
 
   def after_step(step, metrics, state):
-    seen.append((step, metrics["recall@1"], sorted(load_state(state_path).done)))
+    # The step is in the in-memory state (for reports) but not yet in the file: a crash here
+    # leaves it unrecorded, so a restart redoes it rather than skipping its report.
+    on_disk = sorted(load_state(state_path).done)
+    seen.append((step, metrics["recall@1"], sorted(state.done), on_disk))
     assert isinstance(state, WatchState)
 
   def flaky(step):
@@ -94,8 +97,27 @@ def test_after_step_sees_saved_state_and_errors_propagate(tmp_path):
   with pytest.raises(RuntimeError, match="vanished"):
     watch(trainer.list_finished_steps, flaky, state_path=state_path, poll_seconds=1,
           clock=trainer.clock, sleep=trainer.sleep, after_step=after_step)
-  assert seen == [(100, 0.2, [100])]
+  assert seen == [(100, 0.2, [100], [])]
   assert sorted(load_state(state_path).done) == [100]
+
+
+def test_failing_after_step_leaves_the_step_unrecorded(tmp_path):
+  state_path = tmp_path / "s.json"
+  trainer = FakeTrainer({0: 100, 0.1: 200})
+
+  def after_step(step, metrics, state):
+    if step == 200:
+      raise OSError("disk full while writing the report")
+
+  with pytest.raises(OSError, match="disk full"):
+    watch(trainer.list_finished_steps, trainer.evaluate, state_path=state_path, poll_seconds=1,
+          clock=trainer.clock, sleep=trainer.sleep, after_step=after_step)
+  assert sorted(load_state(state_path).done) == [100]
+  # The restart redoes 200 (and only 200).
+  trainer.evaluated.clear()
+  watch(trainer.list_finished_steps, trainer.evaluate, state_path=state_path, poll_seconds=1,
+        clock=trainer.clock, sleep=trainer.sleep, stop_after_step=200)
+  assert trainer.evaluated == [200]
 
 
 def test_bad_arguments_and_state(tmp_path):
@@ -110,3 +132,22 @@ def test_bad_arguments_and_state(tmp_path):
   (tmp_path / "c.json").write_text("{\"something\": 1}")
   with pytest.raises(ValueError, match="c.json: not a valid watcher state"):
     load_state(tmp_path / "c.json")
+
+
+def test_skipped_step_is_left_out_and_not_retried(tmp_path):
+  # Step 200 is listed but its checkpoint vanished before evaluation (trainer retention).
+  trainer = FakeTrainer({0: 100, 1: 200, 2: 300})
+  calls = []
+
+  def evaluate(step):
+    calls.append(step)
+    if step == 200:
+      raise SkipStep("gone")
+    return {"recall@1": 0.1 * step / 100}
+
+  state = watch(trainer.list_finished_steps, evaluate, state_path=tmp_path / "s.json",
+                poll_seconds=1, stop_after_step=300, best_metric="recall@1",
+                clock=trainer.clock, sleep=trainer.sleep)
+  assert calls == [100, 200, 300]
+  assert sorted(state.done) == [100, 300]
+  assert state.best["step"] == 300

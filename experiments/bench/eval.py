@@ -1,0 +1,189 @@
+"""Benchmark of exact retrieval (`mmcl.eval.topk.exact_topk`): queries/s against an N x D corpus.
+
+  .venv/bin/python experiments/bench/eval.py --corpus 100000 1000000 --dim 512 --queries 256
+  .venv/bin/python experiments/bench/eval.py --corpus 10000000 --dim 512 --queries 1024  # GPU
+
+For each corpus size N it draws N random unit vectors [N, D] directly on the devices (sharded over
+"data" for --shard corpus, so no host copy and no device holds more than its slice), Q unit
+queries, and times `exact_topk(queries, corpus, k)` over every local device:
+
+  - the median wall time of --repeats runs after one warm-up run (compilation excluded, reported
+    separately),
+  - queries/s = Q / t and corpus items scored per second = Q · N / t,
+  - the score TFLOP/s = 2 · Q · N · D / t (float32 inputs are scored at full float32 precision),
+  - XLA's compiled memory per device (arguments + temporaries): it stays near N·D·bytes / S for
+    the corpus slice plus O(query_chunk · corpus_chunk) whatever N is.
+
+Each configuration is checked against a plain float64 argsort on a few queries (--check, on by
+default) so a fast wrong answer cannot pass. A configuration that runs out of memory is reported
+as OOM and the run goes on. Output: a Markdown table on stdout, and the rows as JSON with
+--json PATH.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mmcl.eval import topk
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+  cpu = jax.default_backend() == "cpu"
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--corpus", type=int, nargs="+",
+                 default=[100_000, 1_000_000] if cpu else [1_000_000, 10_000_000],
+                 help="corpus sizes N")
+  p.add_argument("--dim", type=int, default=512, help="embedding dimension D")
+  p.add_argument("--queries", type=int, default=256 if cpu else 1024, help="queries Q")
+  p.add_argument("--k", type=int, default=10)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--corpus-chunk", type=int, default=8192)
+  p.add_argument("--query-chunk", type=int, default=1024)
+  p.add_argument("--shard", default="corpus", choices=topk.SHARD_MODES,
+                 help="how the work is split over the local devices")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--check", type=int, default=4,
+                 help="queries checked against a float64 argsort (0: no check)")
+  p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+  return p.parse_args(argv)
+
+
+def _device_line() -> str:
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    model = platform.processor() or "cpu"
+    try:
+      with open("/proc/cpuinfo") as f:
+        model = next(line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+      pass
+    return f"CPU {model}, {os.cpu_count()} cores, {len(jax.devices())} device(s)"
+  return f"{len(jax.devices())} x {dev.device_kind}"
+
+
+def _unit_vectors(key: jax.Array, rows: int, dim: int, dtype, sharding) -> jax.Array:
+  """[rows, dim] random unit vectors in `dtype`, created already laid out as `sharding`."""
+  def make(key):
+    x = jax.random.normal(key, (rows, dim), jnp.float32)
+    return (x * jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True))).astype(dtype)
+  return jax.jit(make, out_shardings=sharding)(key)
+
+
+def _is_oom(e: Exception) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def _check(queries, corpus, indices, num_check: int, k: int) -> None:
+  """The first `num_check` queries' top-k must equal a float64 argsort (ties to lower index)."""
+  q = np.asarray(queries[:num_check], np.float64)
+  # Score in slices so that the float64 check itself stays small for a 10M corpus.
+  scores = np.concatenate([q @ np.asarray(corpus[i:i + 1_000_000], np.float64).T
+                           for i in range(0, corpus.shape[0], 1_000_000)], axis=1)
+  ref = np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=1)
+  got = np.asarray(indices[:num_check])
+  # float32 accumulation may swap items whose float64 scores differ by rounding only.
+  ref_scores = np.take_along_axis(scores, ref[:, :k], 1)
+  got_scores = np.take_along_axis(scores, got, 1)
+  if not np.allclose(got_scores, ref_scores, rtol=0, atol=1e-5):
+    raise AssertionError(f"exact_topk disagrees with the float64 argsort: {got} vs {ref[:, :k]}")
+
+
+def _memory(queries, corpus, n: int, args, mesh, shard: str):
+  """XLA's memory analysis of the compiled ranking (per device), or None where unsupported."""
+  q_chunk, c_chunk = topk._chunk_sizes(args.queries, n, args.query_chunk, args.corpus_chunk,
+                                       mesh.shape["data"], shard)
+  spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+  try:
+    compiled = topk._exact_topk.lower(
+        spec(queries), spec(corpus), jax.ShapeDtypeStruct((args.queries, 0), jnp.int32),
+        k=args.k, num_corpus=n, corpus_chunk=c_chunk, query_chunk=q_chunk, mesh=mesh,
+        shard=shard).compile()
+    return compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 (memory analysis is best effort per backend)
+    return None
+
+
+def bench_one(n: int, args, mesh) -> dict:
+  dtype = jnp.dtype(args.dtype)
+  row = dict(corpus=n, dim=args.dim, queries=args.queries, k=args.k, dtype=args.dtype,
+             shard=args.shard, corpus_chunk=args.corpus_chunk, query_chunk=args.query_chunk)
+  shards = mesh.shape["data"]
+  shard = topk._resolve_shard(args.shard, args.queries, n, mesh, "bench")
+  # The corpus is born where exact_topk wants it: split over "data" (when N divides evenly;
+  # otherwise exact_topk pads it, at the cost of one copy) or replicated.
+  split = shard == "corpus" and n % shards == 0
+  layout = NamedSharding(mesh, P("data") if split else P())
+  k_c, k_q = jax.random.split(jax.random.key(n))
+  try:
+    corpus = _unit_vectors(k_c, n, args.dim, dtype, layout)
+    queries = _unit_vectors(k_q, args.queries, args.dim, dtype, NamedSharding(mesh, P()))
+    jax.block_until_ready((corpus, queries))
+    fn = lambda: topk.exact_topk(  # noqa: E731
+        queries, corpus, args.k, corpus_chunk=args.corpus_chunk, query_chunk=args.query_chunk,
+        mesh=mesh, shard=shard)
+    start = time.perf_counter()
+    _, indices = jax.block_until_ready(fn())
+    row["first_call_s"] = round(time.perf_counter() - start, 2)
+    times = []
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - start)
+  except Exception as e:  # noqa: BLE001 (an OOM is a result, anything else is re-raised)
+    if not _is_oom(e):
+      raise
+    row["status"] = "OOM"
+    return row
+  t = statistics.median(times)
+  if args.check:
+    _check(queries, corpus, indices, min(args.check, args.queries), args.k)
+  row.update(status="ok", ms=round(t * 1e3, 3), queries_per_s=round(args.queries / t, 2),
+             items_per_s=args.queries * n / t,
+             score_tflops=round(2 * args.queries * n * args.dim / t / 1e12, 4))
+  mem = _memory(queries, corpus, n, args, mesh, shard)
+  if mem is not None:
+    row["device_MiB"] = round((mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**20, 1)
+    row["temp_MiB"] = round(mem.temp_size_in_bytes / 2**20, 1)
+  return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+  args = _parse(argv)
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  print(f"# device: {_device_line()}; jax {jax.__version__}; D={args.dim} {args.dtype}; "
+        f"Q={args.queries}; k={args.k}; shard={args.shard}; chunks {args.query_chunk} queries x "
+        f"{args.corpus_chunk} items", flush=True)
+  header = ("N", "ms", "queries/s", "items scored/s", "score TFLOP/s", "device MiB (args+temp)",
+            "temp MiB", "first call s")
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  rows = []
+  for n in args.corpus:
+    row = bench_one(n, args, mesh)
+    rows.append(row)
+    items = f"{row['items_per_s']:.3g}" if "items_per_s" in row else "-"
+    cells = (n, row.get("ms", row.get("status")), row.get("queries_per_s", "-"), items,
+             row.get("score_tflops", "-"), row.get("device_MiB", "n/a"), row.get("temp_MiB", "n/a"),
+             row.get("first_call_s", "-"))
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(device=_device_line(), jax=jax.__version__, rows=rows), f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,139 @@
+"""Probes on frozen features (numpy + scipy): ridge regression, multinomial logistic regression,
+R², and kNN retrieval with transformed labels (LOEV's evaluation, METHODS.md §2).
+
+Regularisation strengths are chosen by k-fold cross-validation on the probe's training rows only,
+never on its test rows. Features are standardised with the training rows' statistics.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import scipy.optimize
+
+ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+  """Centres and scales every array by the mean / std of `train` [N, D] (std floored at 1e-6)."""
+  mean = train.mean(0)
+  std = np.maximum(train.std(0), 1e-6)
+  return [(x - mean) / std for x in (train, *others)]
+
+
+def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
+  """Coefficient of determination 1 − SS_res / SS_tot of [N] (or [N, T], pooled) targets."""
+  y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+  ss_tot = np.sum((y - y.mean(0)) ** 2)
+  return float(1.0 - np.sum((y - pred) ** 2) / max(ss_tot, 1e-12))
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+  xm, ym = x.mean(0), y.mean(0)
+  xc = x - xm
+  w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - ym))
+  return w, ym - xm @ w
+
+
+def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
+  return np.array_split(np.random.default_rng(seed).permutation(n), k)
+
+
+def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                y_test: np.ndarray, *, alphas: Sequence[float] = ALPHAS, folds: int = 4,
+                seed: int = 0) -> dict[str, float]:
+  """Ridge regression probe: α by `folds`-fold CV (R²) on the training rows, refit, test R².
+
+  Args:
+    x_train: [N, D] float. y_train: [N] float. x_test: [M, D]. y_test: [M].
+
+  Returns:
+    {"r2": test R², "alpha": chosen α}.
+  """
+  x_train, x_test = standardize(np.asarray(x_train, np.float64), np.asarray(x_test, np.float64))
+  y_train = np.asarray(y_train, np.float64)
+  best, best_alpha = -np.inf, alphas[0]
+  for alpha in alphas:
+    scores = []
+    for fold in _folds(len(y_train), folds, seed):
+      keep = np.setdiff1d(np.arange(len(y_train)), fold)
+      w, b = _ridge(x_train[keep], y_train[keep], alpha)
+      scores.append(r2_score(y_train[fold], x_train[fold] @ w + b))
+    if np.mean(scores) > best:
+      best, best_alpha = float(np.mean(scores)), alpha
+  w, b = _ridge(x_train, y_train, best_alpha)
+  return {"r2": r2_score(y_test, x_test @ w + b), "alpha": float(best_alpha),
+          "pred": x_test @ w + b}
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -> np.ndarray:
+  """Multinomial logistic regression weights [D + 1, C] by L-BFGS on mean CE + l2/2 ||W||²."""
+  n, d = x.shape
+  xb = np.concatenate([x, np.ones((n, 1))], 1)
+  onehot = np.eye(num_classes)[y]
+
+  def fun(flat):
+    w = flat.reshape(d + 1, num_classes)
+    logits = xb @ w
+    logits -= logits.max(1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    loss = -np.mean(np.sum(onehot * logp, 1)) + 0.5 * l2 * np.sum(w[:-1] ** 2)
+    grad = xb.T @ (np.exp(logp) - onehot) / n
+    grad[:-1] += l2 * w[:-1]
+    return loss, grad.reshape(-1)
+
+  res = scipy.optimize.minimize(fun, np.zeros((d + 1) * num_classes), jac=True, method="L-BFGS-B",
+                                options={"maxiter": 300})
+  return res.x.reshape(d + 1, num_classes)
+
+
+def logistic_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                   y_test: np.ndarray, *, num_classes: int,
+                   l2s: Sequence[float] = (1e-3, 1e-2, 1e-1), folds: int = 3,
+                   seed: int = 0) -> dict[str, float]:
+  """Linear classification probe: L2 strength by CV accuracy on the training rows, test accuracy.
+
+  Args:
+    x_train: [N, D] float. y_train: [N] int in [0, num_classes). x_test: [M, D]. y_test: [M] int.
+
+  Returns:
+    {"accuracy": test accuracy, "l2": chosen strength}.
+  """
+  x_train, x_test = standardize(np.asarray(x_train, np.float64), np.asarray(x_test, np.float64))
+  y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+
+  def predict(w, x):
+    return np.argmax(np.concatenate([x, np.ones((len(x), 1))], 1) @ w, 1)
+
+  best, best_l2 = -1.0, l2s[0]
+  for l2 in l2s:
+    acc = []
+    for fold in _folds(len(y_train), folds, seed):
+      keep = np.setdiff1d(np.arange(len(y_train)), fold)
+      w = _logistic_fit(x_train[keep], y_train[keep], num_classes, l2)
+      acc.append(np.mean(predict(w, x_train[fold]) == y_train[fold]))
+    if np.mean(acc) > best:
+      best, best_l2 = float(np.mean(acc)), l2
+  w = _logistic_fit(x_train, y_train, num_classes, best_l2)
+  return {"accuracy": float(np.mean(predict(w, x_test) == y_test)), "l2": float(best_l2)}
+
+
+def knn_hit_rate(queries: np.ndarray, corpus: np.ndarray, match: Callable[[np.ndarray], np.ndarray],
+                 *, k: int = 10, exclude: np.ndarray | None = None) -> float:
+  """Mean share of each query's k nearest corpus rows (cosine) whose labels match the query's.
+
+  Args:
+    queries: [Q, D] float. corpus: [N, D] float.
+    match: maps the neighbour indices [Q, k] int to a [Q, k] bool "label matches" array.
+    exclude: optional [Q] int corpus row to leave out per query (e.g. the query's own clip).
+
+  Returns:
+    hit rate in [0, 1].
+  """
+  q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+  c = corpus / np.maximum(np.linalg.norm(corpus, axis=1, keepdims=True), 1e-12)
+  scores = q @ c.T
+  if exclude is not None:
+    scores[np.arange(len(q)), exclude] = -np.inf
+  top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  return float(np.mean(match(top)))

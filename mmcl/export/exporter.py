@@ -1,0 +1,272 @@
+"""`mmcl export`: a trained checkpoint's towers as self-contained serving artifacts.
+
+For each tower the task names (`Task.export_towers`), the tower's forward pass with the weights
+embedded is lowered with `jax.export` to a serialized StableHLO module whose batch dimension is
+symbolic ("b"), so one artifact serves any batch size. A serving stack needs only `jax` (or any
+StableHLO runtime that reads `jax.export` serializations) to call it:
+
+  exported = jax.export.deserialize(open("image.jax_exported", "rb").read())
+  embeddings = exported.call(x)          # x: the manifest's input shape with any b
+
+Output directory (written under a temporary name, renamed into place when complete):
+
+  manifest.json          format "mmcl.export/1": per tower its artifact, inputs (name, shape with
+                         "b", dtype), output (dim, dtype, L2 normalisation), preprocessing and
+                         the files it needs; the training config; sha256 and size of every file
+  <tower>.jax_exported   serialized jax.export.Exported (`Exported.serialize()`)
+  tokenizer.json, ...    files named by a tower's preprocessing (copied)
+  corpus/<name>.npy      with --corpus: [N, D] float32 embeddings of the task's corpus
+  corpus/<name>.ids.txt  N lines, line i the id of row i
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmcl.train.task import CorpusExport, Task, TowerExport
+
+FORMAT = "mmcl.export/1"
+MANIFEST = "manifest.json"
+ARTIFACT_SUFFIX = ".jax_exported"
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+BATCH_DIM = "b"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def export_tower(tower: TowerExport, params: Any, *,
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS) -> jax.export.Exported:
+  """Lowers `tower.fn(params, x)` with the weights embedded and a symbolic batch dimension.
+
+  Args:
+    tower: the tower; `tower.input_spec` is an example input [1, ...].
+    params: parameters closed over (so embedded as constants), e.g. host numpy arrays.
+    platforms: lowering platforms; the artifact runs on any of them.
+
+  Returns:
+    The `jax.export.Exported`; its input is [b, ...] with b symbolic, its output [b, D].
+  """
+  spec = tower.input_spec
+  if len(spec.shape) < 1:
+    raise ValueError(f"export_tower: input_spec must have a leading batch axis, got shape "
+                     f"{spec.shape}")
+  dims = ", ".join([BATCH_DIM] + [str(int(d)) for d in spec.shape[1:]])
+  arg = jax.ShapeDtypeStruct(jax.export.symbolic_shape(dims), spec.dtype)
+  exported = jax.export.export(jax.jit(lambda x: tower.fn(params, x)),
+                               platforms=tuple(platforms))(arg)
+  if len(exported.out_avals) != 1 or len(exported.out_avals[0].shape) != 2:
+    raise ValueError(f"export_tower: the tower must return one [b, D] array, got "
+                     f"{[a.shape for a in exported.out_avals]}")
+  return exported
+
+
+def _shape_json(shape) -> list:
+  """Symbolic dims as their names ("b"), fixed ones as ints."""
+  return [d if isinstance(d, int) else str(d) for d in shape]
+
+
+def _restore(workdir: pathlib.Path, step: int | None):
+  """(config, task, step, params on the evaluator's mesh) of a `mmcl train` workdir."""
+  # Imported here: the export of a task module pulls in only what it needs.
+  from mmcl.tasks import config_from_dict, get_task_class
+  from mmcl.train import checkpoint as ckpt_lib
+  from mmcl.train import loop as loop_lib
+
+  cfg_path = workdir / "config.json"
+  if not cfg_path.is_file():
+    raise FileNotFoundError(f"{cfg_path} not found: is {workdir} a `mmcl train` workdir?")
+  config = config_from_dict(json.loads(cfg_path.read_text()))
+  # Like the evaluator: one process on this machine's devices, whatever the trainer used.
+  config.distributed.coordinator_address = None
+  config.distributed.num_processes = None
+  config.distributed.process_id = None
+  config.mesh.data, config.mesh.model = -1, 1
+  mesh, task = loop_lib.setup(config, get_task_class(config.task.name))
+  _, abstract, shardings, _, _ = loop_lib.build_state(config, task, mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no finished checkpoint in {ckpt_lib.checkpoint_dir(workdir)}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f"checkpoint step {step} not in {ckpt_lib.checkpoint_dir(workdir)} "
+                            f"(finished steps: {steps})")
+  state = ckpt.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
+  ckpt.close()
+  return config, task, step, state.params
+
+
+def _check_corpus(name: str, corpus: CorpusExport, towers: dict[str, dict]) -> np.ndarray:
+  emb = np.asarray(corpus.embeddings, np.float32)
+  if corpus.tower not in towers:
+    raise ValueError(f"export_corpus()[{name!r}]: tower {corpus.tower!r} is not among the "
+                     f"exported towers {sorted(towers)}")
+  dim = towers[corpus.tower]["output"]["dim"]
+  if emb.ndim != 2 or emb.shape[1] != dim:
+    raise ValueError(f"export_corpus()[{name!r}]: expected embeddings [N, {dim}] (the "
+                     f"{corpus.tower} tower's output), got {emb.shape}")
+  if len(corpus.ids) != emb.shape[0]:
+    raise ValueError(f"export_corpus()[{name!r}]: {len(corpus.ids)} ids for {emb.shape[0]} rows")
+  if len(set(corpus.ids)) != len(corpus.ids) or any("\n" in i for i in corpus.ids):
+    raise ValueError(f"export_corpus()[{name!r}]: ids must be unique and contain no newline")
+  return emb
+
+
+def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
+                   step: int | None = None, corpus: bool = False,
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                   overwrite: bool = False) -> dict[str, Any]:
+  """Exports every tower of a `mmcl train` workdir's checkpoint (and optionally its corpus).
+
+  Args:
+    workdir: the training workdir (config.json + checkpoints/).
+    out: output directory (see the module docstring); must not exist unless `overwrite`.
+    step: checkpoint step; default the newest finished one.
+    corpus: also write the task's corpus embeddings (`Task.export_corpus`) with their ids.
+    platforms: platforms the artifacts are lowered for (any subset of cpu, cuda, rocm, tpu).
+    overwrite: replace an existing `out` once the new export is complete.
+
+  Returns:
+    The manifest (also written to out/manifest.json).
+  """
+  workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} exists; pass overwrite=True (mmcl export --overwrite) to "
+                          "replace it")
+  config, task, step, params = _restore(workdir, step)
+  host_params = jax.device_get(params)
+  towers = task.export_towers(host_params)
+  if not towers:
+    raise ValueError(f"{type(task).__name__}.export_towers() returned no tower")
+
+  out.parent.mkdir(parents=True, exist_ok=True)
+  stage = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  stage.mkdir()
+  try:
+    manifest = _write_export(stage, task, towers, host_params, params, config, step, workdir,
+                             corpus=corpus, platforms=platforms)
+    if out.exists():
+      shutil.rmtree(out)
+    os.replace(stage, out)
+  except BaseException:
+    shutil.rmtree(stage, ignore_errors=True)
+    raise
+  return manifest
+
+
+def _write_export(stage: pathlib.Path, task: Task, towers: dict[str, TowerExport], host_params,
+                  params, config, step: int, workdir: pathlib.Path, *, corpus: bool,
+                  platforms: Sequence[str]) -> dict[str, Any]:
+  tower_entries: dict[str, dict] = {}
+  copied: dict[str, str] = {}  # base name -> source, so two towers cannot clash on a name
+  for name, tower in towers.items():
+    if not isinstance(tower, TowerExport):
+      raise TypeError(f"{type(task).__name__}.export_towers()[{name!r}] must be a TowerExport, "
+                      f"got {type(tower).__name__}")
+    exported = export_tower(tower, host_params, platforms=platforms)
+    artifact = f"{name}{ARTIFACT_SUFFIX}"
+    (stage / artifact).write_bytes(exported.serialize())
+    files = []
+    for src in tower.files:
+      src = pathlib.Path(src)
+      if not src.is_file():
+        raise FileNotFoundError(f"{src} (a preprocessing file of tower {name!r}) not found")
+      if src.name in copied and sha256_file(copied[src.name]) != sha256_file(src):
+        raise ValueError(f"towers need two different files named {src.name}: {copied[src.name]} "
+                         f"and {src}")
+      copied[src.name] = str(src)
+      shutil.copyfile(src, stage / src.name)
+      files.append(src.name)
+    (out_aval,) = exported.out_avals
+    (in_aval,) = exported.in_avals
+    tower_entries[name] = {
+        "artifact": artifact,
+        "serialization": "jax.export.Exported.serialize() (StableHLO); load with "
+                         "jax.export.deserialize(bytes) and call .call(x)",
+        "calling_convention_version": exported.calling_convention_version,
+        "platforms": list(exported.platforms),
+        "inputs": [{"name": tower.preprocessing.get("input", name),
+                    "shape": _shape_json(in_aval.shape), "dtype": str(in_aval.dtype)}],
+        "output": {"shape": _shape_json(out_aval.shape), "dim": int(out_aval.shape[1]),
+                   "dtype": str(out_aval.dtype), "l2_normalized": bool(tower.l2_normalized),
+                   "similarity": "inner product" + (" (= cosine)" if tower.l2_normalized
+                                                    else "")},
+        "preprocessing": tower.preprocessing,
+        "files": files,
+    }
+
+  corpus_entries: dict[str, dict] = {}
+  if corpus:
+    (stage / "corpus").mkdir()
+    for name, item in task.export_corpus(params).items():
+      emb = _check_corpus(name, item, tower_entries)
+      np.save(stage / "corpus" / f"{name}.npy", emb)
+      (stage / "corpus" / f"{name}.ids.txt").write_text("".join(f"{i}\n" for i in item.ids),
+                                                        encoding="utf-8")
+      corpus_entries[name] = {"tower": item.tower, "embeddings": f"corpus/{name}.npy",
+                              "ids": f"corpus/{name}.ids.txt", "count": int(emb.shape[0]),
+                              "dim": int(emb.shape[1]), "dtype": "float32",
+                              "description": item.description}
+
+  files = {}
+  for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+    rel = path.relative_to(stage).as_posix()
+    files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+  manifest = {
+      "format": FORMAT,
+      "task": config.task.name,
+      "step": int(step),
+      "source_workdir": str(workdir.absolute()),
+      "jax_version": jax.__version__,
+      "batch_dimension": BATCH_DIM,
+      "towers": tower_entries,
+      "corpus": corpus_entries,
+      "files": files,
+      "config": json.loads(config.to_json()),
+  }
+  tmp = stage / f".{MANIFEST}.tmp"
+  tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+  os.replace(tmp, stage / MANIFEST)
+  return manifest
+
+
+def verify_export(out: str | os.PathLike) -> dict[str, Any]:
+  """Checks an export directory against its manifest (format, every file's size and sha256).
+
+  Returns:
+    The manifest.
+
+  Raises:
+    FileNotFoundError / ValueError naming the file that is missing or differs.
+  """
+  out = pathlib.Path(out)
+  path = out / MANIFEST
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: not a (complete) `mmcl export` directory")
+  manifest = json.loads(path.read_text(encoding="utf-8"))
+  if manifest.get("format") != FORMAT:
+    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+  for rel, entry in manifest["files"].items():
+    file = out / rel
+    if not file.is_file():
+      raise FileNotFoundError(f"{file} (listed in {path}) not found")
+    if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+      raise ValueError(f"{file}: size or sha256 differs from {path}")
+  return manifest
