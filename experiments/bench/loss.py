@@ -3,6 +3,8 @@
   .venv/bin/python experiments/bench/loss.py --dim 256 --dtype float32 --batch 1024 2048 4096
   .venv/bin/python experiments/bench/loss.py --dim 512 --dtype bfloat16 \
       --batch 16384 65536 262144 1048576 --impl tiled          # on a GPU, unchanged
+  .venv/bin/python experiments/bench/loss.py --dim 512 --dtype bfloat16 --loss infonce \
+      --batch 65536 262144 1048576 4194304 --impl fused tiled  # the Pallas kernels (GPU)
 
 For every loss × impl × batch size it jits value_and_grad with respect to the embeddings and the
 logit scale (and bias), then reports
@@ -37,7 +39,9 @@ from mmcl import losses
 from mmcl.losses import sharded
 
 LOSSES = ("infonce", "sigmoid_loss", "supcon", "multimodal_infonce")
-IMPLS = ("dense", "tiled")
+# "fused" (Pallas) runs in interpret mode off a GPU: correct but far too slow to time there, so it
+# is in the default list only on a GPU.
+IMPLS = ("dense", "tiled", "fused")
 MODALITIES = ("audio", "cf", "text")
 
 
@@ -50,8 +54,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                  default=[1024, 2048, 4096] if cpu else [16384, 65536, 262144],
                  help="global batch sizes B")
   p.add_argument("--loss", nargs="+", default=list(LOSSES), choices=LOSSES)
-  p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
-  p.add_argument("--block-size", type=int, default=None, help="tile edge (default: per backend)")
+  p.add_argument("--impl", nargs="+", default=["dense", "tiled"] if cpu else list(IMPLS),
+                 choices=IMPLS)
+  p.add_argument("--block-size", type=int, default=None,
+                 help="tile edge (default: per backend for tiled, per D for fused)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--matmul-size", type=int, default=2048 if cpu else 8192,
@@ -194,7 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   peak = matmul_peak(args.matmul_size, dtype, args.repeats, args.warmup)
   where = f"sharded over {len(jax.devices())} devices" if mesh is not None else "one device"
   print(f"# device: {_device_line()} ({where}); jax {jax.__version__}; D={args.dim} {args.dtype}; "
-        f"block_size={args.block_size or losses.common.default_block_size()}; "
+        f"block_size={args.block_size or losses.common.default_block_size()}"
+        f"{'' if args.block_size else f' (fused: {losses.fused.default_tile(args.dim)})'}; "
         f"matmul peak {peak:.3f} TFLOP/s ([{args.matmul_size}]^2 {args.dtype})", flush=True)
   header = ("loss", "impl", "B", "ms", "useful TFLOP/s", "% matmul peak", "compiled peak MiB",
             "runtime high-water MiB")

@@ -5,8 +5,8 @@
   multimodal_infonce(embeddings, valid, *, ...)         InfoNCE over modality pairs
   supcon(z, *, logit_scale, clip_ids, exclude, ...)     SupCon "all" form (LOEV)
 
-Every loss takes impl in {"auto", "dense", "tiled"} ("fused" is reserved for a GPU kernel) and,
-inside `shard_map`, `axis_name` to use every device's rows as negatives. `mmcl.losses.sharded`
+Every loss takes impl in {"auto", "dense", "tiled", "fused"} ("fused": Pallas kernels, Triton on a
+GPU, see fused.py) and, inside `shard_map`, `axis_name` to use every device's rows as negatives. `mmcl.losses.sharded`
 wraps them for arrays sharded over a mesh (`infonce_over_mesh`, ...).
 """
 from mmcl.losses.common import AUTO_TILED_MIN_LOGITS

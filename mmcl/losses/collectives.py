@@ -85,7 +85,8 @@ def merge_partial_lse(partial: jax.Array, axis_name: AxisName) -> jax.Array:
   return jnp.where(ok, shift + jnp.log(jnp.where(ok, total, 1.0)), -jnp.inf)
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
+def varying_axes(x: jax.Array) -> frozenset:
+  """Mesh axes `x` is typed as varying over (none outside `shard_map` or with check_vma=False)."""
   aval = jax.typeof(x)
   vma = getattr(aval, "vma", None)
   if vma is None:
@@ -102,12 +103,12 @@ def match_varying(tree, *refs):
   """
   wanted = frozenset()
   for leaf in jax.tree.leaves(refs):
-    wanted |= _varying_axes(leaf)
+    wanted |= varying_axes(leaf)
   if not wanted:
     return tree
 
   def cast(x):
-    missing = tuple(ax for ax in sorted(wanted, key=str) if ax not in _varying_axes(x))
+    missing = tuple(ax for ax in sorted(wanted, key=str) if ax not in varying_axes(x))
     return lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(cast, tree)
@@ -121,7 +122,7 @@ def as_varying(x: jax.Array, axis_name: AxisName) -> jax.Array:
   sum, so the scalar is cast to varying first; JAX transposes that cast into the `psum` that adds
   the partial gradients of all devices.
   """
-  present = _varying_axes(x)
+  present = varying_axes(x)
   for axis in _axes(axis_name):
     if axis not in present:
       x = lax.pcast(x, axis, to="varying")

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 
 IMPLS = ("auto", "dense", "tiled", "fused")
 
-# impl="auto" switches to the tiled kernel once the per-device logit block [B_local, B_global] has
-# more than this many entries (4096 x 4096: a 64 MiB float32 matrix, plus a few temporaries of the
-# same size in the backward pass). Below it the dense kernel is as fast and compiles faster.
+# impl="auto" switches to the tiled kernel (the fused one on a GPU) once the per-device logit block
+# [B_local, B_global] has more than this many entries (4096 x 4096: a 64 MiB float32 matrix, plus a
+# few temporaries of the same size in the backward pass). Below it the dense kernel is as fast and
+# compiles faster.
 AUTO_TILED_MIN_LOGITS = 4096 * 4096
 
 # Default tile edge of the tiled kernel. On accelerators, larger tiles keep the matmul units busy
@@ -115,15 +116,18 @@ def pad_side(meta: SideMeta, n: int) -> SideMeta:
 
 
 def resolve_impl(impl: str, rows: int, cols: int, where: str) -> str:
-  """Maps the user's `impl` to "dense" or "tiled" for an [rows, cols] logit block."""
+  """Maps the user's `impl` to "dense", "tiled" or "fused" for an [rows, cols] logit block.
+
+  "auto" is "dense" up to AUTO_TILED_MIN_LOGITS entries; above, "fused" (the Pallas kernels of
+  fused.py) on a GPU and "tiled" (plain XLA) on any other backend. An explicit "fused" off a GPU
+  runs the kernels in Pallas interpret mode: exact, but slow (meant for tests).
+  """
   if impl not in IMPLS:
     raise ValueError(f"{where}: impl must be one of {IMPLS}, got {impl!r}")
-  if impl == "fused":
-    raise NotImplementedError(
-        f"{where}: impl='fused' is reserved for the fused GPU Pallas kernel, which is not written "
-        "yet; use impl='tiled' (same results, memory linear in the batch) or 'auto'.")
   if impl == "auto":
-    return "tiled" if rows * cols > AUTO_TILED_MIN_LOGITS else "dense"
+    if rows * cols <= AUTO_TILED_MIN_LOGITS:
+      return "dense"
+    return "fused" if jax.default_backend() == "gpu" else "tiled"
   return impl
 
 

@@ -37,10 +37,12 @@ def infonce(a: jax.Array, b: jax.Array, *, logit_scale: jax.Array | float,
     group_ids: [B] or [B, K] int or None. Pairs i ≠ j sharing an id ≥ 0 (in any of the K columns,
       e.g. K = 2 for query id and document id) are removed from each other's denominators in both
       directions; negative ids match nothing.
-    impl: "dense" (the [B, B] logits in memory), "tiled" (memory linear in B), "auto" (tiled when
-      the per-device logit block has more than common.AUTO_TILED_MIN_LOGITS entries), or "fused"
-      (reserved for a GPU kernel; raises NotImplementedError).
-    block_size: tile edge of the tiled kernel (None: common.default_block_size()).
+    impl: "dense" (the [B, B] logits in memory), "tiled" (memory linear in B, plain XLA), "fused"
+      (the same tiles in Pallas kernels, see losses/fused.py: Triton on a GPU, interpret mode
+      elsewhere, exact but slow), or "auto" (dense up to common.AUTO_TILED_MIN_LOGITS logits per
+      device; above, fused on a GPU and tiled on any other backend).
+    block_size: tile edge (None: common.default_block_size() for "tiled", fused.default_tile(D)
+      for "fused", which needs a power of two ≥ 16).
     axis_name: when called inside `shard_map`, the mesh axis (or axes) the batch is split over; the
       arguments are then the local shards and the loss uses every device's rows as negatives.
       Gradients are exact whether taken outside the `shard_map` or inside it (tested with the

@@ -1,4 +1,4 @@
-"""Chooses the dense or tiled kernel and lays out the (possibly sharded) rows and columns.
+"""Chooses the dense, tiled or fused kernel and lays out the (possibly sharded) rows and columns.
 
 Every loss computes statistics of one logit block: rows = this device's B_l anchors, columns = all
 B_g candidates (gathered across `axis_name`, B_g = B_l without one). `Layout` holds the metadata of
@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mmcl.losses import collectives, dense, tiled
+from mmcl.losses import collectives, dense, fused, tiled
 from mmcl.losses.common import PairRule, SideMeta, check_block_size, resolve_impl
 
 
@@ -22,14 +22,14 @@ class Layout(NamedTuple):
   Attributes:
     rows: metadata of the B_l local rows (global indices offset + 0 .. B_l − 1).
     cols: metadata of the B_g columns (global indices 0 .. B_g − 1).
-    impl: "dense" or "tiled".
-    block_size: tile edge of the tiled kernel.
+    impl: "dense", "tiled" or "fused".
+    block_size: tile edge of the tiled or fused kernel (None with "fused": fused.default_tile(D)).
     axis_name: the `shard_map` axis, or None.
   """
   rows: SideMeta
   cols: SideMeta
   impl: str
-  block_size: int
+  block_size: int | None
   axis_name: collectives.AxisName
 
 
@@ -57,17 +57,25 @@ def make_layout(num_local: int, *, valid_rows: jax.Array, valid_cols: jax.Array,
   g = lambda x: collectives.gather(x, axis_name)  # noqa: E731
   cols = SideMeta(index=jnp.arange(num_global, dtype=jnp.int32), valid=g(valid_cols),
                   groups=g(groups), labels=g(labels), label_ok=g(label_ok))
-  return Layout(rows=rows, cols=cols, impl=resolve_impl(impl, num_local, num_global, where),
-                block_size=check_block_size(block_size, where), axis_name=axis_name)
+  impl = resolve_impl(impl, num_local, num_global, where)
+  if impl == "fused":
+    block_size = fused.check_tile(block_size, where)
+  else:
+    block_size = check_block_size(block_size, where)
+  return Layout(rows=rows, cols=cols, impl=impl, block_size=block_size, axis_name=axis_name)
 
 
 def softmax_stats(layout: Layout, a: jax.Array, b_all: jax.Array, scale: jax.Array, *,
                   rule: PairRule, want_cols: bool = False,
                   want_pos: bool = False) -> dense.SoftmaxStats:
-  """Softmax statistics of z = s · a b_allᵀ (a: [B_l, D], b_all: [B_g, D]) with either kernel."""
+  """Softmax statistics of z = s · a b_allᵀ (a: [B_l, D], b_all: [B_g, D]) with any kernel."""
   if layout.impl == "dense":
     return dense.softmax_stats(a, b_all, scale, layout.rows, layout.cols, rule=rule,
                                want_cols=want_cols, want_pos=want_pos)
+  if layout.impl == "fused":
+    return fused.softmax_stats(a, b_all, scale, layout.rows, layout.cols, rule=rule,
+                               want_cols=want_cols, want_pos=want_pos,
+                               block_size=layout.block_size, axis_name=layout.axis_name)
   return tiled.softmax_stats(a, b_all, scale, layout.rows, layout.cols, rule=rule,
                              want_cols=want_cols, want_pos=want_pos,
                              block_size=layout.block_size, axis_name=layout.axis_name)
@@ -75,8 +83,11 @@ def softmax_stats(layout: Layout, a: jax.Array, b_all: jax.Array, scale: jax.Arr
 
 def sigmoid_row_sums(layout: Layout, a: jax.Array, b_all: jax.Array, scale: jax.Array,
                      bias: jax.Array, *, rule: PairRule) -> jax.Array:
-  """SigLIP row sums of z = s · a b_allᵀ + c with either kernel: [B_l] float32."""
+  """SigLIP row sums of z = s · a b_allᵀ + c with any kernel: [B_l] float32."""
   if layout.impl == "dense":
     return dense.sigmoid_row_sums(a, b_all, scale, bias, layout.rows, layout.cols, rule=rule)
+  if layout.impl == "fused":
+    return fused.sigmoid_row_sums(a, b_all, scale, bias, layout.rows, layout.cols, rule=rule,
+                                  block_size=layout.block_size, axis_name=layout.axis_name)
   return tiled.sigmoid_row_sums(a, b_all, scale, bias, layout.rows, layout.cols, rule=rule,
                                 block_size=layout.block_size, axis_name=layout.axis_name)
