@@ -1,0 +1,499 @@
+"""GCL — Generalized Contrastive Learning (Zhu, Jung, Clark, arXiv:2404.08535; METHODS.md §4).
+
+Retrieval and ranking trained on (query, document, score) triples with graded relevance.
+
+Batch (`data_pipelines.products.MultiFieldBatch`): query [B, L] int32; document fields title
+[B, L] int32, description [B, L] int32 (when the dataset has it), image [B, S, S, 3] float32, each
+with a presence flag has_* [B] bool; score_linear / score_reciprocal [B] float32; query_gid /
+doc_gid [B] int32 ids of the query and the document.
+
+Model: a ViT image tower and a Transformer text tower (shared by query, title and description
+unless `model.share_text_tower` is false), each field's embedding L2-normalised, then the
+document's fields fused (`fuse_fields`):
+  e_d = normalise( Σ_f w_f · m_f · e_f / Σ_f w_f · m_f ),   m_f = field f present,
+so a missing field gets weight 0 and the others are renormalised to sum 1; a document with no
+field present takes no part in the loss.
+
+Loss (GCL): with S_ij = s · e_q,i · e_d,j (s = exp(learnable log scale)) and w_i = STW(score_i),
+  L = ½[ −Σ_i w_i log softmax_j(S)_ii − Σ_i w_i log softmax_j(Sᵀ)_ii ] / Σ_i w_i,
+STW ∈ {score_linear, score_reciprocal, no_score (w = 1: plain CLIP)}; w is normalised to mean 1
+over the global batch (design choice; a no-op for the value of L, which divides by Σ w, kept so
+that w means the same thing in every batch). Duplicate queries and duplicate documents inside a
+batch are not each other's negatives (`group_ids` = (query_gid, doc_gid), `task.mask_duplicates`).
+The loss runs over the global batch sharded on the mesh (`mmcl.losses.sharded.infonce_over_mesh`).
+
+Evaluation (`evaluate`, the reference eval script of the GCL repository, evals/eval_gs_v1.py), per
+split in `task.eval_splits`:
+  * rel = int((w − min w)/(max w − min w) · 99 + 1) from score_linear over the split's rows;
+  * up to `task.eval_queries` (2,000) queries drawn without replacement with probability
+    proportional to their summed rel (`sample_eval_queries`);
+  * corpus = the split's distinct documents; ground truth = each query's top-1000 documents by rel;
+  * top-1000 retrieval by cosine similarity (exact, `mmcl.eval.topk`);
+  * NDCG@10 (trec_eval's ndcg_cut, linear gain, as BEIR / pytrec_eval in the reference), mAP@1000,
+    MRR@1000 (binary: rel > 0), ERR and RBP at p = 0.7 / 0.8 / 0.9 with each query's own max_rel:
+    ERR = Σ_r R_r/r · Π_{i<r}(1 − R_i), R_r = (2^rel_r − 1)/2^max_rel;
+    RBP = (1 − p) Σ_r (rel_r/max_rel) p^{r−1}  (`gcl_metrics`).
+Metric names: "{split}/ndcg@10", "{split}/map@1000", "{split}/mrr@1000", "{split}/err",
+"{split}/rbp.7", ... ; TREC run and qrels files per split are written beside metrics.json.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import products as data_lib
+from mmcl.config import Config, ConfigError
+from mmcl.eval import metrics as metrics_lib
+from mmcl.eval import topk as topk_lib
+from mmcl.eval import trec as trec_lib
+from mmcl.losses import sharded as sharded_losses
+from mmcl.models import flops as flops_lib
+from mmcl.models.registry import get_model
+from mmcl.parallel import mesh as mesh_lib
+from mmcl.train.task import Task
+
+SCORE_TO_WEIGHT = ("score_linear", "score_reciprocal", "no_score")
+DOC_FIELDS = ("image", "title", "description")
+TEXT_DOC_FIELDS = ("title", "description")
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  """x: [..., D] → unit rows (float32); a zero row stays zero."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def fuse_fields(embeddings: jax.Array, present: jax.Array, weights: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """Multi-field fusion with missing fields (METHODS.md §4).
+
+  Args:
+    embeddings: [F, B, D] float, one embedding per field and row (normalised here).
+    present: [F, B] bool, field f of row b exists.
+    weights: [F] float ≥ 0, per-field weights.
+
+  Returns:
+    fused: [B, D] float32, normalise(Σ_f w_f m_f ê_f / Σ_f w_f m_f); zero rows where no field with
+      positive weight is present.
+    valid: [B] bool, rows with at least one present field of positive weight.
+  """
+  if embeddings.ndim != 3 or present.shape != embeddings.shape[:2] or weights.shape != (
+      embeddings.shape[0],):
+    raise ValueError(f"fuse_fields: expected embeddings [F, B, D], present [F, B], weights [F]; "
+                     f"got {embeddings.shape}, {present.shape}, {weights.shape}")
+  w = weights.astype(jnp.float32)[:, None] * present.astype(jnp.float32)  # [F, B]
+  total = jnp.sum(w, axis=0)  # [B]
+  valid = total > 0
+  w = w / jnp.where(valid, total, 1.0)[None, :]
+  fused = jnp.sum(w[..., None] * _l2_normalize(embeddings), axis=0)
+  return _l2_normalize(fused), valid
+
+
+def score_weights(batch: Mapping[str, jax.Array], score_to_weight: str, *,
+                  normalize: bool = True) -> jax.Array:
+  """Per-pair loss weights w = STW(score): [B] float32 (mean 1 over the batch when `normalize`).
+
+  score_linear / score_reciprocal: the batch's column of that name; no_score: ones.
+  """
+  if score_to_weight not in SCORE_TO_WEIGHT:
+    raise ValueError(f"config key 'task.score_to_weight' must be one of {SCORE_TO_WEIGHT}, got "
+                     f"{score_to_weight!r}")
+  n = batch["query"].shape[0]
+  if score_to_weight == "no_score":
+    return jnp.ones((n,), jnp.float32)
+  w = batch[score_to_weight].astype(jnp.float32)
+  if normalize:
+    w = w / jnp.maximum(jnp.mean(w), 1e-12)
+  return w
+
+
+# --------------------------------------------------------------------------------------------
+# The reference evaluation.
+
+
+def relevance_grades(score_linear: np.ndarray) -> np.ndarray:
+  """rel = int((w − min w)/(max w − min w) · 99 + 1), 1..100; all 1 when w is constant.
+
+  Args:
+    score_linear: [M] float, the split's rows.
+
+  Returns:
+    [M] int64.
+  """
+  w = np.asarray(score_linear, np.float64)
+  lo, hi = w.min(initial=np.inf), w.max(initial=-np.inf)
+  if w.size == 0 or hi <= lo:
+    return np.ones(w.shape, np.int64)
+  return ((w - lo) / (hi - lo) * 99 + 1).astype(np.int64)
+
+
+def sample_eval_queries(rel_sum: np.ndarray, num: int, seed: int) -> np.ndarray:
+  """Indices of `min(num, Q)` queries drawn without replacement, P ∝ summed rel; sorted by
+  decreasing summed rel (the reference's `get_test_queries`).
+
+  Args:
+    rel_sum: [Q] float > 0.
+  """
+  rel_sum = np.asarray(rel_sum, np.float64)
+  num = min(num, rel_sum.size)
+  rng = np.random.default_rng(seed)
+  chosen = rng.choice(rel_sum.size, size=num, replace=False, p=rel_sum / rel_sum.sum())
+  return chosen[np.argsort(-rel_sum[chosen], kind="stable")]
+
+
+def gcl_metrics(ranked: np.ndarray, qrels: metrics_lib.Qrels, *, ndcg_k: int = 10,
+                cutoff: int = 1000, rbp_ps: Sequence[float] = (0.7, 0.8, 0.9)
+                ) -> dict[str, np.ndarray]:
+  """Per-query metrics of the GCL reference evaluation.
+
+  Args:
+    ranked: [Q, K] int corpus indices, best first, -1 = padding.
+    qrels: graded judgments (rel ≥ 1 for judged documents).
+    ndcg_k: NDCG cutoff (10).
+    cutoff: mAP / MRR cutoff (1000; clipped to K).
+    rbp_ps: RBP persistences.
+
+  Returns:
+    {"ndcg@10", "map@1000", "mrr@1000", "err", "rbp.7", "rbp.8", "rbp.9"}: [Q] float64 each
+    (names follow the arguments). ERR and RBP run over the whole list of K documents.
+  """
+  ranked = np.asarray(ranked)
+  k = ranked.shape[1]
+  cut = min(cutoff, k)
+  grades = metrics_lib.ranked_grades(ranked, qrels)  # [Q, K]
+  max_rel = np.zeros(qrels.num_queries)
+  np.maximum.at(max_rel, qrels.query_of_entry, qrels.rels)
+  safe_max = np.where(max_rel > 0, max_rel, 1.0)[:, None]
+  out: dict[str, np.ndarray] = {}
+  # NDCG@k with linear gain rel_r / log2(r + 1) (trec_eval ndcg_cut).
+  nk = min(ndcg_k, k)
+  discount = 1.0 / np.log2(np.arange(2, nk + 2))
+  dcg = grades[:, :nk] @ discount
+  idcg = metrics_lib.ideal_grades(qrels, nk) @ discount
+  with np.errstate(invalid="ignore", divide="ignore"):
+    out[f"ndcg@{ndcg_k}"] = np.where(idcg > 0, dcg / idcg, np.nan)
+  out[f"map@{cutoff}"] = metrics_lib.map_at_k(ranked, qrels, cut)
+  out[f"mrr@{cutoff}"] = metrics_lib.mrr_at_k(ranked, qrels, cut)
+  stop = (np.exp2(grades) - 1.0) / np.exp2(safe_max)  # R_r
+  reach = np.cumprod(np.concatenate([np.ones((grades.shape[0], 1)), 1.0 - stop[:, :-1]], 1), 1)
+  defined = max_rel > 0
+  out["err"] = np.where(defined, (stop * reach / np.arange(1, k + 1)).sum(1), np.nan)
+  for p in rbp_ps:
+    name = f"rbp.{str(p).split('.')[1]}"
+    out[name] = np.where(defined, (1 - p) * (grades / safe_max) @ (p ** np.arange(k)), np.nan)
+  return out
+
+
+class SplitTable:
+  """The distinct queries and documents of one split and its graded judgments.
+
+  Attributes:
+    query_ids: [Q] str; query_rows: [Q] int64, a record index holding each query.
+    doc_ids: [N] str; doc_rows: [N] int64, a record index holding each document.
+    pairs: [M, 2] int64 (query, document) indices of the split's rows; rel: [M] int64 grades.
+  """
+
+  def __init__(self, source):
+    recs = source.read_many(list(range(len(source))))
+    q_index: dict[str, int] = {}
+    d_index: dict[str, int] = {}
+    q_rows, d_rows, pairs, scores = [], [], [], []
+    for r in recs:
+      if r is None:  # skipped bad record
+        continue
+      q = q_index.setdefault(r["query_id"], len(q_index))
+      if q == len(q_rows):
+        q_rows.append(r["index"])
+      d = d_index.setdefault(r["product_id"], len(d_index))
+      if d == len(d_rows):
+        d_rows.append(r["index"])
+      pairs.append((q, d))
+      scores.append(r["score_linear"])
+    if not pairs:
+      raise ValueError(f"split {source.split!r} has no readable rows")
+    self.query_ids = np.asarray(list(q_index), object)
+    self.doc_ids = np.asarray(list(d_index), object)
+    self.query_rows = np.asarray(q_rows, np.int64)
+    self.doc_rows = np.asarray(d_rows, np.int64)
+    self.pairs = np.asarray(pairs, np.int64)
+    self.rel = relevance_grades(np.asarray(scores))
+
+  def qrels(self, queries: np.ndarray, top_k: int) -> metrics_lib.Qrels:
+    """Judgments of `queries` (indices): each query's `top_k` documents by rel (rel ≥ 1)."""
+    per_query: dict[int, list[tuple[int, int]]] = {}
+    for (q, d), rel in zip(self.pairs.tolist(), self.rel.tolist()):
+      per_query.setdefault(q, []).append((d, rel))
+    rows = []
+    for q in queries.tolist():
+      judged = sorted(per_query[q], key=lambda x: -x[1])[:top_k]
+      row: dict[int, float] = {}
+      for d, rel in judged:  # a duplicated (query, document) row keeps its best grade
+        row[d] = max(row.get(d, 0), rel)
+      rows.append(row)
+    return metrics_lib.Qrels.from_dict(rows)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class GCLTask(Task):
+  """Graded-relevance multi-field retrieval (query text → multi-field documents)."""
+
+  primary_metric = "in_domain/ndcg@10"
+
+  @classmethod
+  def declare_config(cls, c: Config) -> None:
+    t = c.task
+    t.define("score_to_weight", "score_linear", "score-to-weight function STW of the loss "
+             "weights (no_score = unweighted CLIP baseline)", choices=SCORE_TO_WEIGHT)
+    t.define("normalize_weights", True, "normalise the loss weights to mean 1 over the batch")
+    t.define("mask_duplicates", True, "duplicate queries / documents inside a batch are not "
+             "each other's negatives")
+    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses)",
+             choices=("auto", "dense", "tiled"))
+    t.define("init_temperature", 0.07, "initial softmax temperature τ (logit scale s = 1/τ)")
+    t.define("max_logit_scale", 100.0, "upper clip of the learnable logit scale s")
+    t.define("eval_splits", data_lib.EVAL_SPLITS, "splits the evaluator scores")
+    t.define("eval_queries", 2000, "queries sampled per split (reference: 2,000)")
+    t.define("eval_top_k", 1000, "retrieval depth and ground-truth depth (reference: 1,000)")
+    t.define("eval_seed", 1, "seed of the evaluation query sample")
+    t.define("eval_batch_size", 256, "batch size of the evaluator's embedding passes")
+    t.define("write_trec", True, "write TREC run/qrels files per split beside metrics.json")
+
+    m = c.model
+    m.define("embed_dim", 64, "dimension of the shared embedding space")
+    m.define("doc_fields", DOC_FIELDS, "document fields fused into the document embedding "
+             f"(subset of {DOC_FIELDS}; fields the dataset lacks must be left out)")
+    m.define("doc_field_weights", (0.4, 0.4, 0.2), "fusion weight of each of model.doc_fields")
+    m.define("share_text_tower", True, "one text tower for query, title and description")
+    img = m.section("image", "ViT image tower (model registry name 'vit')")
+    img.define("patch_size", 8, "patch side in pixels")
+    img.define("width", 64, "token width")
+    img.define("depth", 2, "Transformer blocks")
+    img.define("num_heads", 4, "attention heads")
+    img.define("mlp_dim", 128, "hidden units of each block's MLP")
+    img.define("pool", "gap", "how patch tokens become one vector", choices=("gap", "cls"))
+    img.define("dropout", 0.0, "dropout rate")
+    txt = m.section("text", "Transformer text tower (model registry name 'text_transformer')")
+    txt.define("width", 64, "token width")
+    txt.define("depth", 2, "Transformer blocks")
+    txt.define("num_heads", 4, "attention heads")
+    txt.define("mlp_dim", 128, "hidden units of each block's MLP")
+    txt.define("causal", False, "causal self-attention instead of bidirectional")
+    txt.define("pool", "mean", "how tokens become one vector", choices=("eos", "mean", "first"))
+    txt.define("dropout", 0.0, "dropout rate")
+
+    d = c.data
+    d.define("train_split", "train", "split the trainer streams")
+    d.define("val_split", "", "split of the checkpoint validation loss ('' = none: the "
+             "evaluation splits are test sets, so they never select checkpoints)")
+    d.define("max_text_len", 24, "token ids per query / title / description (BOS..EOS, 0-padded)")
+    d.define("image_size", 32, "side of the document images fed to the ViT (pixels)")
+    d.define("augment", False, "random-resized crop + flip of training images")
+    d.define("crop_scale", (0.6, 1.0), "random-resized-crop area fraction range")
+
+  def __init__(self, config: Config, mesh):
+    super().__init__(config, mesh)
+    self.data_dir = pathlib.Path(config.data.dir)
+    source, self.metadata = data_lib.open_split(self.data_dir, config.data.train_split)
+    source.close()
+    m, d = config.model, config.data
+    fields = tuple(m.doc_fields)
+    weights = tuple(m.doc_field_weights)
+    if not fields or len(set(fields)) != len(fields) or any(f not in DOC_FIELDS for f in fields):
+      raise ConfigError(f"config key 'model.doc_fields' must be distinct names from {DOC_FIELDS},"
+                        f" got {fields}")
+    if len(weights) != len(fields) or any(w < 0 for w in weights) or sum(weights) <= 0:
+      raise ConfigError(f"config key 'model.doc_field_weights' must hold {len(fields)} weights "
+                        f"≥ 0 (one per model.doc_fields {fields}) with a positive sum, got "
+                        f"{weights}")
+    schema = {f["name"] for f in self.metadata["schema"]}
+    available = {"title"} | ({"image"} if self.metadata.get("has_images") else set()) | (
+        {"description"} if "description_ids" in schema else set())
+    missing = [f for f in fields if f not in available]
+    if missing:
+      raise ConfigError(f"config key 'model.doc_fields' names {missing}, which dataset "
+                        f"{self.data_dir} does not have (it has {sorted(available)})")
+    self.doc_fields, self.doc_field_weights = fields, weights
+    if d.image_size % m.image.patch_size:
+      raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be a multiple of "
+                        f"'model.image.patch_size' ({m.image.patch_size})")
+    self.vocab_size = int(self.metadata["vocab_size"])
+    dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+    self.image_tower = get_model(
+        "vit", patch_size=m.image.patch_size, width=m.image.width, depth=m.image.depth,
+        num_heads=m.image.num_heads, mlp_dim=m.image.mlp_dim, embed_dim=m.embed_dim,
+        dropout=m.image.dropout, pool=m.image.pool, dtype=dtype)
+    self.text_tower = get_model(
+        "text_transformer", vocab_size=self.vocab_size, max_len=d.max_text_len,
+        width=m.text.width, depth=m.text.depth, num_heads=m.text.num_heads,
+        mlp_dim=m.text.mlp_dim, embed_dim=m.embed_dim, causal=m.text.causal, pool=m.text.pool,
+        dropout=m.text.dropout, dtype=dtype)
+
+  # --- data ---------------------------------------------------------------------------------------
+  def _iterator(self, split: str, process_index: int, process_count: int, *, train: bool):
+    c = self.config
+    return data_lib.train_iterator(
+        self.data_dir, split=split, global_batch_size=c.data.global_batch_size, seed=c.seed,
+        max_text_len=c.data.max_text_len, image_size=c.data.image_size,
+        augment=train and c.data.augment, crop_scale=tuple(c.data.crop_scale),
+        process_index=process_index, process_count=process_count,
+        num_epochs=c.data.num_epochs if train else 1,
+        worker_count=c.data.worker_count if train else 0,
+        skip_bad_records=c.data.skip_bad_records)
+
+  def train_iterator(self, process_index: int, process_count: int):
+    return self._iterator(self.config.data.train_split, process_index, process_count, train=True)
+
+  def val_iterator(self, process_index: int, process_count: int):
+    split = self.config.data.val_split
+    if not split:
+      return None
+    return self._iterator(split, process_index, process_count, train=False)
+
+  # --- model --------------------------------------------------------------------------------------
+  def _text_keys(self) -> tuple[str, str]:
+    """(parameter key of the query tower, of the document text tower)."""
+    return ("text", "text") if self.config.model.share_text_tower else ("query_text", "text")
+
+  def init_params(self, rng: jax.Array) -> dict[str, Any]:
+    k_img, k_txt, k_q = jax.random.split(rng, 3)
+    size = self.config.data.image_size
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    texts = jnp.ones((1, self.config.data.max_text_len), jnp.int32)
+    params = {"text": self.text_tower.init(k_txt, texts, train=False)["params"],
+              "log_logit_scale": jnp.asarray(math.log(1.0 / self.config.task.init_temperature),
+                                             jnp.float32)}
+    if "image" in self.doc_fields:
+      params["image"] = self.image_tower.init(k_img, images, train=False)["params"]
+    if not self.config.model.share_text_tower:
+      params["query_text"] = self.text_tower.init(k_q, texts, train=False)["params"]
+    return params
+
+  def _text(self, params, key: str, ids: jax.Array, train: bool, rng) -> jax.Array:
+    rngs = {"dropout": rng} if train else None
+    return self.text_tower.apply({"params": params[key]}, ids, train=train, rngs=rngs)
+
+  def embed_queries(self, params, query: jax.Array, *, train: bool = False,
+                    rng: jax.Array | None = None) -> jax.Array:
+    """query: [B, L] int32 → [B, D] unit-norm float32."""
+    return _l2_normalize(self._text(params, self._text_keys()[0], query, train, rng))
+
+  def embed_documents(self, params, batch: Mapping[str, jax.Array], *, train: bool = False,
+                      rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Fused document embeddings: ([B, D] unit-norm float32, valid [B] bool); see `fuse_fields`.
+
+    batch: image [B, S, S, 3] float32, title / description [B, L] int32, has_* [B] bool.
+    """
+    keys = jax.random.split(rng if rng is not None else jax.random.PRNGKey(0),
+                            len(self.doc_fields))
+    embs, present = [], []
+    for field, key in zip(self.doc_fields, keys):
+      if field == "image":
+        rngs = {"dropout": key} if train else None
+        e = self.image_tower.apply({"params": params["image"]}, batch["image"], train=train,
+                                   rngs=rngs)
+      else:
+        e = self._text(params, self._text_keys()[1], batch[field], train, key)
+      embs.append(e.astype(jnp.float32))
+      present.append(batch[f"has_{field}"])
+    return fuse_fields(jnp.stack(embs), jnp.stack(present),
+                       jnp.asarray(self.doc_field_weights, jnp.float32))
+
+  def logit_scale(self, params) -> jax.Array:
+    return jnp.minimum(jnp.exp(params["log_logit_scale"]), self.config.task.max_logit_scale)
+
+  def loss(self, params, batch, rng, *, train: bool):
+    t = self.config.task
+    k_q, k_d = jax.random.split(rng)
+    q = self.embed_queries(params, batch["query"], train=train, rng=k_q)
+    d, d_valid = self.embed_documents(params, batch, train=train, rng=k_d)
+    w = score_weights(batch, t.score_to_weight, normalize=t.normalize_weights)
+    groups = None
+    if t.mask_duplicates:
+      groups = jnp.stack([batch["query_gid"], batch["doc_gid"]], axis=1).astype(jnp.int32)
+    scale = self.logit_scale(params)
+    loss = sharded_losses.infonce_over_mesh(q, d, self.mesh, logit_scale=scale, weights=w,
+                                            b_valid=d_valid, group_ids=groups, impl=t.loss_impl)
+    return loss, {"temperature": 1.0 / scale, "logit_scale": scale,
+                  "mean_weight_top10": jnp.sum(jnp.where(batch["position"] <= 10, w, 0.0))
+                  / jnp.maximum(jnp.sum(w), 1e-12)}
+
+  def flops_per_example(self) -> float | None:
+    size = self.config.data.image_size
+    text = flops_lib.text_transformer_flops(self.text_tower, self.config.data.max_text_len)
+    total = text * (1 + sum(f in TEXT_DOC_FIELDS for f in self.doc_fields))
+    if "image" in self.doc_fields:
+      total += flops_lib.vit_flops(self.image_tower, (size, size, 3))
+    return float(total)
+
+  # --- evaluation ---------------------------------------------------------------------------------
+  def _embed_in_batches(self, fn, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """fn(dict of [b, ...] sharded arrays) → [b, D]; runs over N rows padded to the mesh."""
+    n_dev = self.mesh.shape[mesh_lib.DATA_AXIS]
+    bs = max(n_dev, self.config.task.eval_batch_size // n_dev * n_dev)
+    sharding = mesh_lib.batch_sharding(self.mesh)
+    n = len(next(iter(arrays.values())))
+    out = []
+    for start in range(0, n, bs):
+      chunk = {k: v[start:start + bs] for k, v in arrays.items()}
+      m = len(next(iter(chunk.values())))
+      if m < bs:  # pad with copies of the first row (dropped below) to keep one compiled shape
+        chunk = {k: np.concatenate([v, np.repeat(v[:1], bs - m, 0)]) for k, v in chunk.items()}
+      chunk = {k: jax.device_put(v, sharding) for k, v in chunk.items()}
+      out.append(np.asarray(fn(chunk))[:m])
+    return np.concatenate(out)
+
+  def embed_split(self, params, split: str, source, table: SplitTable
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(query embeddings [Q, D], document embeddings [N, D]) of a split's distinct rows."""
+    c = self.config
+    maker = data_lib.batch_maker(source.metadata, max_text_len=c.data.max_text_len,
+                                 image_size=c.data.image_size, augment=False,
+                                 crop_scale=tuple(c.data.crop_scale), seed=c.seed)
+    rep = mesh_lib.replicated(self.mesh)
+    q_batch = maker(source, table.query_rows, 0)
+    embed_q = jax.jit(lambda b: self.embed_queries(params, b["query"]), out_shardings=rep)
+    queries = self._embed_in_batches(embed_q, {"query": q_batch["query"]})
+    d_batch = maker(source, table.doc_rows, 0)
+    keys = ["image", "has_image", "title", "has_title"] + (
+        ["description", "has_description"] if "description" in d_batch else [])
+    embed_d = jax.jit(lambda b: self.embed_documents(params, b)[0], out_shardings=rep)
+    docs = self._embed_in_batches(embed_d, {k: d_batch[k] for k in keys})
+    return queries, docs
+
+  def evaluate_split(self, params, split: str, out_dir: str | None = None) -> dict[str, float]:
+    """The reference evaluation of one split → {metric: mean over the sampled queries}."""
+    t = self.config.task
+    source, _ = data_lib.open_split(self.data_dir, split,
+                                    skip_bad_records=self.config.data.skip_bad_records)
+    table = SplitTable(source)
+    rel_sum = np.bincount(table.pairs[:, 0], weights=table.rel, minlength=len(table.query_ids))
+    chosen = sample_eval_queries(rel_sum, t.eval_queries, t.eval_seed)
+    qrels = table.qrels(chosen, t.eval_top_k)
+    q_emb, d_emb = self.embed_split(params, split, source, table)
+    k = min(t.eval_top_k, d_emb.shape[0])
+    scores, ranked = topk_lib.exact_topk(q_emb[chosen], d_emb, k, mesh=self.mesh)
+    scores, ranked = np.asarray(scores), np.asarray(ranked)
+    per_query = gcl_metrics(ranked, qrels, cutoff=t.eval_top_k)
+    out = {f"{split}/{name}": metrics_lib.mean_over_judged(v) for name, v in per_query.items()}
+    out[f"{split}/num_queries"] = float(len(chosen))
+    out[f"{split}/num_documents"] = float(d_emb.shape[0])
+    if out_dir is not None and t.write_trec:
+      trec_lib.write_run_and_qrels(out_dir, split, ranked, scores, qrels,
+                                   query_ids=list(table.query_ids[chosen]),
+                                   doc_ids=list(table.doc_ids))
+    source.close()
+    return out
+
+  def evaluate(self, params, out_dir: str) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for split in self.config.task.eval_splits:
+      metrics.update(self.evaluate_split(params, split, out_dir))
+    return metrics
