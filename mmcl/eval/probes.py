@@ -6,7 +6,7 @@ never on its test rows. Features are standardised with the training rows' statis
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import scipy.optimize
@@ -41,14 +41,14 @@ def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
 
 def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                 y_test: np.ndarray, *, alphas: Sequence[float] = ALPHAS, folds: int = 4,
-                seed: int = 0) -> dict[str, float]:
+                seed: int = 0) -> dict[str, Any]:
   """Ridge regression probe: α by `folds`-fold CV (R²) on the training rows, refit, test R².
 
   Args:
     x_train: [N, D] float. y_train: [N] float. x_test: [M, D]. y_test: [M].
 
   Returns:
-    {"r2": test R², "alpha": chosen α}.
+    {"r2": test R² (float), "alpha": chosen α (float), "pred": test predictions [M] float64}.
   """
   x_train, x_test = standardize(np.asarray(x_train, np.float64), np.asarray(x_test, np.float64))
   y_train = np.asarray(y_train, np.float64)

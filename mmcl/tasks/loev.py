@@ -1,0 +1,265 @@
+"""LOEV / LOEV++ — Leave-One-EquiVariant contrastive music representations (Guinot et al. 2025,
+METHODS.md §2), and the SimCLR-style all-invariant baseline.
+
+Batch: audio [B, V, S] float32 (V views of each clip, `data_pipelines.music_synth.train_iterator`),
+applied [B, V, K] bool (tracked augmentation k applied to the view: pitch shift, time stretch),
+params [B, V, K], key [B], tempo [B].
+Encoder: log-mel front end (librosa's definition, `mmcl.models.audio_cnn.LogMelFrontend`) → CNN
+trunk (`AudioCNN`). Heads: MLP in → 512 → 128 (ReLU), outputs L2-normalised.
+  simclr:  one invariant head (head 0) on the trunk output.
+  loev:    head 0 invariant + head k per tracked augmentation, all on the trunk output.
+  loev++:  the trunk's last stage is replicated into K + 1 branches; head h reads branch h.
+Loss: per head h, SupCon "all" form over the B·V views with τ = 0.1 and positives = views of the
+same clip (`mmcl.losses.supcon`); head k excludes the views that received augmentation k (P^k_ij =
+P^0_ij [a_i^k = 0][a_j^k = 0]), so its space stays sensitive to k. Total = mean over heads.
+Negatives are gathered across devices (`supcon_over_mesh`).
+
+Representations for evaluation: "whole" = the trunk output (all branches concatenated for
+loev++); subspace h = branch h (loev++) or the output of head h (loev / simclr).
+Evaluation (`evaluate`, on a held-out procedural set): key / tempo linear probes on the whole
+embedding; the equivariance probe (R² of the applied semitones / stretch rate predicted from
+[z(transformed), z(clean)]) per subspace; kNN retrieval of transformed queries against clean clips
+with labels that transform (key transposed by the shift, tempo × rate) per subspace and whole.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import audio_augment
+from data_pipelines import music_synth
+from mmcl.config import Config
+from mmcl.eval import probes
+from mmcl.losses import sharded as sharded_losses
+from mmcl.models.audio_cnn import AudioCNN, LogMelFrontend, audio_cnn_flops
+from mmcl.models.mlp import MLP
+from mmcl.train.task import Task
+
+VARIANTS = ("simclr", "loev", "loev++")
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  """x: [..., D] → unit-norm rows (float32)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+class LOEVTask(Task):
+  """Multi-head SupCon with per-augmentation exclusion masks."""
+
+  primary_metric = "probe/key_accuracy"
+
+  @classmethod
+  def declare_config(cls, c: Config) -> None:
+    t = c.task
+    t.define("variant", "loev", "simclr (one invariant head) | loev | loev++ (replicated last "
+             "stage)", choices=VARIANTS)
+    t.define("tracked", ("pitch", "stretch"), "tracked augmentations, one head each "
+             f"(subset of {audio_augment.TRACKED})")
+    t.define("temperature", 0.1, "SupCon temperature τ")
+    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses)",
+             choices=("auto", "dense", "tiled"))
+    t.define("eval_probe_train_fraction", 0.7, "share of the evaluation clips that train the "
+             "probes (the rest test them)")
+    t.define("eval_knn_k", 10, "neighbours of the kNN retrieval evaluation")
+    t.define("eval_tempo_tolerance", 0.08, "relative BPM tolerance of a tempo match in kNN")
+
+    m = c.model
+    m.define("channels", (16, 32, 64, 128), "CNN stage channels (the last stage is replicated "
+             "in loev++)")
+    m.define("convs_per_stage", 1, "3×3 convolutions per CNN stage")
+    m.define("head_hidden", 512, "hidden width of each projection head")
+    m.define("head_dim", 128, "output width of each projection head")
+    m.define("n_mels", 96, "mel bands of the front end")
+    m.define("n_fft", 2048, "FFT size of the front end")
+    m.define("win_length", 400, "window length (samples) of the front end")
+    m.define("hop_length", 160, "hop (samples) of the front end")
+    m.define("fmax", 8000.0, "highest mel frequency (Hz)")
+
+    d = c.data
+    d.define("eval_dir", "data/music_eval", "rendered held-out music set (evaluation)")
+    d.define("num_clips", 2400, "clips of the procedural training set (rendered into data.dir)")
+    d.define("num_eval_clips", 400, "clips of the procedural evaluation set (data.eval_dir)")
+    d.define("sample_rate", 16000, "audio sample rate (Hz)")
+    d.define("clip_seconds", 2.0, "seconds per view (the model's input)")
+    d.define("source_seconds", 2.6, "seconds synthesised per clip (room to stretch by 1.3)")
+    d.define("num_views", 2, "views per clip")
+    d.define("chain_p", 0.75, "probability of applying the tracked chain to a view")
+    d.define("aug_p", 0.5, "probability of each tracked augmentation inside the chain")
+    d.define("base_chain", True, "apply the untracked base chain (gain, polarity, noise, ...)")
+
+  def __init__(self, config: Config, mesh):
+    super().__init__(config, mesh)
+    t, m, d = config.task, config.model, config.data
+    unknown = [a for a in t.tracked if a not in audio_augment.TRACKED]
+    if unknown or not t.tracked:
+      raise ValueError(f"config key 'task.tracked' = {t.tracked}: expected a non-empty subset "
+                       f"of {audio_augment.TRACKED}")
+    self.tracked = tuple(t.tracked)
+    self.num_heads = 1 if t.variant == "simclr" else 1 + len(self.tracked)
+    self.frontend = LogMelFrontend(sample_rate=d.sample_rate, n_fft=m.n_fft,
+                                   win_length=m.win_length, hop_length=m.hop_length,
+                                   n_mels=m.n_mels, fmax=m.fmax)
+    self.trunk = AudioCNN(channels=tuple(m.channels), convs_per_stage=m.convs_per_stage,
+                          num_branches=self.num_heads if t.variant == "loev++" else 1)
+    self.heads = [MLP(hidden_dims=(m.head_hidden,), out_dim=m.head_dim, activation="relu")
+                  for _ in range(self.num_heads)]
+    self.out_samples = int(round(d.clip_seconds * d.sample_rate))
+    self.augment = audio_augment.AugmentConfig(
+        sample_rate=d.sample_rate, out_samples=self.out_samples, chain_p=d.chain_p,
+        aug_p=d.aug_p, tracked=self.tracked, base_chain=d.base_chain)
+
+  def head_names(self) -> list[str]:
+    return ["invariant"] + list(self.tracked[:self.num_heads - 1])
+
+  # --- data ---------------------------------------------------------------------------------------
+  def _music(self, path: str, num_clips: int, seed: int) -> str:
+    d = self.config.data
+    music_synth.render(music_synth.MusicSet(num_clips=num_clips, seed=seed,
+                                            sample_rate=d.sample_rate,
+                                            seconds=d.source_seconds), path)
+    return path
+
+  def train_iterator(self, process_index: int, process_count: int):
+    c = self.config
+    path = self._music(c.data.dir, c.data.num_clips, seed=0)
+    return music_synth.train_iterator(path, global_batch_size=c.data.global_batch_size,
+                                      seed=c.seed, augment=self.augment,
+                                      num_views=c.data.num_views, process_index=process_index,
+                                      process_count=process_count, num_epochs=c.data.num_epochs,
+                                      worker_count=c.data.worker_count)
+
+  # --- model --------------------------------------------------------------------------------------
+  def init_params(self, rng: jax.Array) -> dict[str, Any]:
+    keys = jax.random.split(rng, 1 + self.num_heads)
+    frames = self.frontend.num_frames(self.out_samples)
+    trunk = self.trunk.init(keys[0], jnp.zeros((1, frames, self.config.model.n_mels)))["params"]
+    feat = 2 * self.config.model.channels[-1]
+    heads = {f"head_{h}": self.heads[h].init(keys[1 + h], jnp.zeros((1, feat)))["params"]
+             for h in range(self.num_heads)}
+    return {"trunk": trunk, "heads": heads}
+
+  def features(self, params, audio: jax.Array) -> jax.Array:
+    """audio: [N, S] float32 → trunk features [N, branches, F] float32."""
+    return self.trunk.apply({"params": params["trunk"]}, self.frontend(audio))
+
+  def head_outputs(self, params, feats: jax.Array) -> list[jax.Array]:
+    """feats: [N, branches, F] → per head [N, head_dim] (not normalised)."""
+    outs = []
+    for h in range(self.num_heads):
+      branch = feats[:, h] if feats.shape[1] > 1 else feats[:, 0]
+      outs.append(self.heads[h].apply({"params": params["heads"][f"head_{h}"]}, branch))
+    return outs
+
+  def loss(self, params, batch, rng, *, train: bool):
+    del rng, train  # no dropout
+    audio = batch["audio"]
+    b, v = audio.shape[0], audio.shape[1]
+    feats = self.features(params, audio.reshape(b * v, -1))
+    clip_ids = jnp.repeat(jnp.arange(b, dtype=jnp.int32), v)
+    applied = batch["applied"].reshape(b * v, -1)
+    scale = 1.0 / self.config.task.temperature
+    losses = []
+    metrics = {}
+    for h, z in enumerate(self.head_outputs(params, feats)):
+      # Head 0: views of a clip are positives. Head k: only if neither view received augmentation k.
+      exclude = None if h == 0 else applied[:, h - 1]
+      lh = sharded_losses.supcon_over_mesh(_l2_normalize(z), self.mesh, logit_scale=scale,
+                                           clip_ids=clip_ids, exclude=exclude,
+                                           impl=self.config.task.loss_impl)
+      metrics[f"loss/{self.head_names()[h]}"] = lh
+      losses.append(lh)
+    return jnp.mean(jnp.stack(losses)), metrics
+
+  def flops_per_example(self) -> float | None:
+    frames = self.frontend.num_frames(self.out_samples)
+    return float(self.config.data.num_views * audio_cnn_flops(self.trunk, frames,
+                                                               self.config.model.n_mels))
+
+  # --- evaluation ---------------------------------------------------------------------------------
+  def embed(self, params, audio: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """audio: [N, S] → {"whole": [N, F·branches], "sub/<head>": [N, ·]} float32 numpy."""
+    fn = jax.jit(lambda p, x: (self.features(p, x), self.head_outputs(p, self.features(p, x))))
+    whole, subs = [], [[] for _ in range(self.num_heads)]
+    for i in range(0, len(audio), batch_size):
+      chunk = audio[i:i + batch_size]
+      pad = batch_size - len(chunk)
+      x = np.pad(chunk, ((0, pad), (0, 0)))
+      feats, heads = fn(params, jnp.asarray(x))
+      feats = np.asarray(feats)[:len(chunk)]
+      whole.append(feats.reshape(len(chunk), -1))
+      for h in range(self.num_heads):
+        subs[h].append(feats[:, h] if feats.shape[1] > 1 else np.asarray(heads[h])[:len(chunk)])
+    out = {"whole": np.concatenate(whole)}
+    for h, name in enumerate(self.head_names()):
+      out[f"sub/{name}"] = np.concatenate(subs[h])
+    return out
+
+  def evaluation_views(self, seed: int = 1234) -> dict[str, np.ndarray]:
+    """Deterministic clean / pitch-shifted / stretched views of the evaluation clips."""
+    c = self.config
+    path = self._music(c.data.eval_dir, c.data.num_eval_clips, seed=1)
+    waves, keys, bpms, _ = music_synth.load_rendered(path)
+    rng = np.random.default_rng(seed)
+    n = waves.shape[0]
+    semis = rng.integers(1, 5, n) * rng.choice([-1, 1], n)
+    rates = rng.uniform(0.7, 1.3, n)
+    clean, pitched, stretched = [], [], []
+    for i in range(n):
+      w = np.asarray(waves[i], np.float32) / 32767.0
+      clean.append(audio_augment.fixed_view(w, self.augment))
+      pitched.append(audio_augment.fixed_view(w, self.augment, semitones=int(semis[i])))
+      stretched.append(audio_augment.fixed_view(w, self.augment, rate=float(rates[i])))
+    return {"clean": np.stack(clean), "pitch": np.stack(pitched), "stretch": np.stack(stretched),
+            "semitones": semis.astype(np.float32), "rate": rates.astype(np.float32),
+            "key": np.asarray(keys), "bpm": np.asarray(bpms)}
+
+  def evaluate(self, params, out_dir: str) -> dict[str, float]:
+    t = self.config.task
+    views = self.evaluation_views()
+    emb = {v: self.embed(params, views[v]) for v in ("clean", "pitch", "stretch")}
+    n = len(views["key"])
+    n_train = int(round(t.eval_probe_train_fraction * n))
+    tr, te = np.arange(n_train), np.arange(n_train, n)
+    key, bpm = views["key"], views["bpm"]
+    out: dict[str, float] = {}
+    whole = emb["clean"]["whole"]
+    out["probe/key_accuracy"] = probes.logistic_probe(whole[tr], key[tr], whole[te], key[te],
+                                                      num_classes=24)["accuracy"]
+    tempo = probes.ridge_probe(whole[tr], np.log2(bpm[tr]), whole[te], np.log2(bpm[te]))
+    out["probe/tempo_r2"] = tempo["r2"]
+    out["probe/tempo_acc1"] = float(np.mean(np.abs(2 ** tempo["pred"] / bpm[te] - 1) <= 0.04))
+    targets = {"pitch": views["semitones"], "stretch": np.log2(views["rate"])}
+    spaces = ["whole"] + [f"sub/{h}" for h in self.head_names()]
+    k = t.eval_knn_k
+    tol = t.eval_tempo_tolerance
+    for aug in ("pitch", "stretch"):
+      for s in spaces:
+        x = np.concatenate([emb[aug][s], emb["clean"][s]], 1)
+        out[f"equivariance/{aug}/{s}/r2"] = probes.ridge_probe(x[tr], targets[aug][tr], x[te],
+                                                               targets[aug][te])["r2"]
+    # kNN: transformed queries against the other clips' clean views; labels transform.
+    key_after = music_synth.transpose_key(key, views["semitones"].astype(int))
+    bpm_after = bpm * views["rate"]
+    own = np.arange(n)
+    for s in spaces:
+      out[f"knn/key/{s}/hit@{k}"] = probes.knn_hit_rate(
+          emb["pitch"][s], emb["clean"][s], lambda top: key[top] == key_after[:, None], k=k,
+          exclude=own)
+      out[f"knn/tempo/{s}/hit@{k}"] = probes.knn_hit_rate(
+          emb["stretch"][s], emb["clean"][s],
+          lambda top: np.abs(bpm[top] / bpm_after[:, None] - 1) <= tol, k=k, exclude=own)
+    # Chance levels of the kNN hits (a random neighbour).
+    out["knn/key/chance"] = float(np.mean(key[None, :] == key_after[:, None]))
+    out["knn/tempo/chance"] = float(np.mean(np.abs(bpm[None, :] / bpm_after[:, None] - 1) <= tol))
+    out["num_eval_clips"] = float(n)
+    path = pathlib.Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "loev_eval.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+    return out

@@ -1,0 +1,91 @@
+"""LOEV's audio side: librosa parity of the log-mel front end, tracked augmentations, the
+procedural music set's labels."""
+import numpy as np
+import pytest
+
+from data_pipelines import audio_augment
+from data_pipelines import music_synth
+
+librosa = pytest.importorskip("librosa")
+
+
+def _peak_hz(x: np.ndarray, sr: int) -> float:
+  spec = np.abs(np.fft.rfft(x * np.hanning(x.size)))
+  return float(np.fft.rfftfreq(x.size, 1 / sr)[np.argmax(spec)])
+
+
+def test_log_mel_matches_librosa():
+  import jax.numpy as jnp
+  from mmcl.models.audio_cnn import LogMelFrontend, slaney_mel_filterbank
+  fb = slaney_mel_filterbank(16000, 2048, 96, 0.0, 8000.0)
+  ref_fb = librosa.filters.mel(sr=16000, n_fft=2048, n_mels=96, fmin=0.0, fmax=8000.0)
+  np.testing.assert_allclose(fb, ref_fb, rtol=1e-5, atol=1e-9)
+  wave, _, _ = music_synth.MusicSet(num_clips=2, seconds=1.0).clip(1)
+  mel = librosa.feature.melspectrogram(y=wave.astype(np.float64), sr=16000, n_fft=2048,
+                                       win_length=400, hop_length=160, n_mels=96, fmin=0.0,
+                                       fmax=8000.0)
+  ref = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=80.0).T  # [frames, mels]
+  ours = np.asarray(LogMelFrontend()(jnp.asarray(wave[None])))[0]
+  assert ours.shape == ref.shape == (101, 96)
+  # 1e-4 relative to the spectrogram's range (dB values cross zero, so not element-wise).
+  assert np.max(np.abs(ours - ref)) <= 1e-4 * np.max(np.abs(ref))
+  # And the mel energies themselves, element-wise where they are above the 80 dB floor.
+  power = 10 ** (ours / 10)
+  live = ref > ref.max() - 60
+  np.testing.assert_allclose(power[live], mel.T[live], rtol=1e-4)
+
+
+def test_pitch_shift_and_stretch_are_tracked():
+  sr = 16000
+  t = np.arange(int(1.4 * sr)) / sr
+  tone = (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+  cfg = audio_augment.AugmentConfig(out_samples=sr, chain_p=1.0, aug_p=1.0, base_chain=False)
+  view, applied, params = audio_augment.augment_view(tone, cfg, np.random.default_rng(3))
+  assert applied.tolist() == [True, True]
+  semis, rate = params
+  assert semis == int(semis) and 1 <= abs(semis) <= 4 and 0.7 <= rate <= 1.3
+  # The tone moved by the recorded semitones (time stretch keeps pitch).
+  assert _peak_hz(view[2000:-2000], sr) == pytest.approx(440.0 * 2 ** (semis / 12), rel=0.02)
+  n_out = librosa.effects.time_stretch(tone, rate=1.25).size
+  assert n_out == pytest.approx(tone.size / 1.25, rel=0.01)
+  # Nothing applied: neutral parameters; same generator → same view.
+  none = audio_augment.AugmentConfig(out_samples=sr, chain_p=0.0)
+  v1, a1, p1 = audio_augment.augment_view(tone, none, np.random.default_rng(5))
+  v2, _, _ = audio_augment.augment_view(tone, none, np.random.default_rng(5))
+  assert not a1.any() and p1.tolist() == [0.0, 1.0]
+  np.testing.assert_array_equal(v1, v2)
+  assert np.abs(v1).max() <= 1.0
+
+
+def test_flags_follow_probabilities():
+  cfg = audio_augment.AugmentConfig(out_samples=4000, base_chain=False)
+  wave = np.random.default_rng(0).normal(size=6000).astype(np.float32) * 0.1
+  flags = np.stack([audio_augment.augment_view(wave, cfg, np.random.default_rng(i))[1]
+                    for i in range(120)])
+  # Each tracked augmentation: p = chain_p · aug_p = 0.375.
+  assert np.all(np.abs(flags.mean(0) - 0.375) < 0.13)
+
+
+def test_music_labels_are_exact():
+  music = music_synth.MusicSet(num_clips=6, seconds=2.0, seed=3)
+  keys, bpms = music.labels()
+  ratios = []
+  for i in range(6):
+    wave, key, bpm = music.clip(i)
+    assert key == keys[i] and bpm == pytest.approx(bpms[i])
+    # Every note is in the key's scale: its 7 pitch classes hold more chroma energy than the other
+    # 5 (not all of it: percussion and upper harmonics such as the 5th, a major third up, leak).
+    chroma = librosa.feature.chroma_stft(y=wave, sr=16000, n_fft=4096).sum(1)
+    scale = (np.asarray(music_synth.MINOR if key >= 12 else music_synth.MAJOR) + key % 12) % 12
+    ratios.append(chroma[scale].mean() / np.delete(chroma, scale).mean())
+  assert min(ratios) > 1.3 and np.mean(ratios) > 1.8
+  assert music_synth.transpose_key(np.array([0, 23, 14]), np.array([3, 2, -4])).tolist() == \
+      [3, 13, 22]  # C→D# major, B minor +2 → C# minor, D minor −4 → A# minor
+
+
+def test_real_fixture_clips_load(shared_data):
+  clips = music_synth.load_mirdata_fixtures(shared_data / "mirdata-audio-fixtures")
+  by_name = {c["name"].split("/")[0]: c for c in clips}
+  assert by_name["giantsteps_key"]["key"] == 2  # D major
+  assert by_name["beatport_key"]["key"] == 14  # D minor
+  assert any(c["bpm"] == pytest.approx(85.53) for c in clips)

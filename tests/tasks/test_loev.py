@@ -1,0 +1,111 @@
+"""LOEV task: per-head SupCon with exclusion masks, LOEV++ branches, learning, evaluation."""
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mmcl.config import load_config_file
+from mmcl.losses import supcon
+from mmcl.parallel import mesh as mesh_lib
+from mmcl.tasks import get_task_class
+
+pytest.importorskip("librosa")
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _task(tmp_path, variant="tiny", **overrides):
+  c = load_config_file(str(REPO / "experiments/loev.py") + f":{variant}")
+  c.data.dir = str(tmp_path / "music_train")
+  c.data.eval_dir = str(tmp_path / "music_eval")
+  for k, v in overrides.items():
+    c.set(k.replace("__", "."), v)
+  return get_task_class("loev")(c, mesh_lib.make_mesh())
+
+
+def _batch(task, b=8, seed=0):
+  rng = np.random.default_rng(seed)
+  audio = (0.1 * rng.normal(size=(b, 2, task.out_samples))).astype(np.float32)
+  audio[:, 1] = 0.8 * audio[:, 0] + 0.2 * audio[:, 1]  # two correlated views of each clip
+  applied = rng.random((b, 2, len(task.tracked))) < 0.5
+  return {"audio": audio, "applied": applied,
+          "params": np.zeros(applied.shape, np.float32),
+          "key": np.zeros(b, np.int32), "tempo": np.zeros(b, np.float32)}
+
+
+def test_loss_is_mean_of_supcon_heads_with_exclusions(tmp_path):
+  task = _task(tmp_path)
+  params = task.init_params(jax.random.PRNGKey(0))
+  batch = _batch(task)
+  glob = mesh_lib.host_batch_to_global(task.mesh, batch)
+  loss_fn = jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(0), train=True))
+  loss, metrics = loss_fn(params, glob)
+  feats = task.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
+  clip_ids = jnp.repeat(jnp.arange(8), 2)
+  applied = jnp.asarray(batch["applied"]).reshape(16, -1)
+  refs = []
+  for h, z in enumerate(task.head_outputs(params, feats)):
+    z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+    refs.append(float(supcon(z, logit_scale=10.0, clip_ids=clip_ids,
+                             exclude=None if h == 0 else applied[:, h - 1], impl="dense")))
+  assert len(refs) == 3
+  np.testing.assert_allclose([float(metrics[f"loss/{n}"]) for n in task.head_names()], refs,
+                             rtol=1e-4)
+  np.testing.assert_allclose(float(loss), np.mean(refs), rtol=1e-4)
+  # A view with augmentation k is nobody's positive in head k: with pitch on every view, the
+  # pitch head has no positive pairs (loss 0) while the invariant head still has them.
+  all_pitch = dict(batch)
+  all_pitch["applied"] = batch["applied"].copy()
+  all_pitch["applied"][..., 0] = True
+  _, m2 = loss_fn(params, mesh_lib.host_batch_to_global(task.mesh, all_pitch))
+  assert float(m2["loss/pitch"]) == 0.0 and float(m2["loss/invariant"]) > 0.5
+
+
+def test_variants_heads_and_branches(tmp_path):
+  simclr = _task(tmp_path, "tiny_simclr")
+  pp = _task(tmp_path, "tiny_plusplus")
+  p1 = simclr.init_params(jax.random.PRNGKey(0))
+  p3 = pp.init_params(jax.random.PRNGKey(0))
+  assert list(p1["heads"]) == ["head_0"] and simclr.head_names() == ["invariant"]
+  branches = sorted(k for k in p3["trunk"] if k.startswith("last_stage_branch_"))
+  assert branches == ["last_stage_branch_0", "last_stage_branch_1", "last_stage_branch_2"]
+  feats = pp.features(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
+  assert feats.shape == (2, 3, 2 * pp.config.model.channels[-1])
+  # Branches have their own weights, so their features differ.
+  assert float(jnp.abs(feats[:, 0] - feats[:, 1]).max()) > 1e-4
+
+
+def test_learns_on_a_fixed_batch(tmp_path):
+  task = _task(tmp_path, "tiny_plusplus")
+  params = task.init_params(jax.random.PRNGKey(1))
+  glob = mesh_lib.host_batch_to_global(task.mesh, _batch(task, seed=2))
+  tx = optax.adam(5e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(p, o):
+    (l, _), g = jax.value_and_grad(lambda q: task.loss(q, glob, jax.random.PRNGKey(0),
+                                                       train=True), has_aux=True)(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, l
+
+  losses = []
+  for _ in range(25):
+    params, opt, l = step(params, opt)
+    losses.append(float(l))
+  assert losses[-1] < 0.8 * losses[0]
+
+
+def test_evaluate_reports_every_probe(tmp_path):
+  task = _task(tmp_path, data__num_eval_clips=24)
+  metrics = task.evaluate(task.init_params(jax.random.PRNGKey(0)), str(tmp_path / "eval"))
+  for space in ("whole", "sub/invariant", "sub/pitch", "sub/stretch"):
+    for aug in ("pitch", "stretch"):
+      assert np.isfinite(metrics[f"equivariance/{aug}/{space}/r2"])
+    assert 0 <= metrics[f"knn/key/{space}/hit@10"] <= 1
+    assert 0 <= metrics[f"knn/tempo/{space}/hit@10"] <= 1
+  assert 0 <= metrics["probe/key_accuracy"] <= 1
+  assert 0 < metrics["knn/key/chance"] < 0.2
+  assert (tmp_path / "eval" / "loev_eval.json").is_file()
