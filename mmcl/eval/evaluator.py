@@ -10,54 +10,34 @@ state (evaluated steps, best so far), so a restarted watcher never redoes a step
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import time
 from typing import Any
 
-import jax
 
 from mmcl.eval import report as report_lib
 from mmcl.eval import watch as watch_lib
 from mmcl.eval.atomic import write_json_atomic
-from mmcl.tasks import config_from_dict, get_task_class
 from mmcl.train import checkpoint as ckpt_lib
-from mmcl.train import loop as loop_lib
+from mmcl.workdir import TrainedWorkdir
 
 log = logging.getLogger("mmcl.eval")
 
 
-class Evaluator:
+class Evaluator(TrainedWorkdir):
   """Evaluates checkpoints of one workdir."""
 
   def __init__(self, workdir: str | pathlib.Path):
-    self.workdir = pathlib.Path(workdir)
-    cfg_path = self.workdir / "config.json"
-    if not cfg_path.is_file():
-      raise FileNotFoundError(f"{cfg_path} not found: is {self.workdir} a `mmcl train` workdir?")
-    config = config_from_dict(json.loads(cfg_path.read_text()))
-    # The evaluator is its own single process on its own devices, whatever the trainer used.
-    config.distributed.coordinator_address = None
-    config.distributed.num_processes = None
-    config.distributed.process_id = None
-    config.mesh.data, config.mesh.model = -1, 1
-    self.config = config
-    self.mesh, self.task = loop_lib.setup(config, get_task_class(config.task.name))
-    _, abstract, shardings, _, _ = loop_lib.build_state(config, self.task, self.mesh)
-    self.abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
-    self.ckpt = ckpt_lib.Checkpointer(self.workdir, read_only=True)
+    super().__init__(workdir)
     self.eval_dir = self.workdir / "eval"
-
-  def finished_steps(self) -> list[int]:
-    return self.ckpt.all_steps()
 
   def evaluate(self, step: int) -> dict[str, float]:
     """Evaluates checkpoint `step`; the task writes its artefacts into eval/<step>/."""
-    state = self.ckpt.restore(step, self.abstract)
+    params = self.restore_params(step)
     out = self.eval_dir / str(step)
     out.mkdir(parents=True, exist_ok=True)
-    return {k: float(v) for k, v in self.task.evaluate(state.params, str(out)).items()}
+    return {k: float(v) for k, v in self.task.evaluate(params, str(out)).items()}
 
   def evaluate_if_present(self, step: int) -> dict[str, float]:
     """`evaluate`, raising `watch.SkipStep` when the step's checkpoint vanished after it was listed
@@ -133,14 +113,7 @@ def run_evaluator(workdir: str, *, step: int | None = None, watch: bool = False,
                            poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
                            stop_after_step=tc.total_steps, best_metric=ev.task.primary_metric,
                            best_mode="max", after_step=after_step)
-  steps = ev.finished_steps()
-  if not steps:
-    raise FileNotFoundError(f"no finished checkpoint in {ckpt_lib.checkpoint_dir(workdir)}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f"checkpoint step {step} not in {ckpt_lib.checkpoint_dir(workdir)} "
-                            f"(finished steps: {steps})")
+  step = ev.resolve_step(step)
   metrics = ev.evaluate(step)
   ev.write_report(step, metrics)
   _print_summary(step, metrics, ev.eval_dir / str(step))

@@ -82,35 +82,14 @@ def _shape_json(shape) -> list:
 
 
 def _restore(workdir: pathlib.Path, step: int | None):
-  """(config, task, step, params on the evaluator's mesh) of a `mmcl train` workdir."""
+  """(config, task, step, params on this process's mesh) of a `mmcl train` workdir."""
   # Imported here: the export of a task module pulls in only what it needs.
-  from mmcl.tasks import config_from_dict, get_task_class
-  from mmcl.train import checkpoint as ckpt_lib
-  from mmcl.train import loop as loop_lib
-
-  cfg_path = workdir / "config.json"
-  if not cfg_path.is_file():
-    raise FileNotFoundError(f"{cfg_path} not found: is {workdir} a `mmcl train` workdir?")
-  config = config_from_dict(json.loads(cfg_path.read_text()))
-  # Like the evaluator: one process on this machine's devices, whatever the trainer used.
-  config.distributed.coordinator_address = None
-  config.distributed.num_processes = None
-  config.distributed.process_id = None
-  config.mesh.data, config.mesh.model = -1, 1
-  mesh, task = loop_lib.setup(config, get_task_class(config.task.name))
-  _, abstract, shardings, _, _ = loop_lib.build_state(config, task, mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no finished checkpoint in {ckpt_lib.checkpoint_dir(workdir)}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f"checkpoint step {step} not in {ckpt_lib.checkpoint_dir(workdir)} "
-                            f"(finished steps: {steps})")
-  state = ckpt.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
-  ckpt.close()
-  return config, task, step, state.params
+  from mmcl.workdir import TrainedWorkdir
+  wd = TrainedWorkdir(workdir)
+  step = wd.resolve_step(step)
+  params = wd.restore_params(step)
+  wd.close()
+  return wd.config, wd.task, step, params
 
 
 def _check_corpus(name: str, corpus: CorpusExport, towers: dict[str, dict]) -> np.ndarray:

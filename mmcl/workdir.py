@@ -1,0 +1,65 @@
+"""A finished or running `mmcl train` workdir, opened read-only by another process.
+
+The evaluator (`mmcl eval`) and the exporter (`mmcl export`) both read a workdir the same way: the
+saved `config.json`, the task it names, a mesh over this process's own devices (whatever the trainer
+used), and the finalized orbax checkpoints. This module is that one way.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+from mmcl.tasks import config_from_dict, get_task_class
+from mmcl.train import checkpoint as ckpt_lib
+from mmcl.train import loop as loop_lib
+
+
+class TrainedWorkdir:
+  """config, mesh, task and read-only checkpoints of a workdir.
+
+  Attributes:
+    workdir: the path. config: the saved config, re-targeted to one process on local devices.
+    mesh, task: built from it. ckpt: a read-only `Checkpointer`.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path):
+    self.workdir = pathlib.Path(workdir)
+    cfg_path = self.workdir / "config.json"
+    if not cfg_path.is_file():
+      raise FileNotFoundError(f"{cfg_path} not found: is {self.workdir} a `mmcl train` workdir?")
+    config = config_from_dict(json.loads(cfg_path.read_text()))
+    # One process on its own devices, whatever the trainer used.
+    config.distributed.coordinator_address = None
+    config.distributed.num_processes = None
+    config.distributed.process_id = None
+    config.mesh.data, config.mesh.model = -1, 1
+    self.config = config
+    self.mesh, self.task = loop_lib.setup(config, get_task_class(config.task.name))
+    _, abstract, shardings, _, _ = loop_lib.build_state(config, self.task, self.mesh)
+    self._abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
+    self.ckpt = ckpt_lib.Checkpointer(self.workdir, read_only=True)
+
+  def finished_steps(self) -> list[int]:
+    """Steps of complete checkpoints (never one still being written)."""
+    return self.ckpt.all_steps()
+
+  def resolve_step(self, step: int | None) -> int:
+    """`step` if it is a finished checkpoint, the newest one when None; else a clear error."""
+    steps = self.finished_steps()
+    where = ckpt_lib.checkpoint_dir(self.workdir)
+    if not steps:
+      raise FileNotFoundError(f"no finished checkpoint in {where}")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise FileNotFoundError(f"checkpoint step {step} not in {where} (finished steps: {steps})")
+    return step
+
+  def restore_params(self, step: int) -> Any:
+    """The parameters of checkpoint `step`, sharded on this process's mesh."""
+    return self.ckpt.restore(step, self._abstract).params
+
+  def close(self) -> None:
+    self.ckpt.close()
