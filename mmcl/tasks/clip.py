@@ -24,9 +24,8 @@ from mmcl.config import Config
 from mmcl.eval import image_text as eval_lib
 from mmcl.eval import trec as trec_lib
 from mmcl.losses import sharded as sharded_losses
-from mmcl.models.text_transformer import TextTransformer
-from mmcl.models.vit import ViT
 from mmcl.models import flops as flops_lib
+from mmcl.models import tower_config
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.train.task import CorpusExport, Task, TowerExport
 
@@ -56,22 +55,8 @@ class ClipTask(Task):
 
     m = c.model
     m.define("embed_dim", 128, "dimension of the shared embedding space")
-    img = m.section("image", "ViT image tower")
-    img.define("patch_size", 4, "patch side in pixels")
-    img.define("width", 128, "token width")
-    img.define("depth", 3, "Transformer blocks")
-    img.define("num_heads", 4, "attention heads")
-    img.define("mlp_dim", 256, "hidden units of each block's MLP")
-    img.define("pool", "gap", "how patch tokens become one vector", choices=("gap", "cls"))
-    img.define("dropout", 0.0, "dropout rate")
-    txt = m.section("text", "Transformer text tower")
-    txt.define("width", 128, "token width")
-    txt.define("depth", 3, "Transformer blocks")
-    txt.define("num_heads", 4, "attention heads")
-    txt.define("mlp_dim", 256, "hidden units of each block's MLP")
-    txt.define("causal", False, "causal self-attention (CLIP) instead of bidirectional")
-    txt.define("pool", "eos", "how tokens become one vector", choices=("eos", "mean", "first"))
-    txt.define("dropout", 0.0, "dropout rate")
+    tower_config.declare_vit(m.section("image", "ViT image tower"))
+    tower_config.declare_text_transformer(m.section("text", "Transformer text tower"))
 
     d = c.data
     d.define("max_text_len", 24, "text tokens per caption (BOS + tokens + EOS, padded with 0)")
@@ -85,17 +70,12 @@ class ClipTask(Task):
     image_shape = next(tuple(f["shape"]) for f in self.metadata["schema"] if f["name"] == "image")
     self.image_size, self.channels = image_shape[0], image_shape[2]
     self.vocab_size = int(self.metadata["vocab_size"])
-    dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+    dtype = tower_config.compute_dtype(config)
     m = config.model
-    self.image_tower = ViT(
-        patch_size=m.image.patch_size, width=m.image.width, depth=m.image.depth,
-        num_heads=m.image.num_heads, mlp_dim=m.image.mlp_dim, embed_dim=m.embed_dim,
-        dropout=m.image.dropout, pool=m.image.pool, dtype=dtype)
-    self.text_tower = TextTransformer(
-        vocab_size=self.vocab_size, max_len=config.data.max_text_len, width=m.text.width,
-        depth=m.text.depth, num_heads=m.text.num_heads, mlp_dim=m.text.mlp_dim,
-        embed_dim=m.embed_dim, causal=m.text.causal, pool=m.text.pool, dropout=m.text.dropout,
-        dtype=dtype)
+    self.image_tower = tower_config.vit_from_config(m.image, embed_dim=m.embed_dim, dtype=dtype)
+    self.text_tower = tower_config.text_transformer_from_config(
+        m.text, vocab_size=self.vocab_size, max_len=config.data.max_text_len,
+        embed_dim=m.embed_dim, dtype=dtype)
 
   # --- data ---------------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):

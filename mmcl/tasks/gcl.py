@@ -54,8 +54,8 @@ from mmcl.eval import topk as topk_lib
 from mmcl.eval import trec as trec_lib
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models import flops as flops_lib
-from mmcl.models.registry import get_model
 from mmcl.parallel import mesh as mesh_lib
+from mmcl.models import tower_config
 from mmcl.train.task import Task
 
 SCORE_TO_WEIGHT = ("score_linear", "score_reciprocal", "no_score")
@@ -272,22 +272,11 @@ class GCLTask(Task):
              f"(subset of {DOC_FIELDS}; fields the dataset lacks must be left out)")
     m.define("doc_field_weights", (0.4, 0.4, 0.2), "fusion weight of each of model.doc_fields")
     m.define("share_text_tower", True, "one text tower for query, title and description")
-    img = m.section("image", "ViT image tower (model registry name 'vit')")
-    img.define("patch_size", 8, "patch side in pixels")
-    img.define("width", 64, "token width")
-    img.define("depth", 2, "Transformer blocks")
-    img.define("num_heads", 4, "attention heads")
-    img.define("mlp_dim", 128, "hidden units of each block's MLP")
-    img.define("pool", "gap", "how patch tokens become one vector", choices=("gap", "cls"))
-    img.define("dropout", 0.0, "dropout rate")
-    txt = m.section("text", "Transformer text tower (model registry name 'text_transformer')")
-    txt.define("width", 64, "token width")
-    txt.define("depth", 2, "Transformer blocks")
-    txt.define("num_heads", 4, "attention heads")
-    txt.define("mlp_dim", 128, "hidden units of each block's MLP")
-    txt.define("causal", False, "causal self-attention instead of bidirectional")
-    txt.define("pool", "mean", "how tokens become one vector", choices=("eos", "mean", "first"))
-    txt.define("dropout", 0.0, "dropout rate")
+    tower_config.declare_vit(m.section("image", "ViT image tower (model registry name 'vit')"),
+                             patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128)
+    tower_config.declare_text_transformer(
+        m.section("text", "Transformer text tower (model registry name 'text_transformer')"),
+        width=64, depth=2, num_heads=4, mlp_dim=128, pool="mean")
 
     d = c.data
     d.define("train_split", "train", "split the trainer streams")
@@ -325,16 +314,11 @@ class GCLTask(Task):
       raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be a multiple of "
                         f"'model.image.patch_size' ({m.image.patch_size})")
     self.vocab_size = int(self.metadata["vocab_size"])
-    dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
-    self.image_tower = get_model(
-        "vit", patch_size=m.image.patch_size, width=m.image.width, depth=m.image.depth,
-        num_heads=m.image.num_heads, mlp_dim=m.image.mlp_dim, embed_dim=m.embed_dim,
-        dropout=m.image.dropout, pool=m.image.pool, dtype=dtype)
-    self.text_tower = get_model(
-        "text_transformer", vocab_size=self.vocab_size, max_len=d.max_text_len,
-        width=m.text.width, depth=m.text.depth, num_heads=m.text.num_heads,
-        mlp_dim=m.text.mlp_dim, embed_dim=m.embed_dim, causal=m.text.causal, pool=m.text.pool,
-        dropout=m.text.dropout, dtype=dtype)
+    dtype = tower_config.compute_dtype(config)
+    self.image_tower = tower_config.vit_from_config(m.image, embed_dim=m.embed_dim, dtype=dtype)
+    self.text_tower = tower_config.text_transformer_from_config(
+        m.text, vocab_size=self.vocab_size, max_len=d.max_text_len, embed_dim=m.embed_dim,
+        dtype=dtype)
 
   # --- data ---------------------------------------------------------------------------------------
   def _iterator(self, split: str, process_index: int, process_count: int, *, train: bool):
