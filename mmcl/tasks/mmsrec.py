@@ -1,0 +1,266 @@
+"""MMSRec: ID-free multi-modal sequential recommendation (Song et al., arXiv:2304.13277).
+
+Items are only their frozen content features (`task.modalities`, see `mmcl.tasks.demure.
+load_modality_features`: "text" = all-MiniLM-L6-v2 sentence embeddings of the item text, "lexical" =
+TF-IDF + SVD of it; the datasets here have no images, so "lexical" stands in for the vision slot
+and the combinatorial loss's "v" view). One `mmcl.models.fusion.FusionEncoder` encodes sequences
+and, as length-1 sequences, items.
+
+Batches: the pipeline's `masked` rows (`inputs` with mask id N + 1 where masked, `labels` = the
+original item there), from which the original sequence is rebuilt.
+Stages (`task.stage`):
+  pretrain  combinatorial contrastive loss: each sequence encoded as lexical-only ("v"), text-only
+            ("t") and both ("vt"), twice each (different dropout); the mean of symmetric InfoNCE
+            over (v1, v2), (v1, t1), (t1, t2), (vt1, vt2) on the L2-normalised output at the most
+            recent position, τ = `task.temperature` (0.05), negatives = the global batch
+            (`mmcl.losses.sharded.infonce_over_mesh`).
+  finetune  cloze: positions masked with prob `data.mask_prob` (0.2) plus always the most recent
+            one; logits cos(h_t, item_tower(i)) / τ over ALL items i (full softmax), cross-entropy
+            at masked positions. The candidate side is every item's item-tower embedding, computed
+            in the step (replicated), the queries stay batch-sharded. `task.init_from` loads a
+            pretraining workdir's newest parameters (transfer: pretrain on one dataset, fine-tune
+            on another; the fusion weights do not depend on the item set).
+Validation (`val_iterator`, for `train.best_metric = val/recall@10`): full-ranking Recall@10 of the
+valid split's next item, i.e. early stopping keeps the best checkpoint by validation Recall@10.
+Evaluation: leave-one-out, full ranking over all items, Recall@k / NDCG@k (k = 10, 50); items in
+`task.cold_item_fraction` never appear in training (removed from sequences, never a candidate) and
+are reported separately (`test_cold/*`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import pipelines
+from data_pipelines import records
+from mmcl.config import Config
+from mmcl.losses import sharded as sharded_losses
+from mmcl.models import fusion
+from mmcl.parallel import mesh as mesh_lib
+from mmcl.tasks import demure
+from mmcl.tasks import sasrec
+from mmcl.train.task import Task
+
+
+def _unit(x: jax.Array) -> jax.Array:
+  """[..., D] → unit-norm rows."""
+  return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+
+
+def cold_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
+  """[N + 1] bool: a random `fraction` of items 1..N held out of training (row 0 False)."""
+  cold = np.zeros(num_items + 1, bool)
+  if fraction > 0:
+    rng = np.random.default_rng(seed)
+    cold[1 + rng.choice(num_items, size=int(round(fraction * num_items)), replace=False)] = True
+  return cold
+
+
+class MMSRecTask(Task):
+  """ID-free fusion-encoder recommender: combinatorial pretraining and cloze fine-tuning."""
+
+  primary_metric = "valid/full/recall@10"
+
+  @classmethod
+  def declare_config(cls, c: Config) -> None:
+    t = c.task
+    t.define("stage", "finetune", "pretrain (combinatorial contrastive) or finetune (cloze)",
+             choices=("pretrain", "finetune"))
+    t.define("modalities", ("lexical", "text"), "item modalities in fusion order (see demure)")
+    t.define("lexical_dim", 128, "width of the TF-IDF + SVD features")
+    t.define("temperature", 0.05, "τ of the pretraining InfoNCE and of the cloze logits")
+    t.define("init_from", "", "workdir whose newest checkpoint's parameters initialise this run "
+             "(transfer / fine-tuning after pretraining); '' = random init")
+    t.define("cold_item_fraction", 0.0, "fraction of items held out of training entirely")
+    t.define("cold_item_seed", 0, "seed of the held-out items")
+    sasrec.declare_eval_config(t, ks=(10, 50), num_negatives=0)
+    m = c.model
+    m.define("width", 512, "fusion width d")
+    m.define("depth", 2, "fusion Transformer layers")
+    m.define("num_heads", 8, "attention heads")
+    m.define("mlp_dim", 1024, "feed-forward width")
+    m.define("dropout", 0.1, "dropout rate")
+    sasrec.declare_sequence_data(c, max_len=20)
+    c.data.sequence_mode = "masked"
+    c.data.define("text_features", "", "precomputed item text embeddings (see demure)")
+
+  def __init__(self, config: Config, mesh):
+    super().__init__(config, mesh)
+    if config.data.sequence_mode != "masked":
+      raise ValueError(f"config key data.sequence_mode = {config.data.sequence_mode!r}: MMSRec "
+                       f"reads 'masked' rows")
+    t = config.task
+    meta = records.load_metadata(config.data.dir, build_hint=pipelines.BUILD_HINT)
+    self.num_items = int(meta["num_items"])
+    self.features_np = demure.load_modality_features(
+        config.data.dir, self.num_items, t.modalities, text_features=config.data.text_features,
+        lexical_dim=t.lexical_dim, seed=config.seed)
+    self.cold_np = cold_items(self.num_items, t.cold_item_fraction, t.cold_item_seed)
+    m = config.model
+    self.encoder = fusion.FusionEncoder(len(t.modalities), m.width, m.depth, m.num_heads,
+                                        m.mlp_dim, config.data.max_len, m.dropout)
+    # Read eagerly: `init_params` is traced (under jit), where a checkpoint cannot be restored.
+    self.initial_params = self._init_from_workdir(t.init_from) if t.init_from else None
+
+  # --- data / params -------------------------------------------------------------------------------
+  def train_iterator(self, process_index: int, process_count: int):
+    return pipelines.build_train_iterator(sasrec.data_view(self.config),
+                                          process_index=process_index, process_count=process_count)
+
+  def val_iterator(self, process_index: int, process_count: int):
+    if self.config.task.stage != "finetune":
+      return None
+    return pipelines.build_eval_iterator(sasrec.data_view(self.config), mode="valid",
+                                         process_index=process_index, process_count=process_count)
+
+  def _init_from_workdir(self, workdir: str) -> Any:
+    """The newest checkpoint's params of another run (its own config rebuilds the abstract state)."""
+    from mmcl.tasks import config_from_dict  # pylint: disable=g-import-not-at-top
+    from mmcl.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from mmcl.train import loop as loop_lib  # pylint: disable=g-import-not-at-top
+    other = config_from_dict(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+    task = MMSRecTask(other, self.mesh)
+    _, abstract, shardings, _, _ = loop_lib.build_state(other, task, self.mesh)
+    ck = ckpt_lib.Checkpointer(workdir, read_only=True)
+    step = ck.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"config key task.init_from = {workdir}: no finished checkpoint")
+    return jax.device_get(ck.restore(step, ckpt_lib.abstract_with_shardings(abstract,
+                                                                           shardings)).params)
+
+  def init_params(self, rng: jax.Array):
+    if self.initial_params is not None:
+      return jax.tree.map(jnp.asarray, self.initial_params)
+    length = self.config.data.max_len
+    feats = tuple(jnp.zeros((1, length, f.shape[1])) for f in self.features_np)
+    avail = jnp.ones((1, length, len(feats)), bool)
+    return self.encoder.init(rng, feats, avail, jnp.zeros((1, length), bool))["params"]
+
+  # --- towers --------------------------------------------------------------------------------------
+  def _feats(self, items: jax.Array) -> tuple[jax.Array, ...]:
+    return tuple(jnp.asarray(f)[items] for f in self.features_np)
+
+  def _available(self, items: jax.Array, modality_on: tuple[bool, ...] | None = None) -> jax.Array:
+    """[B, L] items → [B, L, M] bool (real position and modality switched on)."""
+    on = jnp.asarray(modality_on if modality_on is not None else (True,) * len(self.features_np))
+    return (items != 0)[..., None] & on
+
+  def encode_sequences(self, params, items, masked=None, *, modality_on=None, train=False,
+                       rng=None) -> jax.Array:
+    """items: [B, L] int (0 = padding); masked: [B, L] bool or None → [B, L, d]."""
+    return self.encoder.apply({"params": params}, self._feats(items),
+                              self._available(items, modality_on), masked, train=train,
+                              rngs={"dropout": rng} if train else None)
+
+  def item_tower(self, params, items: jax.Array | None = None, *, train=False, rng=None
+                 ) -> jax.Array:
+    """[K] item indices (default all 0..N) → [K, d] unit-norm embeddings (row of item 0 unused)."""
+    if items is None:
+      items = jnp.arange(self.num_items + 1)
+    h = self.encode_sequences(params, jnp.maximum(items, 1)[:, None], None, train=train, rng=rng)
+    return _unit(h[:, 0])
+
+  # --- losses --------------------------------------------------------------------------------------
+  def _original(self, batch) -> jax.Array:
+    inputs, labels = batch["inputs"], batch["labels"]
+    orig = jnp.where(labels > 0, labels, inputs)
+    orig = jnp.where(orig > self.num_items, 0, orig)
+    cold = jnp.asarray(self.cold_np)
+    return jnp.where(cold[orig], 0, orig)  # held-out items never appear in training
+
+  def loss(self, params, batch, rng, *, train: bool):
+    if "history" in batch:  # validation rows: full-ranking Recall@10 of the next item
+      return self._val_metrics(params, batch)
+    items = self._original(batch)
+    if self.config.task.stage == "pretrain":
+      return self._pretrain_loss(params, items, rng, train=train)
+    return self._cloze_loss(params, batch, items, rng, train=train)
+
+  def _pretrain_loss(self, params, items, rng, *, train):
+    t = self.config.task
+    m = len(self.features_np)
+    views = {"v": tuple(j == 0 for j in range(m)), "t": tuple(j == m - 1 for j in range(m)),
+             "vt": (True,) * m}
+    keys = jax.random.split(rng, 6)
+    reps, k = {}, 0
+    for name, on in views.items():
+      for copy in (1, 2):
+        h = self.encode_sequences(params, items, None, modality_on=on, train=train, rng=keys[k])
+        reps[f"{name}{copy}"] = _unit(h[:, -1])
+        k += 1
+    valid = items[:, -1] != 0
+    pairs = (("v1", "v2"), ("v1", "t1"), ("t1", "t2"), ("vt1", "vt2"))
+    terms = [sharded_losses.infonce_over_mesh(reps[a], reps[b], self.mesh,
+                                              logit_scale=1.0 / t.temperature, a_valid=valid,
+                                              b_valid=valid) for a, b in pairs]
+    loss = sum(terms) / len(terms)
+    return loss, {f"cl_{a}_{b}": v for (a, b), v in zip(pairs, terms)}
+
+  def _cloze_loss(self, params, batch, items, rng, *, train):
+    t = self.config.task
+    k_seq, k_item = jax.random.split(rng)
+    masked = (batch["labels"] > 0) & (items != 0)
+    masked = masked.at[:, -1].set(items[:, -1] != 0)  # always the most recent position
+    h = _unit(self.encode_sequences(params, items, masked, train=train, rng=k_seq))  # [B, L, d]
+    cand = self.item_tower(params, train=train, rng=k_item)  # [N + 1, d]
+    logits = jnp.einsum("bld,nd->bln", h, cand) / t.temperature
+    blocked = jnp.asarray(self.cold_np).at[0].set(True)  # padding and held-out items
+    logits = jnp.where(blocked[None, None], -1e9, logits)
+    target_logit = jnp.take_along_axis(logits, items[..., None], -1)[..., 0]
+    ce = jax.nn.logsumexp(logits, -1) - target_logit
+    w = masked.astype(jnp.float32)
+    loss = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
+    rank = (logits > target_logit[..., None]).sum(-1)
+    return loss, {"masked_per_row": w.sum(1).mean(),
+                  "train_recall@10": ((rank < 10) * w).sum() / jnp.maximum(w.sum(), 1.0)}
+
+  def _query(self, params, history: jax.Array) -> jax.Array:
+    """history: [B, L] left-padded → [B, d]: the output at an appended [MASK] slot."""
+    seq = jnp.concatenate([history[:, 1:], jnp.ones_like(history[:, :1])], axis=1)
+    masked = jnp.zeros(seq.shape, bool).at[:, -1].set(True)
+    return _unit(self.encode_sequences(params, seq, masked)[:, -1])
+
+  def _val_metrics(self, params, batch):
+    q = self._query(params, batch["history"])
+    cand = self.item_tower(params)
+    scores = q @ cand.T
+    scores = scores.at[:, 0].set(-jnp.inf)
+    target = batch["target"]
+    tscore = jnp.take_along_axis(scores, target[:, None], 1)[:, 0]
+    rank = (scores > tscore[:, None]).sum(1)
+    w = batch["valid"].astype(jnp.float32)
+    recall = ((rank < 10) * w).sum() / jnp.maximum(w.sum(), 1.0)
+    return -recall, {"recall@10": recall}
+
+  def flops_per_example(self) -> float:
+    m, length = self.config.model, self.config.data.max_len
+    dims = tuple(f.shape[1] for f in self.features_np)
+    f = fusion.fusion_flops(length, len(dims), m.width, m.depth, m.mlp_dim, dims)
+    return f * (6 if self.config.task.stage == "pretrain" else 1)
+
+  # --- evaluation ----------------------------------------------------------------------------------
+  def evaluate(self, params, out_dir: str) -> dict[str, float]:
+    t = self.config.task
+    user_items, num_items = sasrec.load_interactions(self.config.data.dir)
+    item_emb = np.asarray(jax.jit(self.item_tower)(params)).copy()
+    item_emb[0] = 0.0
+    q_fn = jax.jit(lambda x: self._query(params, x), out_shardings=mesh_lib.replicated(self.mesh))
+    out: dict[str, float] = {"num_items": float(num_items),
+                             "num_cold_items": float(self.cold_np.sum())}
+    for split in t.eval_splits:
+      users, history, target = sasrec.eval_cases(user_items, split, self.config.data.max_len)
+      q = sasrec.embed_rows(q_fn, [history], self.mesh, t.eval_batch_size)
+      seen = [user_items[u] for u in users]
+      kw = dict(ks=t.eval_ks, num_negatives=t.eval_num_negatives, max_users=t.eval_max_users,
+                seed=t.eval_seed, full_ranking=t.eval_full_ranking, mesh=self.mesh)
+      out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix=split, **kw))
+      if self.cold_np.any():
+        out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix=f"{split}_cold",
+                                            case_mask=self.cold_np[target], **kw))
+    return out
