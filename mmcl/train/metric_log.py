@@ -182,7 +182,9 @@ class MetricLogger:
     if self._use_tb:
       self._tensorboard(step, metrics, values)
     self._observe(step, values)
-    if self._progress:
+    # Only writes that carry the training loss move the progress line (validation metrics logged
+    # at the same step would otherwise draw it twice).
+    if self._progress and self._loss_key in values:
       self._maybe_draw(step)
 
   def seconds_per_step(self) -> float | None:
