@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mmcl.parallel import mesh as mesh_lib
 from mmcl.eval import topk
 
 
@@ -59,17 +58,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _device_line() -> str:
-  dev = jax.devices()[0]
-  if dev.platform == "cpu":
-    model = platform.processor() or "cpu"
-    try:
-      with open("/proc/cpuinfo") as f:
-        model = next(line.split(":", 1)[1].strip() for line in f
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-      pass
-    return f"CPU {model}, {os.cpu_count()} cores, {len(jax.devices())} device(s)"
-  return f"{len(jax.devices())} x {dev.device_kind}"
+  return mesh_lib.describe_devices()
 
 
 def _unit_vectors(key: jax.Array, rows: int, dim: int, dtype, sharding) -> jax.Array:

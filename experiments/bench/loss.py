@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmcl.parallel import mesh as mesh_lib
 from mmcl import losses
 from mmcl.losses import sharded
 
@@ -176,18 +176,7 @@ def bench_one(loss, impl, b, args, dtype, peak_tflops, mesh) -> dict:
 
 
 def _device_line() -> str:
-  dev = jax.devices()[0]
-  if dev.platform == "cpu":
-    model = platform.processor() or "cpu"
-    try:
-      with open("/proc/cpuinfo") as f:
-        model = next(line.split(":", 1)[1].strip() for line in f
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-      pass
-    import os
-    return f"CPU {model}, {os.cpu_count()} cores"
-  return f"{len(jax.devices())} x {dev.device_kind}"
+  return mesh_lib.describe_devices()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -81,3 +81,20 @@ def host_batch_to_global(mesh: Mesh, local_batch: dict) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def describe_devices() -> str:
+  """One line naming this process's devices, for benchmark records: the CPU model and core count on
+  a CPU (from /proc/cpuinfo), else "N x <device kind>"."""
+  import platform
+  devices = jax.devices()
+  dev = devices[0]
+  if dev.platform == "cpu":
+    model = platform.processor() or "cpu"
+    try:
+      with open("/proc/cpuinfo") as f:
+        model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+      pass
+    return f"CPU {model}, {os.cpu_count()} cores, {len(devices)} device(s)"
+  return f"{len(devices)} x {dev.device_kind}"
