@@ -52,6 +52,43 @@ def matmul_peak(dtype, n: int = 8192, repeats: int = 10) -> float:
   return 2 * n ** 3 / best
 
 
+def top_ops(trace_dir: str, steps: int, n: int = 25) -> list[dict]:
+  """The `n` op names with the most total time in the newest perfetto trace under `trace_dir`.
+
+  Sums complete ("X") events per name over the device threads of the trace (GPU streams; on a
+  host-only run, the XLA CPU threads), per step, and their share of the summed time.
+  """
+  import collections
+  import glob
+  import gzip
+  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                 key=os.path.getmtime)
+  if not paths:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+  with gzip.open(paths[-1], "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {}
+  for e in events:  # process names: pick the device ("/device:GPU:0 ...") processes
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      names[e["pid"]] = e.get("args", {}).get("name", "")
+  device_pids = {p for p, name in names.items() if "/device:" in name}
+  host_only = not device_pids
+  if host_only:  # CPU-only trace: every process, less Python frames and executor wrappers
+    device_pids = set(names)
+  skip = lambda name: host_only and (name.startswith("$") or "Thunk" in name or "Pjit" in name)
+  total = collections.Counter()
+  count = collections.Counter()
+  for e in events:
+    if (e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e
+        and not skip(e["name"])):
+      total[e["name"]] += e["dur"]
+      count[e["name"]] += 1
+  whole = sum(total.values()) or 1
+  return [{"op": k, "ms_per_step": v / 1e3 / steps, "share": v / whole,
+           "calls_per_step": count[k] / steps} for k, v in total.most_common(n)]
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", choices=sorted(PRESETS), default="vit-b16")
@@ -65,6 +102,9 @@ def main(argv=None) -> int:
   p.add_argument("--data", default=None, help="ArrayRecord image–text dataset for the fed run")
   p.add_argument("--no-checkpoint", action="store_true", help="skip the async-save timing")
   p.add_argument("--json", default=None, help="also write the results here")
+  p.add_argument("--profile", default=None,
+                 help="trace --steps more steps into this folder (perfetto JSON) and report the "
+                      "top ops by device time")
   args = p.parse_args(argv)
 
   import jax
@@ -167,6 +207,11 @@ def main(argv=None) -> int:
     out["fed_step_s"] = t_fed
     out["fed_samples_per_s"] = args.batch / t_fed
     out["stall_fraction"] = max(0.0, (t_fed - t_step) / t_fed)
+
+  if args.profile:
+    with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+      timed(lambda: batch, args.steps)
+    out["profile_top_ops"] = top_ops(args.profile, args.warmup + args.steps)
 
   if not args.no_checkpoint:
     from mmcl.train.checkpoint import Checkpointer
