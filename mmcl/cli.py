@@ -3,10 +3,12 @@
   mmcl train --config experiments/clip_shapes.py[:arg] --workdir DIR [--set key=value ...]
   mmcl eval  --workdir DIR [--step N] [--watch [--poll S] [--timeout S]]
   mmcl export --workdir DIR [--step N] --out DIR [--corpus] [--overwrite]
+  mmcl export --tower FOLDER --out DIR [--max-length N] [--dtype bfloat16]   (pretrained tower)
   mmcl sweep --config F --workdir DIR --grid key=v1,v2 [--grid key2=...] [--set key=value ...]
   mmcl data  build-shapes --output DIR [--num-train N] [--num-test N] [--image-size P]
   mmcl data  convert --format F --input PATH --output DIR [--split-by ...]   (see --help)
-  mmcl features --tower FOLDER --input FILE --field NAME --output PATH
+  mmcl features --tower FOLDER|WORKDIR[:NAME]|EXPORT[:NAME] --input DATASET|FILE --field NAME
+                --output PATH [--split S] [--dtype bfloat16] [--step N]
   mmcl train --config F --help-config        (every key with its type, default and doc)
 """
 
@@ -53,16 +55,26 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-  from mmcl.export import export_workdir
+  from mmcl.export import export_pretrained, export_workdir
+  if (args.workdir is None) == (args.tower is None):
+    print("mmcl export: error: pass exactly one of --workdir DIR (a trained checkpoint) and "
+          "--tower FOLDER (a pretrained model folder)", file=sys.stderr)
+    return 2
   try:
-    manifest = export_workdir(args.workdir, args.out, step=args.step, corpus=args.corpus,
-                              platforms=tuple(args.platforms), overwrite=args.overwrite)
+    if args.workdir is not None:
+      manifest = export_workdir(args.workdir, args.out, step=args.step, corpus=args.corpus,
+                                platforms=tuple(args.platforms), overwrite=args.overwrite)
+    else:
+      manifest = export_pretrained(args.tower, args.out, max_length=args.max_length,
+                                   dtype=args.dtype, platforms=tuple(args.platforms),
+                                   overwrite=args.overwrite)
   except (FileExistsError, NotImplementedError) as e:
     print(f"mmcl export: error: {e}", file=sys.stderr)
     return 2
   towers = ", ".join(f"{name} → {t['artifact']} (dim {t['output']['dim']})"
                      for name, t in manifest["towers"].items())
-  print(f"step {manifest['step']}: {towers}; manifest {args.out}/manifest.json")
+  what = f"step {manifest['step']}" if manifest["step"] is not None else str(args.tower)
+  print(f"{what}: {towers}; manifest {args.out}/manifest.json")
   for name, c in manifest["corpus"].items():
     print(f"  corpus {name}: {c['count']} × {c['dim']} → {args.out}/{c['embeddings']}")
   return 0
@@ -95,12 +107,20 @@ def cmd_data(args) -> int:
 
 
 def cmd_features(args) -> int:
-  from mmcl.features import compute_features
-  result = compute_features(args.tower, args.input, args.field, args.output,
-                            batch_size=args.batch_size, max_length=args.max_length,
-                            id_field=args.id_field, overwrite=args.overwrite)
+  from mmcl.features import compute_features, output_paths
+  try:
+    result = compute_features(
+        args.tower, args.input, args.field, args.output, tower_name=args.tower_name,
+        step=args.step, split=args.split, batch_size=args.batch_size,
+        max_length=args.max_length, dtype=args.dtype, param_sharding=args.param_sharding,
+        chunk_size=args.chunk_size, id_field=args.id_field, overwrite=args.overwrite)
+  except (ValueError, FileExistsError) as e:
+    print(f"mmcl features: error: {e}", file=sys.stderr)
+    return 2
   m = result.manifest
-  print(f"features → {args.output}.npy: {m.get('count')} × {m.get('dim')}")
+  done = ("already complete" if result.rows_computed == 0
+          else f"{result.rows_computed} rows embedded")
+  print(f"features → {output_paths(args.output)['npy']}: {m['count']} × {m['dim']} ({done})")
   return 0
 
 
@@ -125,8 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                  help="--watch: stop after this many seconds without a new checkpoint")
   e.set_defaults(fn=cmd_eval)
 
-  x = sub.add_parser("export", help="write jax.export serving artifacts of a checkpoint's towers")
-  x.add_argument("--workdir", required=True)
+  x = sub.add_parser("export", help="write jax.export serving artifacts of a checkpoint's towers "
+                                    "(--workdir) or of a pretrained folder's tower (--tower)")
+  x.add_argument("--workdir", help="a `mmcl train` workdir")
+  x.add_argument("--tower", help="a pretrained folder: Hugging Face BERT family or open_clip ViT")
+  x.add_argument("--max-length", type=int, default=256,
+                 help="--tower text models: tokens per text (the artifact's sequence length)")
+  x.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="--tower: compute dtype")
   x.add_argument("--step", type=int, help="checkpoint step (default: newest)")
   x.add_argument("--out", required=True, help="output directory (artifacts + manifest.json)")
   x.add_argument("--corpus", action="store_true",
@@ -156,14 +182,29 @@ def build_parser() -> argparse.ArgumentParser:
   convert.build_parser(dsub.add_parser("convert", help="convert a public format to ArrayRecord"))
   d.set_defaults(fn=cmd_data)
 
-  f = sub.add_parser("features", help="precompute embeddings of a text field with a tower")
-  f.add_argument("--tower", required=True, help="local Hugging Face model folder (BERT family)")
-  f.add_argument("--input", required=True, help="JSONL ({id, <field>}) or text file")
-  f.add_argument("--field", required=True, help="field to embed")
+  f = sub.add_parser("features", help="precompute embeddings of a dataset's text or image field")
+  f.add_argument("--tower", required=True,
+                 help="a pretrained folder (Hugging Face BERT family, open_clip ViT), a `mmcl "
+                      "train` workdir or an `mmcl export` directory; WORKDIR:NAME picks a tower")
+  f.add_argument("--tower-name", help="tower of a workdir / export (e.g. text, image)")
+  f.add_argument("--step", type=int, help="workdir checkpoint step (default: newest)")
+  f.add_argument("--input", required=True,
+                 help="a converted dataset folder (metadata.json), JSONL ({id, <field>}) or a "
+                      "text file (one text per line)")
+  f.add_argument("--field", required=True, help="text or image field to embed")
   f.add_argument("--output", required=True, help="output path stem (PATH.npy/.ids.txt/.json)")
-  f.add_argument("--id-field", default="id")
+  f.add_argument("--split", help="dataset split (default: every split with the field)")
+  f.add_argument("--id-field", default=None,
+                 help="id field (default by dataset kind, 'id' for JSONL; 'index' = record index)")
   f.add_argument("--batch-size", type=int, default=256)
-  f.add_argument("--max-length", type=int, default=256)
+  f.add_argument("--max-length", type=int, default=256,
+                 help="pretrained text towers: tokens per text")
+  f.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (the output is float32)")
+  f.add_argument("--param-sharding", default="replicate", choices=("replicate", "fsdp"),
+                 help="pretrained weights on the mesh (as config mesh.param_sharding)")
+  f.add_argument("--chunk-size", type=int, default=8192,
+                 help="rows between resumable progress records")
   f.add_argument("--overwrite", action="store_true")
   f.set_defaults(fn=cmd_features)
   return p

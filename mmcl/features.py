@@ -1,17 +1,22 @@
-"""Precomputed embeddings: compute them with a pretrained tower, write and read them.
+"""Precomputed embeddings: compute them with a pretrained or trained tower, write and read them.
 
-`compute_features` embeds one text field of every record of a dataset with a pretrained text tower
-(a local Hugging Face BERT-family folder, see `mmcl.models.pretrained`) in batches sharded over
-all devices, and writes the precomputed-embeddings format below, resumably.
+`compute_features` embeds one text or image field of every record of a dataset with a tower
+(`mmcl.feature_towers`: a local Hugging Face BERT-family or open_clip ViT folder, a `mmcl train`
+workdir's tower, or an `mmcl export` artifact) in batches sharded over all devices, and writes the
+precomputed-embeddings format below, resumably. It is what `mmcl features` runs.
 
 Format, for an output path PATH (a trailing ".npy" is dropped):
   PATH.npy       float32 [N, D], the standard NumPy format (`np.load(PATH.npy, mmap_mode="r")`);
   PATH.ids.txt   N lines, line i the id of row i (ids are strings without newlines, unique);
-  PATH.json      the manifest: {"format": "mmcl.embeddings/1", "model", "dim", "count",
-                 "sha256" (of PATH.npy), "ids_sha256" (of PATH.ids.txt), "dtype": "float32",
-                 "field", "input", "input_sha256", "max_length", "normalized"}.
+  PATH.json      the manifest: {"format": "mmcl.embeddings/1", "model", "tower" (what computed
+                 it: source, path, tower name, step, dtype, input settings), "kind" ("text" |
+                 "image"), "dim", "count", "sha256" (of PATH.npy), "ids_sha256" (of
+                 PATH.ids.txt), "dtype": "float32", "field", "input", "input_sha256", "split",
+                 "id_field", "duplicates_skipped", "max_length", "normalized"}.
 The manifest is written last (by an atomic rename): the files are complete iff PATH.json exists.
 `read_features(PATH)` returns ids, vectors and manifest, checking counts and (optionally) hashes.
+The data pipelines read the same files: `mmcl data convert --format embeddings` (an `entity`
+dataset) and `data_pipelines.pipelines.item_feature_table` (item features joined on `item_id`).
 
 Resuming: rows are processed in chunks. While running, PATH.partial/ holds `vectors.npy` (the final
 array, filled chunk by chunk) and `progress.json` ({"rows_done", plus the settings and input hash
@@ -20,9 +25,19 @@ flushed. A new call with the same settings continues after `rows_done`; differen
 settings or a changed input are refused (delete PATH.partial/ to start over). On completion the
 arrays are renamed into place, the manifest is written and PATH.partial/ is removed.
 
-Inputs accepted now: a JSON Lines file (`.jsonl` / `.json`), one object per line with an "id" and
-the text field; or a plain text file (any other suffix), one text per line, id = line number
-(0-based), field ignored.
+Inputs:
+  * a converted dataset (a folder with metadata.json, `data_pipelines.records`): the field is a
+    `text` field (embedded by a text tower) or an `image_bytes` / `png_image` field (an image
+    tower); every split whose schema has the field is read, in metadata order, unless `split`
+    names one. Ids come from the record's id field: by default "query_id" for a query_document's
+    query, "product_id" for its title / image, "item_id" for an interactions item's text, else
+    "id"; a dataset without one (e.g. the built-in shapes set) uses the record index ("index":
+    "I", or "SPLIT:I" over several splits, the ids `mmcl export --corpus` writes). Records whose
+    id was seen before are skipped (a query_document repeats each product for every query).
+    input_sha256 is the sha256 of metadata.json (which holds every shard's sha256).
+  * a JSON Lines file (`.jsonl` / `.json`), one object per line with an id and the text field;
+  * a plain text file (any other suffix), one text per line, id = line number (0-based), field
+    ignored.
 """
 from __future__ import annotations
 
@@ -179,6 +194,121 @@ def read_features(output: PathLike, *, verify_hashes: bool = False) -> Features:
   return Features(ids, vectors, manifest)
 
 
+# --- dataset input --------------------------------------------------------------------------------
+# (kind, field) → the id field of the records that field describes.
+DEFAULT_ID_FIELDS = {("query_document", "query"): "query_id",
+                     ("query_document", "title"): "product_id",
+                     ("query_document", "image"): "product_id",
+                     ("interactions", "text"): "item_id"}
+RECORD_INDEX = "index"
+_READ_BLOCK = 4096
+_FIELD_KINDS = {"text": "text", "image_bytes": "image", "png_image": "image"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordInput:
+  """The records to embed.
+
+  Attributes:
+    ids: N unique ids, row order.
+    kind: "text" or "image": what the field holds.
+    sha256: identifies the input (file hash, or a dataset's metadata.json hash).
+    settings: JSON facts about the selection (split, id_field, duplicates_skipped).
+    load: (start, end) → the raw values of rows start … end − 1 (str, bytes or uint8 arrays).
+  """
+  ids: list[str]
+  kind: str
+  sha256: str
+  settings: dict[str, Any]
+  load: Callable[[int, int], list[Any]]
+
+
+def read_input(path: PathLike, field: str, *, id_field: str | None = None,
+               split: str | None = None) -> RecordInput:
+  """Opens a dataset folder, JSON Lines or text file (see the module docstring) for `field`."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return _read_dataset(path, field, id_field=id_field, split=split)
+  if split is not None:
+    raise ValueError(f"{path}: --split applies to converted datasets (folders), not to files")
+  ids, texts = read_text_records(path, field, id_field=id_field or "id")
+  settings = {"split": None, "id_field": (id_field or "id") if path.suffix in (
+      ".jsonl", ".json") else "line", "duplicates_skipped": 0}
+  return RecordInput(ids, "text", sha256_file(path), settings,
+                     lambda start, end: texts[start:end])
+
+
+def _read_dataset(path: pathlib.Path, field: str, *, id_field: str | None,
+                  split: str | None) -> RecordInput:
+  from data_pipelines import records  # pylint: disable=g-import-not-at-top
+
+  meta = records.load_metadata(path)
+  schemas = {s: {f.name: f for f in records.split_schema(meta, s)} for s in meta["splits"]}
+  if split is not None:
+    if split not in schemas:
+      raise ValueError(f"{path}: no split {split!r} (splits: {sorted(schemas)})")
+    splits = [split]
+  else:
+    splits = [s for s, fields in schemas.items() if field in fields]
+  fields = {f"{s}": sorted(schemas[s]) for s in (splits or schemas)}
+  if not splits or any(field not in schemas[s] for s in splits):
+    raise ValueError(f"{path}: field {field!r} is not in the schema of the split(s) (fields: "
+                     f"{fields})")
+  field_kind = schemas[splits[0]][field].kind
+  if field_kind not in _FIELD_KINDS:
+    raise ValueError(f"{path}: field {field!r} is of kind {field_kind!r}; mmcl features embeds "
+                     f"{sorted(_FIELD_KINDS)} fields")
+  kind = meta.get("kind")
+  if id_field is None:
+    id_field = DEFAULT_ID_FIELDS.get((kind, field), "id")
+    if any(id_field not in schemas[s] for s in splits):
+      id_field = RECORD_INDEX
+  for s in splits:
+    if id_field != RECORD_INDEX and id_field not in schemas[s]:
+      raise ValueError(f"{path}: id field {id_field!r} is not in split {s!r} (fields: "
+                       f"{sorted(schemas[s])}); pass --id-field (or 'index' for record indices)")
+  sources = {s: records.ArrayRecordSource(path, s, fields=[field], metadata=meta)
+             for s in splits}
+  ids: list[str] = []
+  refs: list[tuple[str, int]] = []
+  seen: set[str] = set()
+  duplicates = 0
+  for s in splits:
+    n = len(sources[s])
+    if id_field == RECORD_INDEX:
+      split_ids = [str(i) if len(splits) == 1 else f"{s}:{i}" for i in range(n)]
+    else:
+      reader = records.ArrayRecordSource(path, s, fields=[id_field], metadata=meta)
+      split_ids = []
+      for start in range(0, n, _READ_BLOCK):
+        for r in reader.read_many(list(range(start, min(start + _READ_BLOCK, n)))):
+          split_ids.append(_check_id(r[id_field], f"{path} split {s!r} record {r['index']}, "
+                                                  f"field {id_field!r}"))
+      reader.close()
+    for i, record_id in enumerate(split_ids):
+      if record_id in seen:
+        duplicates += 1
+        continue
+      seen.add(record_id)
+      ids.append(record_id)
+      refs.append((s, i))
+
+  def load(start: int, end: int) -> list[Any]:
+    values: list[Any] = [None] * (end - start)
+    by_split: dict[str, list[int]] = {}
+    for row in range(start, end):
+      by_split.setdefault(refs[row][0], []).append(row)
+    for s, rows in by_split.items():
+      for row, r in zip(rows, sources[s].read_many([refs[row][1] for row in rows])):
+        values[row - start] = r[field]
+    return values
+
+  settings = {"split": splits if len(splits) > 1 else splits[0], "id_field": id_field,
+              "duplicates_skipped": duplicates}
+  return RecordInput(ids, _FIELD_KINDS[field_kind],
+                     sha256_file(path / records.METADATA_FILE), settings, load)
+
+
 # --- computing ------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class FeaturesResult:
@@ -195,39 +325,72 @@ class FeaturesResult:
 
 
 def _progress_printer(total: int, enabled: bool) -> Callable[[int], None]:
+  """A one-line progress bar on stderr (rows, %, bar, rows/s, ETA), redrawn in place."""
   start = time.monotonic()
+  first: list[int] = []
 
   def report(done: int) -> None:
     if not enabled:
       return
+    if not first:
+      first.append(done)  # rows a resumed run found done: not part of this run's rate
     elapsed = max(time.monotonic() - start, 1e-9)
-    rate = done / elapsed
-    eta = (total - done) / rate if rate > 0 else float("inf")
+    rate = (done - first[0]) / elapsed
+    eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "?"
+    frac = done / max(total, 1)
+    bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
     end = "\n" if done >= total else ""
-    sys.stderr.write(f"\rfeatures {done}/{total} rows ({100 * done / max(total, 1):.0f}%) "
-                     f"{rate:.0f} rows/s, ETA {eta:.0f}s   {end}")
+    sys.stderr.write(f"\rfeatures [{bar}] {done}/{total} rows ({100 * frac:.0f}%) "
+                     f"{rate:.0f} rows/s, ETA {eta}   {end}")
     sys.stderr.flush()
   return report
 
 
+# The manifest keys of the first version (a text file or JSONL embedded by a pretrained folder
+# in float32): a complete output written then still counts as done for the same settings.
+_FIRST_VERSION_KEYS = ("format", "model", "dim", "count", "dtype", "field", "input",
+                       "input_sha256", "max_length", "normalized")
+
+
+def _same_output(manifest: dict[str, Any], settings: dict[str, Any]) -> bool:
+  """Whether a complete output's manifest was computed with `settings`."""
+  if "tower" not in manifest:
+    return (settings["tower"]["source"] == "pretrained" and settings["tower"]["dtype"] == "float32"
+            and settings["split"] is None and settings["id_field"] == "id"
+            and all(manifest.get(k) == settings[k] for k in _FIRST_VERSION_KEYS))
+  return all(manifest.get(k) == v for k, v in settings.items())
+
+
 def compute_features(tower: PathLike, input_dataset: PathLike, field: str, output: PathLike, *,
-                     batch_size: int = 256, max_length: int = 256, chunk_size: int = 8192,
-                     id_field: str = "id", overwrite: bool = False, progress: bool = True,
+                     tower_name: str | None = None, step: int | None = None,
+                     split: str | None = None, batch_size: int = 256, max_length: int = 256,
+                     dtype: str = "float32", param_sharding: str = "replicate",
+                     chunk_size: int = 8192, id_field: str | None = None,
+                     overwrite: bool = False, progress: bool = True,
                      stop_after_chunks: int | None = None, mesh: Any = None) -> FeaturesResult:
   """Embeds `field` of every record of `input_dataset` with `tower`; writes the format at `output`.
 
   Args:
-    tower: a local Hugging Face BERT-family folder (`mmcl.models.pretrained.load_text_tower`).
-    input_dataset: a JSON Lines or plain text file (see the module docstring).
-    field: the text field of the JSON records.
+    tower: a pretrained folder, a `mmcl train` workdir or an `mmcl export` directory, optionally
+      "PATH:NAME" (see `mmcl.feature_towers.load_feature_tower`).
+    input_dataset: a converted dataset folder, a JSON Lines or a plain text file (see the module
+      docstring).
+    field: the text or image field to embed.
     output: PATH of the output files.
-    batch_size: texts per forward pass (over all devices; rounded up to a multiple of the
+    tower_name: the tower of a workdir / export ("text", "image", ...).
+    step: the workdir checkpoint (default the newest).
+    split: read only this split of a dataset (default every split with the field).
+    batch_size: values per forward pass (over all devices; rounded up to a multiple of the
       device count).
-    max_length: tokens per text including [CLS] / [SEP]; longer texts are truncated.
+    max_length: BERT-family folders: tokens per text including [CLS] / [SEP] (trained towers
+      use their own max_len).
+    dtype: compute dtype, "float32" or "bfloat16"; the output is float32 either way.
+    param_sharding: pretrained weights on the mesh: "replicate" or "fsdp" (the trainer's
+      strategies, `mmcl.parallel.sharding`).
     chunk_size: rows between progress records (the work an interruption can lose).
-    id_field: the id field of the JSON records.
+    id_field: the id field (default: see the module docstring; "id" for JSON Lines).
     overwrite: replace a complete output computed with other settings or input.
-    progress: print a progress line with throughput and ETA to stderr.
+    progress: print a progress bar with throughput and ETA to stderr.
     stop_after_chunks: stop after this many chunks of this call, leaving a resumable partial
       output (for tests of resuming).
     mesh: the `jax.sharding.Mesh` to shard batches over; default every device on its data axis.
@@ -237,28 +400,34 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
     The `FeaturesResult`.
   """
   # Imported here, not at the top: reading precomputed features (data pipelines) must not need JAX.
-  import jax
-
-  from mmcl.models.pretrained import load_text_tower
-  from mmcl.parallel import mesh as mesh_lib
+  from mmcl.feature_towers import load_feature_tower
 
   if chunk_size < 1 or batch_size < 1:
     raise ValueError(f"compute_features: chunk_size and batch_size must be ≥ 1, found "
                      f"{chunk_size} and {batch_size}")
   paths = output_paths(output)
-  ids, texts = read_text_records(input_dataset, field, id_field=id_field)
+  records = read_input(input_dataset, field, id_field=id_field, split=split)
+  ids = records.ids
   if not ids:
     raise ValueError(f"{input_dataset}: no records to embed")
-  pretrained = load_text_tower(tower, max_length=max_length)
-  settings = {"format": FORMAT, "model": str(pathlib.Path(tower).resolve()),
-              "dim": pretrained.dim, "count": len(ids), "dtype": "float32", "field": field,
+  embedder = load_feature_tower(tower, mesh=mesh, tower_name=tower_name, step=step,
+                                max_length=max_length, dtype=dtype,
+                                param_sharding=param_sharding)
+  if embedder.kind != records.kind:
+    raise ValueError(f"{input_dataset}: field {field!r} holds {records.kind}s but --tower {tower} "
+                     f"is a{'n' if embedder.kind == 'image' else ''} {embedder.kind} tower")
+  settings = {"format": FORMAT, "model": embedder.description["path"],
+              "tower": embedder.description, "kind": records.kind, "dim": embedder.dim,
+              "count": len(ids), "dtype": "float32", "field": field,
               "input": str(pathlib.Path(input_dataset).resolve()),
-              "input_sha256": sha256_file(input_dataset), "max_length": pretrained.max_length,
-              "normalized": bool(pretrained.tower.normalize)}
+              "input_sha256": records.sha256, **records.settings,
+              "max_length": embedder.description.get("max_length"),
+              "normalized": bool(embedder.normalized)}
+  settings = json.loads(json.dumps(settings))  # as it reads back from JSON (lists, not tuples)
 
   if paths["manifest"].is_file():
     manifest = json.loads(paths["manifest"].read_text())
-    if all(manifest.get(k) == v for k, v in settings.items()):
+    if _same_output(manifest, settings):
       return FeaturesResult(manifest, True, 0)
     if not overwrite:
       raise FileExistsError(f"{paths['manifest']}: embeddings computed with other settings or "
@@ -282,15 +451,9 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
       shutil.rmtree(partial)
     partial.mkdir(parents=True)
     np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32,
-                              shape=(len(ids), pretrained.dim)).flush()
+                              shape=(len(ids), embedder.dim)).flush()
     _write_atomic(progress_file, json.dumps({**settings, "rows_done": 0}))
 
-  if mesh is None:
-    mesh = mesh_lib.make_mesh()
-  sharding = mesh_lib.batch_sharding(mesh)
-  params = jax.device_put(pretrained.params, mesh_lib.replicated(mesh))
-  n_dev = mesh.shape[mesh_lib.DATA_AXIS]
-  batch_size = -(-batch_size // n_dev) * n_dev
   report = _progress_printer(len(ids), progress)
   report(rows_done)
   computed, chunks = 0, 0
@@ -300,8 +463,9 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
     if stop_after_chunks is not None and chunks >= stop_after_chunks:
       return FeaturesResult({**settings, "rows_done": rows_done}, False, computed)
     end = min(rows_done + chunk_size, len(ids))
-    vectors[rows_done:end] = pretrained.encode(texts[rows_done:end], batch_size=batch_size,
-                                               sharding=sharding, params=params)
+    vectors[rows_done:end] = embedder.encode(
+        records.load(rows_done, end), batch_size=batch_size,
+        where=lambda i, start=rows_done: f"{input_dataset}: id {ids[start + i]!r}, field {field!r}")
     vectors.flush()
     computed += end - rows_done
     rows_done = end

@@ -135,6 +135,15 @@ def test_refuses_to_mix_inputs_or_settings(tiny_folder, records, tmp_path):
                             **dict(kw, max_length=16))
   assert redone.rows_computed == len(TEXTS) and read_features(tmp_path / "done").manifest[
       "max_length"] == 16
+  # A complete output of the first format version (its manifest has no "tower", "kind", ...)
+  # still counts as done for the same settings.
+  manifest_file = output_paths(tmp_path / "done")["manifest"]
+  first = {k: v for k, v in json.loads(manifest_file.read_text()).items()
+           if k in ("format", "model", "dim", "count", "dtype", "field", "input", "input_sha256",
+                    "max_length", "normalized", "sha256", "ids_sha256")}
+  manifest_file.write_text(json.dumps(first))
+  assert compute_features(tiny_folder, records, "title", tmp_path / "done",
+                          **dict(kw, max_length=16)).rows_computed == 0
 
 
 def test_read_text_records(tmp_path):
@@ -152,3 +161,87 @@ def test_read_text_records(tmp_path):
   bad.write_text(json.dumps({"id": 1, "title": 3}) + "\n")
   with pytest.raises(ValueError, match="expected a string"):
     read_text_records(bad, "title")
+
+
+# --- converted datasets, the pipelines that read the output, bf16, the CLI ------------------------
+@pytest.fixture
+def movielens_dir(tmp_path):
+  """A converted `interactions` dataset (MovieLens .dat → items split with item_id and text)."""
+  from data_pipelines import convert
+  raw = tmp_path / "ml"
+  raw.mkdir()
+  titles = ["Toy Story (1995)", "Heat (1995)", "Jazz Piano Live (2001)", "X (1999)",
+            "Rainy Sunday (2010)"]
+  (raw / "movies.dat").write_text("".join(f"{10 + i}::{t}::Drama\n" for i, t in enumerate(titles)))
+  (raw / "ratings.dat").write_text("".join(f"{u}::{10 + m}::5::{100 * u + m}\n"
+                                           for u in (1, 2, 3) for m in range(5) if (u + m) % 4))
+  convert.convert("movielens", raw, tmp_path / "data")
+  return tmp_path / "data"
+
+
+def test_converted_dataset_field_feeds_the_pipelines(tiny_folder, movielens_dir, tmp_path,
+                                                     capsys):
+  from data_pipelines import convert, pipelines, records
+  from mmcl import cli
+  items = records.ArrayRecordSource(movielens_dir, "items")
+  rows = items.read_many(list(range(len(items))))
+  out = tmp_path / "item_text"
+  assert cli.main(["features", "--tower", str(tiny_folder), "--input", str(movielens_dir),
+                   "--field", "text", "--output", str(out), "--max-length", "32",
+                   "--batch-size", "4", "--chunk-size", "2"]) == 0
+  assert f"features → {out}.npy: 5 × {WIDTH} (5 rows embedded)" in capsys.readouterr().out
+  features = read_features(out, verify_hashes=True)
+  # Ids are the items' own ids (interactions kind → item_id), rows in record order.
+  assert features.ids == [r["item_id"] for r in rows] == ["10", "11", "12", "13", "14"]
+  assert (features.manifest["split"], features.manifest["id_field"]) == ("items", "item_id")
+  assert features.manifest["input_sha256"] == records.sha256_file(movielens_dir / "metadata.json")
+  expected = encode_texts(tiny_folder, [r["text"] for r in rows], max_length=32)
+  np.testing.assert_allclose(features.vectors, expected, atol=1e-5)
+
+  # The sequence pipelines join the file onto item indices by item_id ...
+  table, available = pipelines.item_feature_table(movielens_dir, out.with_suffix(".npy"))
+  assert available.tolist() == [False] + [True] * 5
+  np.testing.assert_array_equal(table[1:], features.vectors)
+  np.testing.assert_array_equal(table[0], 0.0)
+  # ... and `mmcl data convert --format embeddings` makes it an entity dataset.
+  meta = convert.convert("embeddings", f"title={out}.npy", tmp_path / "entities")
+  assert meta["kind"] == "entity" and meta["modalities"] == {"title": WIDTH}
+  entity = records.ArrayRecordSource(tmp_path / "entities", "entities").read_many(range(5))
+  assert [e["id"] for e in entity] == features.ids
+  np.testing.assert_array_equal(np.stack([e["title"] for e in entity]), features.vectors)
+
+  # bf16 compute (float32 output) and fsdp-placed weights over the 8 devices.
+  bf16 = compute_features(tiny_folder, movielens_dir, "text", tmp_path / "bf16", max_length=32,
+                          dtype="bfloat16", param_sharding="fsdp", progress=False)
+  assert bf16.manifest["tower"]["dtype"] == "bfloat16"
+  vectors = read_features(tmp_path / "bf16").vectors
+  assert vectors.dtype == np.float32 and np.sum(vectors * expected, 1).min() > 0.99
+  assert np.abs(vectors - expected).max() > 0  # it did compute in bf16
+
+  # Errors name the dataset, the field and what is there.
+  with pytest.raises(ValueError, match=r"field 'title' is not in the schema.*'item_id'"):
+    compute_features(tiny_folder, movielens_dir, "title", tmp_path / "x", progress=False)
+  with pytest.raises(ValueError, match="kind 'int32_sequence'"):
+    compute_features(tiny_folder, movielens_dir, "text_ids", tmp_path / "x", progress=False)
+
+
+def test_images_are_center_cropped_resized_from_bytes_or_arrays():
+  import io
+
+  from PIL import Image
+
+  from mmcl.feature_towers import images_to_uint8
+  rng = np.random.default_rng(0)
+  wide = rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8)
+  png = io.BytesIO()
+  Image.fromarray(wide).save(png, format="PNG")
+  out = images_to_uint8([png.getvalue(), wide, wide[8:40, 24:56]], 32)
+  # The central 48 × 48 square resized to 32 × 32 (as the evaluation pipelines crop), whether
+  # from encoded bytes or pixels; an image already at the size is kept as is.
+  expected = np.asarray(Image.fromarray(wide).resize((32, 32), Image.BILINEAR,
+                                                     box=(16, 0, 64, 48)))
+  np.testing.assert_array_equal(out[0], expected)
+  np.testing.assert_array_equal(out[1], expected)
+  np.testing.assert_array_equal(out[2], wide[8:40, 24:56])
+  with pytest.raises(ValueError, match="record 7: image decode failed"):
+    images_to_uint8([b"not an image"], 32, where=lambda row: f"record {row + 7}")

@@ -1,4 +1,4 @@
-"""`mmcl export`: a trained checkpoint's towers as self-contained serving artifacts.
+"""`mmcl export`: a trained checkpoint's (or a pretrained folder's) towers as serving artifacts.
 
 For each tower the task names (`Task.export_towers`), the tower's forward pass with the weights
 embedded is lowered with `jax.export` to a serialized StableHLO module whose batch dimension is
@@ -7,6 +7,10 @@ StableHLO runtime that reads `jax.export` serializations) to call it:
 
   exported = jax.export.deserialize(open("image.jax_exported", "rb").read())
   embeddings = exported.call(x)          # x: the manifest's input shape with any b
+
+`export_pretrained` does the same for a local pretrained folder (`mmcl export --tower FOLDER`,
+see `mmcl.export.pretrained`): the same files, with "task" and "step" null and "source" naming
+the folder.
 
 Output directory (written under a temporary name, renamed into place when complete):
 
@@ -108,6 +112,25 @@ def _check_corpus(name: str, corpus: CorpusExport, towers: dict[str, dict]) -> n
   return emb
 
 
+def _staged(out: pathlib.Path, overwrite: bool, write) -> dict[str, Any]:
+  """Runs `write(stage)` in a temporary sibling of `out`, then renames it to `out`."""
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} exists; pass overwrite=True (mmcl export --overwrite) to "
+                          "replace it")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  stage = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  stage.mkdir()
+  try:
+    manifest = write(stage)
+    if out.exists():
+      shutil.rmtree(out)
+    os.replace(stage, out)
+  except BaseException:
+    shutil.rmtree(stage, ignore_errors=True)
+    raise
+  return manifest
+
+
 def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
                    step: int | None = None, corpus: bool = False,
                    platforms: Sequence[str] = DEFAULT_PLATFORMS,
@@ -135,30 +158,71 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
   if not towers:
     raise ValueError(f"{type(task).__name__}.export_towers() returned no tower")
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  stage = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  stage.mkdir()
-  try:
-    manifest = _write_export(stage, task, towers, host_params, params, config, step, workdir,
-                             corpus=corpus, platforms=platforms)
-    if out.exists():
-      shutil.rmtree(out)
-    os.replace(stage, out)
-  except BaseException:
-    shutil.rmtree(stage, ignore_errors=True)
-    raise
-  return manifest
+  def write(stage: pathlib.Path) -> dict[str, Any]:
+    entries = _write_towers(stage, towers, host_params, platforms=platforms,
+                            owner=f"{type(task).__name__}.export_towers()")
+    corpus_entries = _write_corpus(stage, task, params, entries) if corpus else {}
+    return _write_manifest(stage, {
+        "task": config.task.name, "step": int(step),
+        "source_workdir": str(workdir.absolute()), "towers": entries,
+        "corpus": corpus_entries, "config": json.loads(config.to_json())})
+
+  return _staged(out, overwrite, write)
 
 
-def _write_export(stage: pathlib.Path, task: Task, towers: dict[str, TowerExport], host_params,
-                  params, config, step: int, workdir: pathlib.Path, *, corpus: bool,
-                  platforms: Sequence[str]) -> dict[str, Any]:
+def export_pretrained(folder: str | os.PathLike, out: str | os.PathLike, *,
+                      max_length: int = 256, dtype: str = "float32",
+                      num_heads: int | None = None,
+                      platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                      overwrite: bool = False) -> dict[str, Any]:
+  """Exports a pretrained folder's tower (`mmcl.export.pretrained`) as a serving artifact.
+
+  The same artifact kind as `export_workdir`: `<tower>.jax_exported` with a symbolic batch,
+  the files its preprocessing needs (the text tower's tokenizer.json, truncation built in) and
+  manifest.json; "task" and "step" are null, "source" names the folder, "config" is its
+  config.json (or open_clip_config.json).
+
+  Args:
+    folder: a BERT-family Hugging Face folder or an open_clip / timm ViT folder.
+    out: output directory; must not exist unless `overwrite`.
+    max_length: text tower: tokens per text (the artifact's fixed sequence length).
+    dtype: compute dtype, "float32" or "bfloat16".
+    num_heads: ViT heads when the folder does not record them.
+    platforms: lowering platforms.
+    overwrite: replace an existing `out` once the new export is complete.
+
+  Returns:
+    The manifest (also written to out/manifest.json).
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  from mmcl.export.pretrained import pretrained_towers  # pylint: disable=g-import-not-at-top
+
+  out = pathlib.Path(out)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} exists; pass overwrite=True (mmcl export --overwrite) to "
+                          "replace it")
+  with tempfile.TemporaryDirectory() as scratch:
+    loaded = pretrained_towers(folder, scratch, max_length=max_length, dtype=dtype,
+                               num_heads=num_heads)
+
+    def write(stage: pathlib.Path) -> dict[str, Any]:
+      entries = _write_towers(stage, loaded.towers, loaded.params, platforms=platforms,
+                              owner=str(folder))
+      return _write_manifest(stage, {"task": None, "step": None, "source": loaded.source,
+                                     "towers": entries, "corpus": {}, "config": loaded.config})
+
+    return _staged(out, overwrite, write)
+
+
+def _write_towers(stage: pathlib.Path, towers: dict[str, TowerExport], host_params, *,
+                  platforms: Sequence[str], owner: str) -> dict[str, dict]:
+  """Writes `<tower>.jax_exported` and the preprocessing files; returns the manifest entries."""
   tower_entries: dict[str, dict] = {}
   copied: dict[str, str] = {}  # base name -> source, so two towers cannot clash on a name
   for name, tower in towers.items():
     if not isinstance(tower, TowerExport):
-      raise TypeError(f"{type(task).__name__}.export_towers()[{name!r}] must be a TowerExport, "
-                      f"got {type(tower).__name__}")
+      raise TypeError(f"{owner}[{name!r}] must be a TowerExport, got {type(tower).__name__}")
     exported = export_tower(tower, host_params, platforms=platforms)
     artifact = f"{name}{ARTIFACT_SUFFIX}"
     (stage / artifact).write_bytes(exported.serialize())
@@ -190,36 +254,33 @@ def _write_export(stage: pathlib.Path, task: Task, towers: dict[str, TowerExport
         "preprocessing": tower.preprocessing,
         "files": files,
     }
+  return tower_entries
 
+
+def _write_corpus(stage: pathlib.Path, task: Task, params, tower_entries: dict[str, dict]
+                  ) -> dict[str, dict]:
   corpus_entries: dict[str, dict] = {}
-  if corpus:
-    (stage / "corpus").mkdir()
-    for name, item in task.export_corpus(params).items():
-      emb = _check_corpus(name, item, tower_entries)
-      np.save(stage / "corpus" / f"{name}.npy", emb)
-      (stage / "corpus" / f"{name}.ids.txt").write_text("".join(f"{i}\n" for i in item.ids),
-                                                        encoding="utf-8")
-      corpus_entries[name] = {"tower": item.tower, "embeddings": f"corpus/{name}.npy",
-                              "ids": f"corpus/{name}.ids.txt", "count": int(emb.shape[0]),
-                              "dim": int(emb.shape[1]), "dtype": "float32",
-                              "description": item.description}
+  (stage / "corpus").mkdir()
+  for name, item in task.export_corpus(params).items():
+    emb = _check_corpus(name, item, tower_entries)
+    np.save(stage / "corpus" / f"{name}.npy", emb)
+    (stage / "corpus" / f"{name}.ids.txt").write_text("".join(f"{i}\n" for i in item.ids),
+                                                      encoding="utf-8")
+    corpus_entries[name] = {"tower": item.tower, "embeddings": f"corpus/{name}.npy",
+                            "ids": f"corpus/{name}.ids.txt", "count": int(emb.shape[0]),
+                            "dim": int(emb.shape[1]), "dtype": "float32",
+                            "description": item.description}
+  return corpus_entries
 
+
+def _write_manifest(stage: pathlib.Path, fields: dict[str, Any]) -> dict[str, Any]:
+  """Adds format, versions and every file's sha256 to `fields`; writes stage/manifest.json."""
   files = {}
   for path in sorted(p for p in stage.rglob("*") if p.is_file()):
     rel = path.relative_to(stage).as_posix()
     files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-  manifest = {
-      "format": FORMAT,
-      "task": config.task.name,
-      "step": int(step),
-      "source_workdir": str(workdir.absolute()),
-      "jax_version": jax.__version__,
-      "batch_dimension": BATCH_DIM,
-      "towers": tower_entries,
-      "corpus": corpus_entries,
-      "files": files,
-      "config": json.loads(config.to_json()),
-  }
+  manifest = {"format": FORMAT, "jax_version": jax.__version__, "batch_dimension": BATCH_DIM,
+              **fields, "files": files}
   tmp = stage / f".{MANIFEST}.tmp"
   tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
   os.replace(tmp, stage / MANIFEST)

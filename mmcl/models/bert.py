@@ -6,7 +6,9 @@ ids [B, L] (+ token types [B, L]) → word + absolute position + token-type embe
 projection → optional L2 normalisation → [B, D] float32.
 
 This is the architecture of `BertModel` (`model_type: "bert"` in a Hugging Face config.json: BERT,
-MiniLM, all-MiniLM-*, BGE, E5, GTE, ...). `mmcl.models.pretrained` converts such a folder's weights
+MiniLM, all-MiniLM-*, BGE, E5, GTE, ...), and with two attributes also of `DistilBertModel`
+(`type_vocab_size=0`: no token types) and `RobertaModel` / `XLMRobertaModel` (`position_offset =
+pad_token_id + 1`). `mmcl.models.pretrained` converts such a folder's weights
 into this module's parameters. The self-attention is `mmcl.models.layers.MultiHeadSelfAttention`
 (the same fused-qkv layout as the other towers, so the same sharding rules apply); HF's pooler
 (dense + tanh on [CLS]) is not part of it: sentence embeddings do not use it.
@@ -77,7 +79,8 @@ class BertEmbeddings(nn.Module):
     vocab_size: number of token ids.
     width: embedding width W.
     max_position: size of the absolute position table (HF `max_position_embeddings`).
-    type_vocab_size: number of token types (segments).
+    type_vocab_size: number of token types (segments); 0 = no token-type table (DistilBERT).
+    position_offset: the position id of the first token (RoBERTa / XLM-R: pad_token_id + 1).
     layer_norm_eps: LayerNorm epsilon (HF `layer_norm_eps`, 1e-12 for BERT).
     dropout: dropout rate on the output (train only).
     dtype: compute dtype.
@@ -91,6 +94,7 @@ class BertEmbeddings(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  position_offset: int = 0
 
   @nn.compact
   def __call__(self, ids: jax.Array, token_types: jax.Array, *, train: bool = False) -> jax.Array:
@@ -100,8 +104,12 @@ class BertEmbeddings(nn.Module):
         n, self.width, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=EMBED_INIT,
         name=name)
     x = embed(self.vocab_size, "word")(ids)
-    x = x + embed(self.max_position, "position")(jnp.arange(length, dtype=jnp.int32))[None]
-    x = x + embed(self.type_vocab_size, "token_type")(token_types)
+    # RoBERTa numbers the positions of real tokens from pad_token_id + 1; padding keys are masked,
+    # so giving padding the following positions (instead of pad_token_id) changes no output.
+    positions = self.position_offset + jnp.arange(length, dtype=jnp.int32)
+    x = x + embed(self.max_position, "position")(positions)[None]
+    if self.type_vocab_size:
+      x = x + embed(self.type_vocab_size, "token_type")(token_types)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="ln")(x)
     return nn.Dropout(self.dropout)(x, deterministic=not train)
@@ -158,7 +166,9 @@ class BertTower(nn.Module):
   Attributes:
     vocab_size: number of token ids (HF `vocab_size`).
     max_position: longest sequence accepted (HF `max_position_embeddings`).
-    type_vocab_size: token types (HF `type_vocab_size`).
+    type_vocab_size: token types (HF `type_vocab_size`); 0 = none (DistilBERT).
+    position_offset: position id of the first token: 0 for BERT / DistilBERT, pad_id + 1 for
+      RoBERTa / XLM-R (HF `create_position_ids_from_input_ids`).
     width: hidden width W (HF `hidden_size`).
     depth: number of blocks (HF `num_hidden_layers`).
     num_heads: attention heads (HF `num_attention_heads`).
@@ -194,11 +204,13 @@ class BertTower(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   attention_implementation: str | None = None
+  position_offset: int = 0
 
   def setup(self):
     self.embeddings = BertEmbeddings(
         self.vocab_size, self.width, self.max_position, self.type_vocab_size,
-        self.layer_norm_eps, self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.layer_norm_eps, self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+        position_offset=self.position_offset)
     block_cls = nn.remat(BertBlock, static_argnums=(3,)) if self.remat else BertBlock
     self.encoder = _BertEncoder(
         block_cls=block_cls, depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
@@ -212,10 +224,11 @@ class BertTower(nn.Module):
     check_array(ids, where="BertTower", name="ids", ndim=2, kind="int")
     check_choice(self.pool, POOLS, where="BertTower", name="pool")
     check_choice(self.activation, MLP_ACTIVATIONS, where="BertTower", name="activation")
-    if ids.shape[1] > self.max_position:
+    if ids.shape[1] + self.position_offset > self.max_position:
       raise ValueError(
           f"BertTower: ids have length {ids.shape[1]}, longer than max_position="
-          f"{self.max_position}; truncate when tokenising.")
+          f"{self.max_position} - position_offset={self.position_offset}; truncate when "
+          "tokenising.")
 
   def token_features(self, ids: jax.Array, *, mask: jax.Array | None = None,
                      token_types: jax.Array | None = None, train: bool = False) -> jax.Array:

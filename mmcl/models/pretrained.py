@@ -1,7 +1,9 @@
 """Pretrained text towers from local Hugging Face folders, without PyTorch and without downloads.
 
 A BERT-family folder (what `save_pretrained` / sentence-transformers write) holds:
-  config.json                 architecture (`model_type: "bert"`), read into a `BertTower`;
+  config.json                 architecture, read into a `BertTower`: `model_type` "bert" (BERT,
+                              MiniLM, BGE, E5, GTE, ...), "distilbert", "roberta" or
+                              "xlm-roberta"; any other type is refused naming the file and key;
   model.safetensors           weights (or sharded: model.safetensors.index.json + shards), read
                               with `safetensors.numpy` and converted to the tower's parameters;
   tokenizer.json              the `tokenizers` pipeline (else vocab.txt + tokenizer_config.json
@@ -17,6 +19,11 @@ or, to keep the tower (e.g. to train it further or to embed under a mesh):
 
 For a folder without sentence-transformers files the pooling defaults to the mean over tokens, not
 normalised (pass `pool=` / `normalize=` to choose).
+
+Under a mesh: `place_params(pretrained.params, mesh, "fsdp")` shards the weights by the same rules
+as trained towers (`mmcl.parallel.sharding`); `encode(..., sharding=batch_sharding(mesh),
+params=placed)` then runs every batch over all devices. `dtype="bfloat16"` computes in bf16 (the
+weights stay float32, the outputs are float32).
 """
 from __future__ import annotations
 
@@ -35,11 +42,11 @@ from tokenizers import Tokenizer
 
 from mmcl.models.bert import POOLS, BertTower
 from mmcl.models.layers import Dtype
+from mmcl.parallel import sharding as sharding_lib
 
 PathLike = str | pathlib.Path
 Params = dict[str, Any]
 
-SUPPORTED_MODEL_TYPES = ("bert",)
 # Hugging Face `hidden_act` → `mmcl.models.layers.MLP_ACTIVATIONS`.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "gelu_fast": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
@@ -154,50 +161,112 @@ def check_params_match(module: Any, params: Params, *sample_args: Any, where: st
                      + "; ".join(d for d in details if d))
 
 
-# --- BERT weights ---------------------------------------------------------------------------------
+# --- BERT-family weights --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  """How one Hugging Face `model_type` maps onto `BertTower`.
+
+  Attributes:
+    config_keys: BertTower attribute → config.json key (the names differ in DistilBERT).
+    layer: the prefix of block i's tensors; names: our sub-layer → the checkpoint's module name.
+    token_types: whether the checkpoint has a token-type table.
+    position_offset: "pad+1" for RoBERTa's numbering of positions from pad_token_id + 1.
+  """
+  config_keys: Mapping[str, str]
+  layer: str
+  names: Mapping[str, str]
+  token_types: bool = True
+  position_offset: str | None = None
+
+
+_BERT_KEYS = {"width": "hidden_size", "depth": "num_hidden_layers",
+              "num_heads": "num_attention_heads", "mlp_dim": "intermediate_size",
+              "activation": "hidden_act"}
+_BERT_NAMES = {"query": "attention.self.query", "key": "attention.self.key",
+               "value": "attention.self.value", "out": "attention.output.dense",
+               "ln_attn": "attention.output.LayerNorm", "fc1": "intermediate.dense",
+               "fc2": "output.dense", "ln_mlp": "output.LayerNorm"}
+FAMILIES: dict[str, _Family] = {
+    "bert": _Family(_BERT_KEYS, "encoder.layer.{i}.", _BERT_NAMES),
+    "roberta": _Family(_BERT_KEYS, "encoder.layer.{i}.", _BERT_NAMES, position_offset="pad+1"),
+    "xlm-roberta": _Family(_BERT_KEYS, "encoder.layer.{i}.", _BERT_NAMES,
+                           position_offset="pad+1"),
+    "distilbert": _Family(
+        {"width": "dim", "depth": "n_layers", "num_heads": "n_heads", "mlp_dim": "hidden_dim",
+         "activation": "activation"},
+        "transformer.layer.{i}.",
+        {"query": "attention.q_lin", "key": "attention.k_lin", "value": "attention.v_lin",
+         "out": "attention.out_lin", "ln_attn": "sa_layer_norm", "fc1": "ffn.lin1",
+         "fc2": "ffn.lin2", "ln_mlp": "output_layer_norm"},
+        token_types=False),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+def model_family(config: Mapping[str, Any], *, where: str = "config.json") -> str:
+  """The `model_type` of a config.json if this loader reads it; a clear error otherwise."""
+  model_type = config.get("model_type")
+  if model_type not in FAMILIES:
+    raise ValueError(f"{where}: key 'model_type' is {model_type!r}, which this loader does not "
+                     f"read; supported: {SUPPORTED_MODEL_TYPES} (BERT, MiniLM, BGE, E5, GTE, "
+                     "DistilBERT, RoBERTa, XLM-R, ...)")
+  return model_type
+
+
 def bert_tower_from_hf_config(config: Mapping[str, Any], *, pool: str = "mean",
                               normalize: bool = False, embed_dim: int | None = None,
-                              dtype: Dtype = jnp.float32, where: str = "config.json",
+                              dtype: Dtype | str = jnp.float32, where: str = "config.json",
                               **overrides: Any) -> BertTower:
-  """Builds the `BertTower` that a Hugging Face BERT config.json describes.
+  """Builds the `BertTower` that a Hugging Face BERT-family config.json describes.
 
   Args:
-    config: the parsed config.json.
+    config: the parsed config.json (`model_type` one of `SUPPORTED_MODEL_TYPES`).
     pool: pooling mode, one of `mmcl.models.bert.POOLS`.
     normalize: L2-normalise the output.
     embed_dim: optional new projection width (its weights are not in the checkpoint).
-    dtype: compute dtype.
+    dtype: compute dtype (jnp dtype, or "float32" / "bfloat16").
     where: the file, for error messages.
     **overrides: further `BertTower` attributes (dropout, remat, attention_implementation, ...).
 
   Raises:
-    ValueError: for a model type or an option this tower does not implement.
+    ValueError: for a model type or an option this tower does not implement, naming the key.
   """
-  model_type = config.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"{where}: model_type {model_type!r} is not supported; this loader reads "
-                     f"{SUPPORTED_MODEL_TYPES} (BERT, MiniLM, BGE, E5, GTE, ...)")
+  family = FAMILIES[model_family(config, where=where)]
   position = config.get("position_embedding_type", "absolute")
   if position != "absolute":
-    raise ValueError(f"{where}: position_embedding_type {position!r} is not supported; only "
-                     "'absolute'")
-  act = config.get("hidden_act", "gelu")
+    raise ValueError(f"{where}: key 'position_embedding_type' is {position!r}; only 'absolute' "
+                     "is supported")
+  act_key = family.config_keys["activation"]
+  act = config.get(act_key, "gelu")
   if act not in HF_ACTIVATIONS:
-    raise ValueError(f"{where}: hidden_act {act!r} is not supported; known: "
+    raise ValueError(f"{where}: key {act_key!r} is {act!r}, not supported; known: "
                      f"{sorted(HF_ACTIVATIONS)}")
   if pool not in POOLS:
     raise ValueError(f"pooling {pool!r} is not supported; expected one of {POOLS}")
+  keys = family.config_keys
   try:
+    pad_id = int(config.get("pad_token_id", 0) or 0)
     return BertTower(
         vocab_size=int(config["vocab_size"]), max_position=int(config["max_position_embeddings"]),
-        type_vocab_size=int(config.get("type_vocab_size", 2)), width=int(config["hidden_size"]),
-        depth=int(config["num_hidden_layers"]), num_heads=int(config["num_attention_heads"]),
-        mlp_dim=int(config["intermediate_size"]), activation=HF_ACTIVATIONS[act],
-        layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-        pad_id=int(config.get("pad_token_id", 0) or 0), pool=pool, embed_dim=embed_dim,
-        normalize=normalize, dtype=dtype, **overrides)
+        type_vocab_size=int(config.get("type_vocab_size", 2)) if family.token_types else 0,
+        width=int(config[keys["width"]]), depth=int(config[keys["depth"]]),
+        num_heads=int(config[keys["num_heads"]]), mlp_dim=int(config[keys["mlp_dim"]]),
+        activation=HF_ACTIVATIONS[act],
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)), pad_id=pad_id,
+        position_offset=pad_id + 1 if family.position_offset == "pad+1" else 0, pool=pool,
+        embed_dim=embed_dim, normalize=normalize, dtype=as_dtype(dtype), **overrides)
   except KeyError as e:
-    raise ValueError(f"{where}: missing key {e.args[0]!r} needed to build the BERT tower") from None
+    raise ValueError(f"{where}: missing key {e.args[0]!r} needed to build the "
+                     f"{config['model_type']} tower") from None
+
+
+def as_dtype(dtype: Dtype | str) -> Dtype:
+  """"float32" / "bfloat16" (config and command-line spelling) or a jnp dtype → the jnp dtype."""
+  if isinstance(dtype, str):
+    if dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"compute dtype {dtype!r}: expected 'float32' or 'bfloat16'")
+    return jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  return dtype
 
 
 def _find_prefix(state: Mapping[str, np.ndarray], suffix: str, where: str) -> str:
@@ -241,18 +310,20 @@ class _StateReader:
 
 
 def bert_params_from_state_dict(state: Mapping[str, np.ndarray], tower: BertTower, *,
-                                where: str = "model.safetensors") -> Params:
-  """Converts a Hugging Face `BertModel` state dict to `tower`'s parameters (without `head`).
+                                where: str = "model.safetensors",
+                                model_type: str = "bert") -> Params:
+  """Converts a Hugging Face BERT-family state dict to `tower`'s parameters (without `head`).
 
-  Accepts the bare `BertModel` names and prefixed ones ("bert." of the task models); the HF
-  pooler and task heads are ignored. Linear weights are transposed ([out, in] → [in, out]); the
-  query/key/value weights are fused into the `[W, 3, heads, head_dim]` kernel of
+  Accepts the bare model names and prefixed ones ("bert.", "roberta.", "distilbert." of the task
+  models); the HF pooler and task heads are ignored. Linear weights are transposed ([out, in] →
+  [in, out]); the query/key/value weights are fused into the `[W, 3, heads, head_dim]` kernel of
   `MultiHeadSelfAttention` (head h owns columns h·Dh … (h+1)·Dh − 1 in both layouts).
 
   Args:
     state: {name: array} as read by `load_safetensors`.
     tower: the module the parameters are for (its width, depth and heads).
     where: the weights' file, for error messages.
+    model_type: the config.json `model_type` (one of `SUPPORTED_MODEL_TYPES`): the tensor names.
 
   Returns:
     {"embeddings": ..., "encoder": ...} float32 numpy arrays, shaped like `tower.init`'s.
@@ -261,20 +332,22 @@ def bert_params_from_state_dict(state: Mapping[str, np.ndarray], tower: BertTowe
     KeyError / ValueError: for a missing tensor, a tensor of the wrong shape, or unexpected
       encoder tensors (an architecture variant this tower does not implement).
   """
+  family = FAMILIES[model_family({"model_type": model_type}, where=where)]
   prefix = _find_prefix(state, "embeddings.word_embeddings.weight", where)
   r = _StateReader(state, prefix, where)
   width, heads = tower.width, tower.num_heads
   head_dim = width // heads
-  params: Params = {"embeddings": {
-      "word": {"embedding": r.get("embeddings.word_embeddings.weight")},
-      "position": {"embedding": r.get("embeddings.position_embeddings.weight")},
-      "token_type": {"embedding": r.get("embeddings.token_type_embeddings.weight")},
-      "ln": r.layer_norm("embeddings.LayerNorm"),
-  }, "encoder": {}}
+  embeddings = {"word": {"embedding": r.get("embeddings.word_embeddings.weight")},
+                "position": {"embedding": r.get("embeddings.position_embeddings.weight")},
+                "ln": r.layer_norm("embeddings.LayerNorm")}
+  if tower.type_vocab_size:
+    embeddings["token_type"] = {"embedding": r.get("embeddings.token_type_embeddings.weight")}
+  params: Params = {"embeddings": embeddings, "encoder": {}}
+  n = family.names
   for i in range(tower.depth):
-    p = f"encoder.layer.{i}."
-    qkv = [r.linear(f"{p}attention.self.{n}") for n in ("query", "key", "value")]
-    out = r.linear(f"{p}attention.output.dense")
+    p = family.layer.format(i=i)
+    qkv = [r.linear(p + n[name]) for name in ("query", "key", "value")]
+    out = r.linear(p + n["out"])
     params["encoder"][f"block_{i}"] = {
         "attn": {
             "qkv": {"kernel": np.stack([t["kernel"] for t in qkv], 1).reshape(
@@ -282,19 +355,48 @@ def bert_params_from_state_dict(state: Mapping[str, np.ndarray], tower: BertTowe
                     "bias": np.stack([t["bias"] for t in qkv]).reshape(3, heads, head_dim)},
             "out": {"kernel": out["kernel"].reshape(heads, head_dim, width), "bias": out["bias"]},
         },
-        "ln_attn": r.layer_norm(f"{p}attention.output.LayerNorm"),
-        "fc1": r.linear(f"{p}intermediate.dense"),
-        "fc2": r.linear(f"{p}output.dense"),
-        "ln_mlp": r.layer_norm(f"{p}output.LayerNorm"),
+        "ln_attn": r.layer_norm(p + n["ln_attn"]),
+        "fc1": r.linear(p + n["fc1"]),
+        "fc2": r.linear(p + n["fc2"]),
+        "ln_mlp": r.layer_norm(p + n["ln_mlp"]),
     }
-  # Not part of the tower: the HF pooler, the position-id buffer, task heads outside the prefix.
+  # Not part of the tower: the HF pooler, the position-id buffers, task heads outside the prefix.
   unused = [k for k in r.unused() if not k.startswith((prefix + "pooler.",
-                                                       prefix + "embeddings.position_ids"))]
+                                                       prefix + "embeddings.position_ids",
+                                                       prefix + "embeddings.token_type_ids"))]
   if unused:
-    raise ValueError(f"{where}: tensors the BERT tower does not use: {unused[:8]}"
+    raise ValueError(f"{where}: tensors the {model_type} tower does not use: {unused[:8]}"
                      f"{' ...' if len(unused) > 8 else ''} (an architecture variant, or a "
-                     f"num_hidden_layers below the checkpoint's)")
+                     f"layer count below the checkpoint's)")
   return params
+
+
+def place_params(params: Params, mesh: jax.sharding.Mesh,
+                 rules: str | Sequence[Any] = "replicate", *,
+                 min_fsdp_size: int = 2**14) -> Params:
+  """Puts a (pretrained) tower's parameters on `mesh` by the trainer's sharding rules.
+
+  Args:
+    params: the "params" collection (host or device arrays).
+    mesh: the device mesh.
+    rules: a strategy of `mmcl.parallel.sharding.STRATEGIES` ("replicate", "fsdp": the config key
+      `mesh.param_sharding` of trained towers) or a rule list [(regex, spec), ...].
+    min_fsdp_size: parameters with fewer elements stay replicated under "fsdp".
+
+  Returns:
+    The same tree of jax arrays with `NamedSharding`s (`sharding.spec_for` per leaf).
+  """
+  if isinstance(rules, str):
+    if rules not in sharding_lib.STRATEGIES:
+      raise ValueError(f"param sharding {rules!r}: expected one of "
+                       f"{sorted(sharding_lib.STRATEGIES)} or a rule list")
+    rules = sharding_lib.STRATEGIES[rules]
+  leaves, treedef = jax.tree.flatten(params)
+  paths = sharding_lib.tree_paths(params)
+  shardings = [jax.sharding.NamedSharding(
+      mesh, sharding_lib.spec_for(path, np.shape(x), rules, mesh, min_fsdp_size))
+      for path, x in zip(paths, leaves)]
+  return jax.tree.unflatten(treedef, [jax.device_put(x, s) for x, s in zip(leaves, shardings)])
 
 
 # --- pooling and tokenizer ------------------------------------------------------------------------
@@ -527,23 +629,20 @@ class PretrainedTextTower:
     return out
 
 
-def load_text_tower(folder: PathLike, *, max_length: int = 256, pool: str | None = None,
-                    normalize: bool | None = None, dtype: Dtype = jnp.float32,
-                    **overrides: Any) -> PretrainedTextTower:
-  """Loads a BERT-family Hugging Face folder into a `BertTower` and its parameters.
+def load_text_params(folder: PathLike, *, pool: str | None = None,
+                     normalize: bool | None = None, dtype: Dtype | str = jnp.float32,
+                     **overrides: Any) -> tuple[BertTower, Params]:
+  """The `BertTower` of a BERT-family folder and its parameters (no tokenizer needed).
 
   Args:
-    folder: the model folder (config.json, model.safetensors, tokenizer.json or vocab.txt, and
-      optionally the sentence-transformers pooling files).
-    max_length: tokens per text including [CLS] and [SEP]; capped at the model's
-      `max_position_embeddings`. Longer texts are truncated (as sentence-transformers does).
-    pool: override the folder's pooling (one of `mmcl.models.bert.POOLS`).
-    normalize: override the folder's normalisation.
+    folder: a folder with config.json (`model_type` one of `SUPPORTED_MODEL_TYPES`) and
+      model.safetensors (or a sharded index); pooling from the sentence-transformers files.
+    pool, normalize: override the folder's pooling / normalisation.
     dtype: compute dtype (parameters stay float32).
-    **overrides: further `BertTower` attributes (dropout, remat, attention_implementation, ...).
+    **overrides: further `BertTower` attributes.
 
   Returns:
-    The `PretrainedTextTower`.
+    (tower, params): params are float32 numpy arrays shaped like `tower.init`'s.
   """
   folder = pathlib.Path(folder)
   if not folder.is_dir():
@@ -551,29 +650,57 @@ def load_text_tower(folder: PathLike, *, max_length: int = 256, pool: str | None
   if overrides.pop("embed_dim", None) is not None:
     raise ValueError("load_text_tower: embed_dim adds a new head, absent from the checkpoint; "
                      "build it with bert_tower_from_hf_config and overlay_params")
-  config = read_json(folder / "config.json")
+  config_file = folder / "config.json"
+  config = read_json(config_file)
+  model_type = model_family(config, where=str(config_file))
   pooling = read_sentence_pooling(folder)
   tower = bert_tower_from_hf_config(
       config, pool=pooling.pool if pool is None else pool,
       normalize=pooling.normalize if normalize is None else normalize, dtype=dtype,
-      where=str(folder / "config.json"), **overrides)
+      where=str(config_file), **overrides)
+  state = load_safetensors(folder)
+  params = bert_params_from_state_dict(state, tower, where=str(folder), model_type=model_type)
+  check_params_match(tower, params, jnp.zeros((1, 2), jnp.int32), where=str(folder))
+  return tower, params
+
+
+def load_text_tower(folder: PathLike, *, max_length: int = 256, pool: str | None = None,
+                    normalize: bool | None = None, dtype: Dtype | str = jnp.float32,
+                    **overrides: Any) -> PretrainedTextTower:
+  """Loads a BERT-family Hugging Face folder into a `BertTower`, its parameters and tokenizer.
+
+  Args:
+    folder: the model folder (config.json, model.safetensors, tokenizer.json or vocab.txt, and
+      optionally the sentence-transformers pooling files).
+    max_length: tokens per text including [CLS] and [SEP]; capped at the model's
+      `max_position_embeddings` (less RoBERTa's position offset). Longer texts are truncated
+      (as sentence-transformers does).
+    pool: override the folder's pooling (one of `mmcl.models.bert.POOLS`).
+    normalize: override the folder's normalisation.
+    dtype: compute dtype, jnp.float32 / jnp.bfloat16 or "float32" / "bfloat16" (parameters stay
+      float32; outputs are float32).
+    **overrides: further `BertTower` attributes (dropout, remat, attention_implementation, ...).
+
+  Returns:
+    The `PretrainedTextTower`.
+  """
   if max_length < 2:
     raise ValueError(f"load_text_tower: max_length must be ≥ 2 ([CLS] and [SEP]), found "
                      f"{max_length}")
-  max_length = min(max_length, tower.max_position)
+  tower, params = load_text_params(folder, pool=pool, normalize=normalize, dtype=dtype,
+                                   **overrides)
+  folder = pathlib.Path(folder)
+  max_length = min(max_length, tower.max_position - tower.position_offset)
   tokenizer = load_tokenizer(folder, max_length=max_length)
   if tokenizer.get_vocab_size() > tower.vocab_size:
     raise ValueError(f"{folder}: the tokenizer has {tokenizer.get_vocab_size()} ids but "
                      f"config.json vocab_size is {tower.vocab_size}")
-  state = load_safetensors(folder)
-  params = bert_params_from_state_dict(state, tower, where=str(folder))
-  check_params_match(tower, params, jnp.zeros((1, 2), jnp.int32), where=str(folder))
   return PretrainedTextTower(folder, tower, jax.tree.map(jnp.asarray, params), tokenizer,
                              max_length)
 
 
 def encode_texts(folder: PathLike, texts: Sequence[str], *, max_length: int = 256,
-                 batch_size: int = 64) -> np.ndarray:
+                 batch_size: int = 64, dtype: Dtype | str = jnp.float32) -> np.ndarray:
   """Sentence embeddings of `texts` with the BERT-family model in `folder`.
 
   Tokenises (truncating to `max_length` tokens), runs the tower and applies the folder's pooling
@@ -584,8 +711,10 @@ def encode_texts(folder: PathLike, texts: Sequence[str], *, max_length: int = 25
     texts: N strings; empty strings and texts longer than `max_length` tokens are fine.
     max_length: tokens per text including [CLS] and [SEP].
     batch_size: texts per forward pass.
+    dtype: compute dtype ("float32" or "bfloat16"); the output is float32 either way.
 
   Returns:
     [N, D] float32.
   """
-  return load_text_tower(folder, max_length=max_length).encode(texts, batch_size=batch_size)
+  return load_text_tower(folder, max_length=max_length, dtype=dtype).encode(
+      texts, batch_size=batch_size)

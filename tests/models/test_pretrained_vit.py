@@ -193,3 +193,52 @@ def test_unsupported_variants_are_refused():
     vit_from_state_dict(state, num_heads=5)
   with pytest.raises(ValueError, match="patch-embedding"):
     vit_from_state_dict({"foo.weight": np.zeros(3)}, num_heads=HEADS)
+
+
+def test_open_clip_folder_under_the_mesh_in_bf16_and_as_a_features_tower(tmp_path, shapes_dir):
+  """An open_clip folder embeds a dataset's image field like torch; fsdp-sharded weights on 8
+  devices give the unsharded outputs; bf16 compute stays close to float32."""
+  import jax
+
+  from data_pipelines import image_text as data_lib
+  from mmcl.features import compute_features, read_features
+  from mmcl.models.pretrained import place_params
+  from mmcl.parallel.mesh import batch_sharding, make_mesh
+
+  torch.manual_seed(0)
+  model = _randomise(OpenClipViT(), 3)
+  folder = tmp_path / "vit"
+  folder.mkdir()
+  safetensors_torch.save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
+  mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+  (folder / "open_clip_config.json").write_text(json.dumps({
+      "model_cfg": {"vision_cfg": {"width": WIDTH, "head_width": WIDTH // HEADS}},
+      "preprocess_cfg": {"mean": mean, "std": std}}))
+  loaded = load_vit(folder)
+
+  # `mmcl features` on the shapes set's 32 px images (no resize needed) with the weights
+  # fsdp-sharded over the 8 devices = the unsharded tower = torch, on the same pixels normalised
+  # with the folder's mean / std.
+  source = data_lib.open_source(shapes_dir, "test")
+  pixels = np.stack([r["image"] for r in source.read_many(list(range(len(source))))])
+  images = ((pixels / 255.0 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
+  unsharded = np.asarray(loaded.tower.apply({"params": loaded.params}, images))
+  with torch.no_grad():
+    _assert_close(unsharded, model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy())
+  sharded = place_params(loaded.params, make_mesh(), "fsdp", min_fsdp_size=1)
+  qkv = sharded["encoder"]["block_0"]["attn"]["qkv"]["kernel"]
+  assert len(qkv.sharding.device_set) == 8 and not qkv.sharding.is_fully_replicated
+  result = compute_features(folder, shapes_dir, "image", tmp_path / "emb", split="test",
+                            batch_size=64, param_sharding="fsdp", progress=False)
+  assert result.manifest["tower"]["layout"] == "open_clip"
+  np.testing.assert_allclose(read_features(tmp_path / "emb").vectors, unsharded, atol=1e-5)
+  out = jax.jit(loaded.tower.apply)({"params": sharded},
+                                    jax.device_put(images, batch_sharding(make_mesh())))
+  np.testing.assert_allclose(out, unsharded, atol=1e-5)
+
+  bf16 = load_vit(folder, dtype=jnp.bfloat16)
+  low = np.asarray(bf16.tower.apply({"params": bf16.params}, images))
+  assert low.dtype == np.float32
+  cosine = np.sum(low * unsharded, 1) / (np.linalg.norm(low, axis=1)
+                                         * np.linalg.norm(unsharded, axis=1))
+  assert cosine.min() > 0.99
