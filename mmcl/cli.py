@@ -1,7 +1,7 @@
 """The `mmcl` command line.
 
   mmcl train --config experiments/clip_shapes.py[:arg] --workdir DIR [--set key=value ...]
-  mmcl eval  --workdir DIR [--step N] [--watch [--poll S] [--timeout S]]
+  mmcl eval  --workdir DIR [--step N] [--watch [--poll S] [--timeout S]] [--set key=value --tag T]
   mmcl export --workdir DIR [--step N] --out DIR [--corpus] [--overwrite]
   mmcl export --tower FOLDER --out DIR [--max-length N] [--dtype bfloat16]   (pretrained tower)
   mmcl sweep --config F --workdir DIR --grid key=v1,v2 [--grid key2=...] [--set key=value ...]
@@ -49,8 +49,12 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
   from mmcl.eval.evaluator import run_evaluator
+  if args.set and not args.tag:
+    print("mmcl eval: error: --set needs --tag NAME (results then go to WORKDIR/eval-NAME/, apart "
+          "from the default protocol's eval/)", file=sys.stderr)
+    return 2
   run_evaluator(args.workdir, step=args.step, watch=args.watch, poll_seconds=args.poll,
-                timeout_seconds=args.timeout)
+                timeout_seconds=args.timeout, overrides=args.set or [], tag=args.tag)
   return 0
 
 
@@ -143,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--poll", type=float, default=10.0, help="seconds between checks in --watch")
   e.add_argument("--timeout", type=float, default=None,
                  help="--watch: stop after this many seconds without a new checkpoint")
+  e.add_argument("--set", action="append", metavar="KEY=VALUE",
+                 help="change an evaluation setting of the saved config (e.g. "
+                      "task.eval_num_negatives=99); needs --tag")
+  e.add_argument("--tag", default=None,
+                 help="write results to WORKDIR/eval-TAG/ instead of WORKDIR/eval/")
   e.set_defaults(fn=cmd_eval)
 
   x = sub.add_parser("export", help="write jax.export serving artifacts of a checkpoint's towers "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 from mmcl.tasks import config_from_dict, get_task_class
@@ -24,7 +25,9 @@ class TrainedWorkdir:
     mesh, task: built from it. ckpt: a read-only `Checkpointer`.
   """
 
-  def __init__(self, workdir: str | pathlib.Path):
+  def __init__(self, workdir: str | pathlib.Path, overrides: Sequence[str] = ()):
+    """Opens `workdir`; `overrides` ("key=value", as `mmcl train --set`) change the saved config
+    before the task is built (evaluation settings: a restore still needs the trained shapes)."""
     self.workdir = pathlib.Path(workdir)
     cfg_path = self.workdir / "config.json"
     if not cfg_path.is_file():
@@ -35,6 +38,8 @@ class TrainedWorkdir:
     config.distributed.num_processes = None
     config.distributed.process_id = None
     config.mesh.data, config.mesh.model = -1, 1
+    for o in overrides:
+      config.override(o)
     self.config = config
     self.mesh, self.task = loop_lib.setup(config, get_task_class(config.task.name))
     _, abstract, shardings, _, _ = loop_lib.build_state(config, self.task, self.mesh)

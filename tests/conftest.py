@@ -31,3 +31,25 @@ def shapes_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("shapes")
   build_shapes_dataset(out, num_train=512, num_test=128, image_size=32, seed=0, num_shards=2)
   return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_workdir(shapes_dir, tmp_path_factory):
+  """A `mmcl train`-style workdir with one checkpoint (step 3) of freshly initialised tiny CLIP
+  parameters (experiments/clip_shapes.py:tiny on `shapes_dir`): consumers that only restore and
+  run the towers (export, features, evaluator options) do not need trained weights."""
+  from mmcl.config import load_config_file
+  from mmcl.tasks import get_task_class
+  from mmcl.train import checkpoint as ckpt_lib
+  from mmcl.train import loop as loop_lib
+  c = load_config_file(str(REPO / "experiments/clip_shapes.py") + ":tiny")
+  c.data.dir = str(shapes_dir)
+  path = tmp_path_factory.mktemp("tiny_clip") / "run"
+  path.mkdir()
+  (path / "config.json").write_text(c.to_json())
+  mesh, task = loop_lib.setup(c, get_task_class("clip"))
+  state_fn, *_ = loop_lib.build_state(c, task, mesh)
+  ckpt = ckpt_lib.Checkpointer(path, async_save=False)
+  ckpt.save(3, state_fn(), None)
+  ckpt.close()
+  return path

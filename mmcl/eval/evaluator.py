@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -28,9 +29,17 @@ log = logging.getLogger("mmcl.eval")
 class Evaluator(TrainedWorkdir):
   """Evaluates checkpoints of one workdir."""
 
-  def __init__(self, workdir: str | pathlib.Path):
-    super().__init__(workdir)
-    self.eval_dir = self.workdir / "eval"
+  def __init__(self, workdir: str | pathlib.Path, overrides: Sequence[str] = (),
+               tag: str | None = None):
+    """`overrides` change evaluation settings of the saved config (e.g. another protocol); their
+    results go to eval-<tag>/ instead of eval/, so the default reports are never mixed with them."""
+    if overrides and not tag:
+      raise ValueError("evaluating with config overrides needs a tag (`mmcl eval --tag NAME`): "
+                       "their results go to eval-NAME/, apart from the default eval/")
+    if tag is not None and (not tag or not all(c.isalnum() or c in "-_." for c in tag)):
+      raise ValueError(f"eval tag {tag!r}: use letters, digits, '-', '_' or '.'")
+    super().__init__(workdir, overrides)
+    self.eval_dir = self.workdir / ("eval" if tag is None else f"eval-{tag}")
 
   def evaluate(self, step: int) -> dict[str, float]:
     """Evaluates checkpoint `step`; the task writes its artefacts into eval/<step>/."""
@@ -98,10 +107,11 @@ def wait_for_workdir(workdir: str | pathlib.Path, *, poll_seconds: float,
 
 
 def run_evaluator(workdir: str, *, step: int | None = None, watch: bool = False,
-                  poll_seconds: float = 10.0, timeout_seconds: float | None = None) -> dict:
+                  poll_seconds: float = 10.0, timeout_seconds: float | None = None,
+                  overrides: Sequence[str] = (), tag: str | None = None) -> dict:
   if watch:
     wait_for_workdir(workdir, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)
-  ev = Evaluator(workdir)
+  ev = Evaluator(workdir, overrides, tag)
   if watch:
     tc = ev.config.train
     state_path = ev.eval_dir / "state.json"
