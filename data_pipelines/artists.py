@@ -42,7 +42,9 @@ rest are `train`. So test queries and their ground-truth neighbours never shape 
 
 CLI: `python -m data_pipelines.artists --sas DIR --hetrec DIR --output DIR [options]`.
 `train_iterator(...)` gives the grain training batches (with optional oversampling of the rows
-that have text, which are a small minority).
+that have text, which are a small minority, and optionally the role-train SAS artists with a
+single modality, `single_modality_rows`, for the multi-positive loss; their number of available
+modalities is in `metadata["catalogue"]["num_available"]`).
 """
 
 from __future__ import annotations
@@ -374,7 +376,7 @@ def build_artist_dataset(sas_dir: str | os.PathLike, hetrec_dir: str | os.PathLi
       "modalities": dims, "num_entities": e,
       "available": {m: int(a.sum()) for m, a in avail.items()},
       "catalogue": {"gold": sas["gold"].tolist(), "listeners": listeners[:n_sas].tolist(),
-                    "role": roles.tolist()},
+                    "role": roles.tolist(), "num_available": num_avail[:n_sas].tolist()},
       "join": join_stats,
       "modality_counts": {"catalogue_natural": natural, "catalogue_after_drop": cat_avail,
                           "catalogue_size": n_sas},
@@ -440,19 +442,79 @@ class _VirtualLength:
     return getattr(self._source, name)
 
 
+class _ConcatSource:
+  """Records of several splits behind one index range: row r is record `rows[r][1]` of source
+  `rows[r][0]` (only `len`, `read_many` and `split` are needed by `ArtistBatch`)."""
+
+  def __init__(self, sources: Sequence[records.ArrayRecordSource],
+               rows: Sequence[tuple[int, int]]):
+    self._sources, self._rows = list(sources), list(rows)
+    self.split = "+".join(s.split for s in self._sources)
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def read_many(self, indices: Sequence[int]) -> list[Any]:
+    out: list[Any] = [None] * len(indices)
+    for s, source in enumerate(self._sources):
+      pos = [p for p, i in enumerate(indices) if self._rows[int(i)][0] == s]
+      if pos:
+        for p, rec in zip(pos, source.read_many([self._rows[int(indices[p])][1] for p in pos])):
+          out[p] = rec
+    return out
+
+
+def single_modality_train_rows(meta: Mapping[str, Any]) -> np.ndarray:
+  """Catalogue indices of the SAS artists with role `train` and exactly one available modality.
+
+  They are not in the `train` split (no modality pair of their own) but take part in the
+  multi-positive loss: their one modality is paired with the other modalities of their
+  ground-truth neighbours among the training artists (`ArtistRetrievalTask`, task.positives).
+  """
+  info = meta["catalogue"]
+  roles = np.asarray(info["role"])
+  counts = info.get("num_available")
+  if counts is None:
+    raise ValueError("dataset metadata has no catalogue['num_available']: rebuild it with this "
+                     "version of `python -m data_pipelines.artists`, or read it with "
+                     "`catalogue_availability`")
+  return np.flatnonzero((roles == "train") & (np.asarray(counts) == 1))
+
+
+def catalogue_availability(data_dir: str | os.PathLike) -> np.ndarray:
+  """[N] int64 number of available modalities per catalogue artist (read from the records)."""
+  meta = records.load_metadata(data_dir)
+  source = records.ArrayRecordSource(data_dir, "catalogue", metadata=meta)
+  recs = source.read_many(list(range(len(source))))
+  return np.asarray([sum(int(r[f"has_{m}"]) for m in meta["modalities"]) for r in recs], np.int64)
+
+
 def train_iterator(data_dir: str | os.PathLike, *, split: str = "train", global_batch_size: int,
                    seed: int, process_index: int = 0, process_count: int = 1,
-                   num_epochs: int | None = None, text_oversample: int = 1) -> Any:
+                   num_epochs: int | None = None, text_oversample: int = 1,
+                   single_modality_rows: bool = False) -> Any:
   """Checkpointable grain iterator of this host's rows of each global artist batch.
 
   Args:
     text_oversample: rows with an available `text` modality appear this many times per epoch
       (≥ 1); the batch's `artist` field lets the loss keep copies of one artist apart from its
       negatives (`group_ids`).
+    single_modality_rows: also draw the catalogue rows of `train`-role SAS artists that have a
+      single modality (`single_modality_train_rows`), after the split's rows. Only useful with a
+      loss that pairs different artists (the multi-positive loss); role `train` only, so test and
+      validation queries and their neighbours stay out.
   """
   meta = records.load_metadata(data_dir)
   source = records.ArrayRecordSource(data_dir, split, metadata=meta)
   modalities = tuple(meta["modalities"])
+  if single_modality_rows:
+    info = dict(meta["catalogue"])
+    if "num_available" not in info:
+      info["num_available"] = catalogue_availability(data_dir).tolist()
+    extra = single_modality_train_rows({"catalogue": info})
+    catalogue = records.ArrayRecordSource(data_dir, "catalogue", metadata=meta)
+    rows = [(0, i) for i in range(len(source))] + [(1, int(i)) for i in extra]
+    source = _ConcatSource([source, catalogue], rows)
   row_of = None
   if text_oversample > 1 and "text" in modalities:
     with_text = np.asarray([r["has_text"] for r in source.read_many(list(range(len(source))))],

@@ -9,6 +9,24 @@ the encoders are frozen (the inputs are precomputed embeddings), so only the pro
 Loss: for every modality pair (m, n), symmetric InfoNCE between g_m(e^m) and g_n(e^n) over the
 rows with both modalities, negatives the whole global batch, τ = 0.1; a pair with < 2 valid rows
 contributes nothing; the mean over contributing pairs (`mmcl.losses.multimodal_infonce`).
+Options (METHODS.md §1's design choice and the remedies for a small modality; all off by default):
+  * `task.positives="neighbours"`: the multi-positive loss (`multi_positive_infonce`). For each
+    pair (m, n), anchor row i (has m) has as positives its own n vector (weight 1) and the n
+    vectors of its ground-truth similar artists in the batch (weight `task.neighbour_weight`),
+    over a softmax whose candidates are every row with n (copies of artist i left out):
+      ℓ_i = −Σ_j w_ij log softmax_j(s·<g_m(e_i), g_n(e_j)>) / Σ_j w_ij
+    in both directions; the pair's loss is the mean over anchors with at least one positive.
+    Neighbours come only from artists with role `train` (both ends), symmetrised, so test and
+    validation queries and their neighbours never shape training. `data.single_modality_rows`
+    adds the training artists with one modality, whose only positives are their neighbours'.
+  * `model.skip_modalities`: a fixed residual path g_m(x) = L2(MLP(x) + w·√D·L2((x − μ)U)),
+    U the top-D principal directions of modality m on the training split (μ its mean; stored in
+    params["skip"], frozen), so a pretrained embedding keeps its own geometry (w =
+    `model.skip_weight`).
+  * `model.modality_dropout` ("text=0.5"): per-modality dropout; `task.modality_l2`
+    ("text=1e-4"): coefficient·Σ‖kernel‖² of that projector added to the loss.
+  * earlier stopping: checkpoints every `train.checkpoint_every`, evaluated on the validation
+    queries (`task.eval_queries=validation`), pick the step (see RESULTS.md).
 Artist embedding: mean of the available projected modalities, re-normalised; cross-modal retrieval
 (query modality m, corpus modality n) uses g_m and g_n directly.
 Evaluation (`evaluate`): the test (or validation) queries rank the whole catalogue; the trained
@@ -42,6 +60,103 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
+def _parse_per_modality(items, key: str, modalities) -> dict[str, float]:
+  """("text=0.5", ...) → {"text": 0.5}; errors name the config key."""
+  out = {}
+  for item in items:
+    name, sep, value = str(item).partition("=")
+    try:
+      number = float(value)
+    except ValueError:
+      number = None
+    if not sep or number is None or name.strip() not in modalities:
+      raise ValueError(f"config key '{key}': entries must be 'modality=number' with a modality "
+                       f"among {tuple(modalities)}, got {item!r}")
+    out[name.strip()] = number
+  return out
+
+
+def neighbour_matrix(artist: jax.Array, table: jax.Array) -> jax.Array:
+  """Which batch rows are ground-truth neighbours of which (symmetrised).
+
+  Args:
+    artist: [B] int, global artist number of each row (catalogue index for SAS artists).
+    table: [N, K] int32, table[i] = catalogue indices of artist i's neighbours allowed as
+      positives (-1 = none); artists ≥ N have none.
+
+  Returns:
+    [B, B] bool, true where row j's artist is a listed neighbour of row i's or vice versa.
+  """
+  n = table.shape[0]
+  artist = artist.astype(jnp.int32)
+  inside = (artist >= 0) & (artist < n)
+  nb = jnp.where(inside[:, None], table[jnp.clip(artist, 0, n - 1)], -1)  # [B, K]
+  hit = jnp.any((nb[:, None, :] == artist[None, :, None]) & (nb[:, None, :] >= 0), axis=-1)
+  same = artist[:, None] == artist[None, :]
+  return (hit | hit.T) & ~same
+
+
+def multi_positive_infonce(a: jax.Array, b: jax.Array, a_valid: jax.Array, b_valid: jax.Array,
+                           artist: jax.Array, neighbours: jax.Array, *,
+                           logit_scale: jax.Array | float,
+                           neighbour_weight: float) -> tuple[jax.Array, jax.Array]:
+  r"""Symmetric InfoNCE with the same artist and its neighbours as (weighted) positives.
+
+  With z_ij = s·<a_i, b_j>, C^{ab}_i = {j : b_valid_j, j = i or artist_j ≠ artist_i} and weights
+  w_ij = [j = i ∧ a_valid_i ∧ b_valid_i] + λ·neighbours_ij·[j ∈ C^{ab}_i],
+
+    ℓ^{a→b}_i = −Σ_j w_ij (z_ij − logΣ_{k∈C^{ab}_i} exp z_ik) / Σ_j w_ij,
+    anchors A = {i : a_valid_i, Σ_j w_ij > 0}; ℓ^{b→a} the same on zᵀ with the roles of a and b
+    swapped (anchors B);
+    L = (Σ_{i∈A} ℓ^{a→b}_i + Σ_{j∈B} ℓ^{b→a}_j) / (|A| + |B|).
+
+  With λ = 0 and every row valid in both, this is `mmcl.losses.infonce` with group_ids = artist.
+
+  Args:
+    a, b: [B, D] float32, unit-norm embeddings of the two modalities.
+    a_valid, b_valid: [B] bool availability.
+    artist: [B] int, rows sharing a number are copies (kept out of each other's softmax).
+    neighbours: [B, B] bool, `neighbour_matrix`.
+    logit_scale: [] s = 1/τ.
+    neighbour_weight: λ ≥ 0.
+
+  Returns:
+    ([] float32 loss (0 without anchors), [] float32 number of anchors |A| + |B|).
+  """
+  n = a.shape[0]
+  z = logit_scale * (a.astype(jnp.float32) @ b.astype(jnp.float32).T)  # [B, B]
+  eye = jnp.eye(n, dtype=bool)
+  other = eye | (artist[:, None] != artist[None, :])
+  both = a_valid & b_valid
+
+  def direction(logits, q_valid, c_valid):
+    cand = c_valid[None, :] & other
+    w = (eye & both[:, None]).astype(jnp.float32)
+    w = w + neighbour_weight * (neighbours & cand).astype(jnp.float32)
+    lse = jax.nn.logsumexp(jnp.where(cand, logits, -1e30), axis=1)
+    total_w = jnp.sum(w, axis=1)
+    anchor = q_valid & (total_w > 0)
+    per = -jnp.sum(w * (logits - lse[:, None]), axis=1) / jnp.maximum(total_w, 1e-12)
+    return jnp.sum(jnp.where(anchor, per, 0.0)), jnp.sum(anchor.astype(jnp.float32))
+
+  s_ab, c_ab = direction(z, a_valid, b_valid)
+  s_ba, c_ba = direction(z.T, b_valid, a_valid)
+  count = c_ab + c_ba
+  return jnp.where(count > 0, (s_ab + s_ba) / jnp.maximum(count, 1.0), 0.0), count
+
+
+def pca_basis(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """x: [N, d] float → (mean [d], basis [d, dim]) float32: the top principal directions (columns
+  beyond the rank of the centred data are zero)."""
+  x = np.asarray(x, np.float64)
+  mean = x.mean(0)
+  _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+  basis = np.zeros((x.shape[1], dim))
+  k = min(dim, vt.shape[0])
+  basis[:, :k] = vt[:k].T
+  return mean.astype(np.float32), basis.astype(np.float32)
+
+
 class ArtistRetrievalTask(Task):
   """Per-modality projectors into one space, trained by multimodal InfoNCE."""
 
@@ -62,6 +177,13 @@ class ArtistRetrievalTask(Task):
     t.define("baselines", True, "also evaluate the raw-embedding baselines")
     t.define("loss_impl", "auto", "loss implementation (see mmcl.losses)",
              choices=("auto", "dense", "tiled"))
+    t.define("positives", "self", "'self': each artist's own other modality is its positive "
+             "(multimodal_infonce); 'neighbours': also its ground-truth similar artists among the "
+             "training artists (multi-positive, dense loss)", choices=("self", "neighbours"))
+    t.define("neighbour_weight", 1.0, "weight λ of a neighbour positive relative to the artist's "
+             "own vector (task.positives=neighbours)")
+    t.define("modality_l2", (), "'modality=coef' entries: coef·Σ‖kernel‖² of that modality's "
+             "projector is added to the loss")
 
     m = c.model
     m.define("embed_dim", 128, "dimension D of the shared space (METHODS.md: 128, option 256)")
@@ -69,11 +191,19 @@ class ArtistRetrievalTask(Task):
     m.define("dropout", 0.3, "dropout after the projector's hidden ReLU")
     m.define("layer_norm", "output", "projector LayerNorm placement (see mmcl.models.mlp)",
              choices=("none", "hidden", "output", "both"))
+    m.define("modality_dropout", (), "'modality=rate' entries overriding model.dropout for that "
+             "modality's projector")
+    m.define("skip_modalities", (), "modalities whose projector gets a fixed residual path: the "
+             "input's top-D principal directions on the training split (keeps a pretrained "
+             "embedding's geometry)")
+    m.define("skip_weight", 1.0, "weight w of the residual path (model.skip_modalities)")
 
     d = c.data
     d.define("split", "train", "training split of the artist dataset")
     d.define("text_oversample", 1, "times each training row with a text embedding appears per "
              "epoch (text rows are a small minority of the joined data)")
+    d.define("single_modality_rows", False, "also train on the role-train SAS artists with one "
+             "modality (positives only through their neighbours: needs task.positives=neighbours)")
 
   def __init__(self, config: Config, mesh):
     super().__init__(config, mesh)
@@ -89,10 +219,37 @@ class ArtistRetrievalTask(Task):
       raise ValueError(f"config key 'task.modalities' = {self.modalities}: need ≥ 2 of the "
                        f"dataset's modalities {sorted(dims)}")
     self.dims = {m: int(dims[m]) for m in self.modalities}
-    mc = config.model
+    mc, t = config.model, config.task
+    drop = _parse_per_modality(mc.modality_dropout, "model.modality_dropout", self.modalities)
+    self.l2 = _parse_per_modality(t.modality_l2, "task.modality_l2", self.modalities)
     self.projectors = {m: MLP(hidden_dims=(mc.hidden_dim,), out_dim=mc.embed_dim,
-                              activation="relu", dropout=mc.dropout, layer_norm=mc.layer_norm)
+                              activation="relu", dropout=drop.get(m, mc.dropout),
+                              layer_norm=mc.layer_norm)
                        for m in self.modalities}
+    self.skip = tuple(mc.skip_modalities)
+    bad = [m for m in self.skip if m not in self.modalities]
+    if bad:
+      raise ValueError(f"config key 'model.skip_modalities': {bad} not among task.modalities "
+                       f"{self.modalities}")
+    if config.data.single_modality_rows and t.positives != "neighbours":
+      raise ValueError("config key 'data.single_modality_rows' = True needs "
+                       "task.positives='neighbours' (a single-modality row has no other positive)")
+    self.neighbour_table = None
+    if t.positives == "neighbours":
+      self.neighbour_table = self.training_neighbours(self.metadata)
+
+  @staticmethod
+  def training_neighbours(metadata) -> np.ndarray:
+    """[N, K] int32: catalogue artist i's ground-truth neighbours usable as positives (-1 = none).
+
+    Only pairs of two role-`train` artists: a test or validation query, or a neighbour of one
+    (role `blocked`), never appears, on either side.
+    """
+    info = metadata["catalogue"]
+    gold = np.asarray(info["gold"], np.int64)
+    is_train = np.asarray(info["role"]) == "train"
+    ok = (gold >= 0) & is_train[:, None] & is_train[np.maximum(gold, 0)]
+    return np.where(ok, gold, -1).astype(np.int32)
 
   # --- data ---------------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):
@@ -100,7 +257,8 @@ class ArtistRetrievalTask(Task):
     return data_lib.train_iterator(
         self.data_dir, split=c.data.split, global_batch_size=c.data.global_batch_size,
         seed=c.seed, process_index=process_index, process_count=process_count,
-        num_epochs=c.data.num_epochs, text_oversample=c.data.text_oversample)
+        num_epochs=c.data.num_epochs, text_oversample=c.data.text_oversample,
+        single_modality_rows=c.data.single_modality_rows)
 
   def val_iterator(self, process_index: int, process_count: int):
     n = self.metadata["splits"].get("validation", {}).get("num_examples", 0)
@@ -118,17 +276,44 @@ class ArtistRetrievalTask(Task):
     params = {m: self.projectors[m].init(k, jnp.zeros((1, self.dims[m]), jnp.float32))["params"]
               for m, k in zip(self.modalities, keys)}
     out = {"projectors": params}
+    if self.skip:
+      out["skip"] = {m: {k: jnp.asarray(v) for k, v in fit.items()}
+                     for m, fit in self.skip_fits().items()}
     if self.config.task.learn_temperature:
       out["log_logit_scale"] = jnp.log(jnp.asarray(1.0 / self.config.task.temperature,
                                                    jnp.float32))
     return out
 
+  def skip_fits(self) -> dict[str, dict[str, np.ndarray]]:
+    """{m: {"mean": [d_m], "basis": [d_m, D]}} of the residual paths, fitted once on the training
+    split's rows that have m (cached; the trained values live in params["skip"])."""
+    if getattr(self, "_skip_fits", None) is None:
+      train = data_lib.read_split(self.data_dir, self.config.data.split)
+      fits = {}
+      for m in self.skip:
+        rows = train[m][train[f"has_{m}"]]
+        if rows.shape[0] < 2:
+          raise ValueError(f"{self.data_dir}: split {self.config.data.split!r} has "
+                           f"{rows.shape[0]} rows with modality {m!r}; model.skip_modalities "
+                           "needs at least 2 to fit its principal directions")
+        mean, basis = pca_basis(rows, self.config.model.embed_dim)
+        fits[m] = {"mean": mean, "basis": basis}
+      self._skip_fits = fits
+    return self._skip_fits
+
   def project(self, params, m: str, x: jax.Array, *, train: bool = False,
               rng: jax.Array | None = None) -> jax.Array:
     """x: [B, d_m] float32 → [B, D] unit-norm float32 in the shared space."""
     rngs = {"dropout": rng} if train else None
-    return _l2_normalize(self.projectors[m].apply({"params": params["projectors"][m]}, x,
-                                                  train=train, rngs=rngs))
+    out = self.projectors[m].apply({"params": params["projectors"][m]}, x, train=train, rngs=rngs)
+    if m in self.skip:
+      sk = jax.tree.map(jax.lax.stop_gradient, params["skip"][m])
+      path = _l2_normalize((x.astype(jnp.float32) - sk["mean"]) @ sk["basis"])
+      out = out + self.config.model.skip_weight * np.sqrt(out.shape[-1]) * path
+    return _l2_normalize(out)
+
+  def frozen_params_filter(self, path: str) -> bool:
+    return path.startswith("skip/")
 
   def logit_scale(self, params) -> jax.Array:
     if "log_logit_scale" in params:
@@ -141,13 +326,44 @@ class ArtistRetrievalTask(Task):
            for m, k in zip(self.modalities, keys)}
     valid = {m: batch[f"has_{m}"] for m in self.modalities}
     scale = self.logit_scale(params)
-    loss, per_pair = sharded_losses.multimodal_infonce_over_mesh(
-        emb, valid, self.mesh, logit_scale=scale, group_ids=batch["artist"],
-        impl=self.config.task.loss_impl, return_pair_losses=True)
+    t = self.config.task
     metrics = {"temperature": 1.0 / scale}
+    if t.positives == "self":
+      loss, per_pair = sharded_losses.multimodal_infonce_over_mesh(
+          emb, valid, self.mesh, logit_scale=scale, group_ids=batch["artist"],
+          impl=t.loss_impl, return_pair_losses=True)
+    else:
+      loss, per_pair = self.neighbour_loss(emb, valid, batch["artist"], scale)
     for name, (value, _) in per_pair.items():
       metrics[f"pair/{name.replace(':', '_')}"] = value  # 0: < 2 rows in the batch
+    if self.l2:
+      penalty = sum(c * sum(jnp.sum(jnp.square(w)) for w in
+                            jax.tree.leaves(params["projectors"][m]) if w.ndim >= 2)
+                    for m, c in self.l2.items())
+      metrics["l2_penalty"] = penalty
+      metrics["contrastive_loss"] = loss
+      loss = loss + penalty
     return loss, metrics
+
+  def neighbour_loss(self, emb, valid, artist, scale):
+    """The multi-positive loss over every modality pair: (loss, {"m:n": (L_mn, contributes)}).
+
+    A pair contributes when it has ≥ 2 anchors over both directions; the loss is the mean over
+    contributing pairs (as `multimodal_infonce`).
+    """
+    nb = neighbour_matrix(artist, jnp.asarray(self.neighbour_table))
+    names = sorted(self.modalities)
+    total, count, per_pair = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), {}
+    for i, m in enumerate(names):
+      for n in names[i + 1:]:
+        value, anchors = multi_positive_infonce(
+            emb[m], emb[n], valid[m], valid[n], artist, nb, logit_scale=scale,
+            neighbour_weight=self.config.task.neighbour_weight)
+        contributes = anchors >= 2
+        total = total + jnp.where(contributes, value, 0.0)
+        count = count + contributes.astype(jnp.float32)
+        per_pair[f"{m}:{n}"] = (value, contributes)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0), per_pair
 
   def flops_per_example(self) -> float | None:
     h, d = self.config.model.hidden_dim, self.config.model.embed_dim

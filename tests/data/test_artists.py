@@ -101,3 +101,23 @@ def test_real_join_coverage(shared_data):
   assert stats["matched"] == 1306  # SOURCE.md's count
   # 8 SAS names belong to two MBIDs each; both take the same hetrec artist.
   assert stats["distinct_hetrec_artists_matched"] == 1298
+
+
+def test_single_modality_rows_are_training_artists_only(planted):
+  _, out, meta = planted
+  role = np.asarray(meta["catalogue"]["role"])
+  extra = artists.single_modality_train_rows(meta)
+  np.testing.assert_array_equal(np.asarray(meta["catalogue"]["num_available"]),
+                                artists.catalogue_availability(out))
+  assert extra.size and np.all(role[extra] == "train")
+  n = meta["splits"]["train"]["num_examples"]
+  it = artists.train_iterator(out, global_batch_size=16, seed=0, num_epochs=1,
+                              single_modality_rows=True)
+  rows = [b for b in it]
+  art = np.concatenate([b["artist"] for b in rows])
+  has = sum(np.concatenate([b[f"has_{m}"] for b in rows]).astype(int) for m in artists.MODALITIES)
+  assert len(art) == (n + extra.size) // 16 * 16
+  # The added rows are exactly the role-train SAS artists with one modality (never a query or a
+  # blocked neighbour); the train split's rows keep ≥ 2 modalities.
+  single = set(art[has == 1].tolist())
+  assert single <= set(extra.tolist()) and len(single) >= 0.8 * extra.size

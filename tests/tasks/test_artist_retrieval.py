@@ -11,8 +11,9 @@ from data_pipelines import artists
 from mmcl.config import load_config_file
 from mmcl.eval import artist_eval
 from mmcl.eval.evaluator import Evaluator
-from mmcl.losses import multimodal_infonce
+from mmcl.losses import infonce, multimodal_infonce
 from mmcl.parallel import mesh as mesh_lib
+from mmcl.tasks import artist_retrieval as ar
 from mmcl.tasks import get_task_class
 from mmcl.train import loop as loop_lib
 from mmcl.train.metric_log import read_metrics
@@ -130,3 +131,78 @@ def test_baselines_concat_and_average():
   a_proj = artist_eval.l2_normalize(artist_eval.pca_project(vecs["a"], np.flatnonzero(avail["a"]),
                                                             3))
   np.testing.assert_allclose(avg[1], a_proj[1], atol=1e-5)
+
+
+def _reference_multi_positive(a, b, a_ok, b_ok, artist, nb, s, lam):
+  """The multi-positive loss by hand: loops over anchors, positives and candidates."""
+  n = len(artist)
+  terms = []
+  for x, y, x_ok, y_ok in ((a, b, a_ok, b_ok), (b, a, b_ok, a_ok)):
+    for i in range(n):
+      if not x_ok[i]:
+        continue
+      cand = [j for j in range(n) if y_ok[j] and (j == i or artist[j] != artist[i])]
+      pos = {j: lam for j in cand if nb[i][j]}
+      if x_ok[i] and y_ok[i]:
+        pos[i] = 1.0
+      if not pos or sum(pos.values()) == 0:
+        continue
+      log_z = np.log(sum(np.exp(s * float(x[i] @ y[j])) for j in cand))
+      terms.append(-sum(w * (s * float(x[i] @ y[j]) - log_z) for j, w in pos.items())
+                   / sum(pos.values()))
+  return sum(terms) / len(terms), len(terms)
+
+
+def test_multi_positive_loss_on_four_artists():
+  # 4 catalogue artists (+ one oversampled copy of artist 0): 0 lists 1 as similar, 2 lists 3;
+  # row 3 lacks modality b, row 2 lacks a.
+  ang = np.array([0.0, 0.4, 1.9, 2.3, 0.0])
+  a = np.stack([np.cos(ang), np.sin(ang)], 1).astype(np.float32)
+  b = np.stack([np.cos(ang + 0.2), np.sin(ang + 0.2)], 1).astype(np.float32)
+  artist = np.array([0, 1, 2, 3, 0], np.int32)
+  a_ok = np.array([1, 1, 0, 1, 1], bool)
+  b_ok = np.array([1, 1, 1, 0, 1], bool)
+  table = np.array([[1, -1], [-1, -1], [3, -1], [-1, -1]], np.int32)
+  nb = np.asarray(ar.neighbour_matrix(jnp.asarray(artist), jnp.asarray(table)))
+  expected_nb = np.zeros((5, 5), bool)
+  for i, j in ((0, 1), (4, 1), (2, 3)):
+    expected_nb[i, j] = expected_nb[j, i] = True
+  np.testing.assert_array_equal(nb, expected_nb)  # symmetrised, copies share their artist's links
+  for lam in (1.0, 0.3):
+    got, count = ar.multi_positive_infonce(jnp.asarray(a), jnp.asarray(b), jnp.asarray(a_ok),
+                                           jnp.asarray(b_ok), jnp.asarray(artist), jnp.asarray(nb),
+                                           logit_scale=10.0, neighbour_weight=lam)
+    ref, ref_count = _reference_multi_positive(a, b, a_ok, b_ok, artist, nb, 10.0, lam)
+    np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+    # Anchors: a→b rows 0, 1, 4 (self) and 3 (its neighbour 2 has b); b→a rows 0, 1, 4 and 2.
+    assert int(count) == ref_count == 8
+  # Without neighbours and with every modality present it is InfoNCE with group ids.
+  ones = jnp.ones(5, bool)
+  got, _ = ar.multi_positive_infonce(jnp.asarray(a), jnp.asarray(b), ones, ones,
+                                     jnp.asarray(artist), jnp.asarray(nb), logit_scale=10.0,
+                                     neighbour_weight=0.0)
+  ref = infonce(jnp.asarray(a), jnp.asarray(b), logit_scale=10.0, group_ids=jnp.asarray(artist),
+                impl="dense")
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+
+  # Positives only ever link two role-train artists (queries and blocked neighbours never).
+  meta = {"catalogue": {"gold": [[1, 2], [0, 3], [3, 0], [2, 1]],
+                        "role": ["train", "train", "test", "blocked"]}}
+  np.testing.assert_array_equal(ar.ArtistRetrievalTask.training_neighbours(meta),
+                                [[1, -1], [0, -1], [-1, -1], [-1, -1]])
+
+
+def test_residual_text_path_is_frozen_and_keeps_text_geometry(planted_dir):
+  c = _config(planted_dir, model__skip_modalities=("text",), model__skip_weight=1e4)
+  task = get_task_class("artist_retrieval")(c, mesh_lib.make_mesh())
+  params = task.init_params(jax.random.PRNGKey(0))
+  x = jnp.asarray(artists.read_split(planted_dir, "validation")["text"][:8])
+  project = jax.jit(lambda p: task.project(p, "text", x))
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(project(p)[:, 0])))(params)
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["skip"]))
+  assert float(jnp.abs(grads["projectors"]["text"]["out"]["kernel"]).max()) > 0
+  assert task.frozen_params_filter("skip/text/basis")
+  # A dominant residual path is the (centred) principal-direction projection of the raw vector.
+  fit = task.skip_fits()["text"]
+  ref = artist_eval.l2_normalize((np.asarray(x) - fit["mean"]) @ fit["basis"])
+  np.testing.assert_allclose(np.asarray(project(params)), ref, atol=1e-3)
