@@ -17,7 +17,12 @@ distinct hetrec artists. The join's statistics go into `metadata["join"]`.
 
 Modalities per artist (availability bit `has_{m}`):
   * `cf`   hetrec CF embedding (SVD of log plays), when the artist matched and has plays;
-  * `tags` hetrec tag embedding (TF-IDF + SVD of user tags), when matched and tagged;
+  * `tags` hetrec tag embedding (TF-IDF + SVD of user tags), when matched and tagged; or, with
+    `tag_features=PATH`, the artist's *tag profile* — its most-applied tag names as one text,
+    `write_tag_profiles` — embedded by a pretrained text tower with `mmcl features` (PATH is that
+    command's output; ids = hetrec artist ids):
+      python -m data_pipelines.artists --hetrec DIR --write-tag-profiles profiles.jsonl
+      mmcl features --tower MINILM_FOLDER --input profiles.jsonl --field text --output PATH
   * `text` the biography embedded by a pretrained sentence encoder (all-MiniLM-L6-v2 through
     `mmcl.models.pretrained.encode_texts`, mean-pooled and normalised as sentence-transformers
     does) or, with `text_encoder="tfidf"`, the documented fallback: TF-IDF over lower-cased word
@@ -279,6 +284,57 @@ def match_hetrec(sas_names: Sequence[str], hetrec: Mapping[str, Any],
   return match, stats
 
 
+def tag_profile_texts(het: Mapping[str, Any], *, top_k: int = 20) -> tuple[list[str], list[str]]:
+  """(hetrec artist ids, texts) of every tagged artist: its `top_k` tag names by how many
+  assignments it got (ties by name), most applied first, joined by ", " — e.g. "rock, indie"."""
+  counts = het["tag_counts"]  # [tags, artists] CSC: column a = artist a's tag counts
+  names = [het["tag_names"][str(t)] for t in het["tag_order"]]
+  ids, texts = [], []
+  for a in range(counts.shape[1]):
+    lo, hi = counts.indptr[a], counts.indptr[a + 1]
+    if lo == hi:
+      continue
+    order = sorted(zip(-counts.data[lo:hi], (names[r] for r in counts.indices[lo:hi])))
+    ids.append(het["ids"][a])
+    texts.append(", ".join(name for _, name in order[:top_k]))
+  return ids, texts
+
+
+def write_tag_profiles(hetrec_dir: str | os.PathLike, output: str | os.PathLike, *,
+                       top_k: int = 20) -> int:
+  """Writes `tag_profile_texts` as JSON Lines ({"id", "text"}) for `mmcl features`; returns the
+  number of artists. Written to a temporary name and renamed, so a kill leaves no partial file."""
+  ids, texts = tag_profile_texts(lastfm.read(hetrec_dir, cf_dim=2, tag_dim=2), top_k=top_k)
+  output = pathlib.Path(output)
+  tmp = output.with_name(output.name + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    for i, t in zip(ids, texts):
+      f.write(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n")
+  os.replace(tmp, output)
+  return len(ids)
+
+
+def tag_feature_table(path: str | os.PathLike, het: Mapping[str, Any]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """(vectors [E, D] float32, has [E] bool) over hetrec artists from precomputed embeddings.
+
+  Every tagged artist must have a vector (the features were computed from its profile): a missing
+  one is an error naming the file and the artist id, not a silent drop.
+  """
+  from data_pipelines.converters import entities  # pylint: disable=g-import-not-at-top
+  ids, vec = entities.read_npy(pathlib.Path(path))
+  pos = {i: j for j, i in enumerate(ids)}
+  tagged = np.asarray(het["tag_counts"].getnnz(axis=0) > 0).reshape(-1)
+  out = np.zeros((len(het["ids"]), vec.shape[1]), np.float32)
+  for a in np.flatnonzero(tagged):
+    j = pos.get(het["ids"][a])
+    if j is None:
+      raise ValueError(f"{path}: no vector for tagged hetrec artist id {het['ids'][a]!r} (were the "
+                       "features computed from this hetrec folder's tag profiles?)")
+    out[a] = vec[j]
+  return out, tagged
+
+
 def artist_schema(dims: Mapping[str, int]) -> tuple[records.Field, ...]:
   """`entity` fields plus `artist` (global artist number) and `listeners` (int)."""
   return schemas.entity_schema(dims) + (records.Field("artist", "int"),
@@ -290,7 +346,8 @@ def build_artist_dataset(sas_dir: str | os.PathLike, hetrec_dir: str | os.PathLi
                          text_encoder: str | os.PathLike | None = None, text_dim: int = 128,
                          text_max_length: int = 256, drop_fraction: float = 0.0,
                          test_fraction: float = 0.1, val_fraction: float = 0.1, seed: int = 0,
-                         num_shards: int = 2) -> dict[str, Any]:
+                         num_shards: int = 2,
+                         tag_features: str | os.PathLike | None = None) -> dict[str, Any]:
   """Builds the joined artist dataset (see the module docstring); returns its metadata.
 
   Args:
@@ -298,6 +355,8 @@ def build_artist_dataset(sas_dir: str | os.PathLike, hetrec_dir: str | os.PathLi
       all-MiniLM-L6-v2 when present, else "tfidf").
     text_dim: output dimension of the TF-IDF fallback (the pretrained encoder keeps its own).
     drop_fraction: share of availability bits cleared at random (never an artist's last one).
+    tag_features: precomputed embeddings of the tag profiles (see the module docstring) to use as
+      the `tags` modality instead of TF-IDF + SVD.
     test_fraction, val_fraction, seed: query splits (see `assign_roles`); `seed` also draws the
       dropped modalities.
   """
@@ -313,6 +372,11 @@ def build_artist_dataset(sas_dir: str | os.PathLike, hetrec_dir: str | os.PathLi
             "drop_fraction": drop_fraction, "test_fraction": test_fraction,
             "val_fraction": val_fraction, "seed": seed, "num_shards": num_shards,
             "inputs": common.input_digest([p for p in inputs if p.is_file()])}
+  if tag_features is not None:
+    base = pathlib.Path(str(tag_features).removesuffix(".npy"))
+    source["tag_features"] = str(tag_features)
+    source["tag_features_digest"] = common.input_digest(
+        [base.with_name(base.name + s) for s in (".npy", ".ids.txt")])
   existing = common.existing_if_current(output, source)
   if existing is not None:
     return existing
@@ -326,7 +390,8 @@ def build_artist_dataset(sas_dir: str | os.PathLike, hetrec_dir: str | os.PathLi
                                 max_length=text_max_length)
   n_sas = len(sas["mbids"])
   cf_vec, cf_has = het["modalities"]["cf"]
-  tag_vec, tag_has = het["modalities"]["tags"]
+  tag_vec, tag_has = (het["modalities"]["tags"] if tag_features is None
+                      else tag_feature_table(tag_features, het))
   dims = {"cf": cf_vec.shape[1], "tags": tag_vec.shape[1], "text": text.shape[1]}
 
   # Entities: SAS artists first (catalogue order), then hetrec artists matched by no SAS artist.
@@ -381,6 +446,8 @@ def build_artist_dataset(sas_dir: str | os.PathLike, hetrec_dir: str | os.PathLi
       "modality_counts": {"catalogue_natural": natural, "catalogue_after_drop": cat_avail,
                           "catalogue_size": n_sas},
       "text_encoder": text_desc,
+      "tag_encoder": (f"tfidf+svd{tag_dim}" if tag_features is None
+                      else f"tag profiles, precomputed: {tag_features}"),
       "roles": {r: int((roles == r).sum()) for r in ROLES},
       "train_rows": {"sas": int(sum(1 for i in train_rows if i < n_sas)),
                      "hetrec_only": int(sum(1 for i in train_rows if i >= n_sas)),
@@ -621,9 +688,14 @@ def write_planted_sources(root: pathlib.Path, *, num_sas: int = 192, num_extra: 
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m data_pipelines.artists",
                               description=__doc__.split("\n\n")[0])
-  p.add_argument("--sas", required=True, help="the artist-similarity-sas folder")
+  p.add_argument("--sas", help="the artist-similarity-sas folder")
   p.add_argument("--hetrec", required=True, help="the hetrec2011-lastfm-2k folder")
-  p.add_argument("--output", required=True)
+  p.add_argument("--output", help="the dataset folder to build")
+  p.add_argument("--write-tag-profiles", metavar="JSONL", default=None,
+                 help="only write the artists' tag-profile texts (for `mmcl features`) and exit")
+  p.add_argument("--tag-profile-top-k", type=int, default=20)
+  p.add_argument("--tag-features", default=None,
+                 help="`mmcl features` output of the tag profiles: the tags modality")
   p.add_argument("--cf-dim", type=int, default=64)
   p.add_argument("--tag-dim", type=int, default=64)
   p.add_argument("--text-encoder", default=None,
@@ -634,10 +706,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--val-fraction", type=float, default=0.1)
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
+  if a.write_tag_profiles:
+    n = write_tag_profiles(a.hetrec, a.write_tag_profiles, top_k=a.tag_profile_top_k)
+    print(f"{n} tag profiles → {a.write_tag_profiles}")
+    return 0
+  if not (a.sas and a.output):
+    p.error("--sas and --output are required to build the dataset")
   meta = build_artist_dataset(a.sas, a.hetrec, a.output, cf_dim=a.cf_dim, tag_dim=a.tag_dim,
                               text_encoder=a.text_encoder, text_dim=a.text_dim,
                               drop_fraction=a.drop_fraction, test_fraction=a.test_fraction,
-                              val_fraction=a.val_fraction, seed=a.seed)
+                              val_fraction=a.val_fraction, seed=a.seed,
+                              tag_features=a.tag_features)
   print(json.dumps({k: meta[k] for k in ("join", "modality_counts", "roles", "train_rows",
                                          "text_encoder")}, indent=1))
   return 0

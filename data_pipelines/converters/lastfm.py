@@ -133,6 +133,8 @@ def read(folder: str | os.PathLike, *, cf_dim: int = 64, tag_dim: int = 64) -> d
   return {"ids": [str(a) for a in all_ids], "names": names,
           "modalities": {"cf": (cf, has_cf), "tags": (tags_emb, has_tags)},
           "tag_names": {str(k): v for k, v in sorted(tag_names.items())},
+          # n(a, t): [tags used, artists] counts, rows in `tag_order` (tag ids) order.
+          "tag_counts": counts.tocsc(), "tag_order": tag_ids,
           "stats": {"num_users": len(users), "num_play_counts": len(plays),
                     "num_tag_assignments": len(tagged), "num_tags_used": len(tag_ids),
                     "artists_in_artists_dat": len(ids), "artists_only_in_tags": len(extra)},

@@ -1,4 +1,6 @@
 """The SAS ⋈ hetrec artist dataset: join, roles, dropped modalities, batches."""
+import json
+
 import numpy as np
 import pytest
 
@@ -121,3 +123,46 @@ def test_single_modality_rows_are_training_artists_only(planted):
   # blocked neighbour); the train split's rows keep ≥ 2 modalities.
   single = set(art[has == 1].tolist())
   assert single <= set(extra.tolist()) and len(single) >= 0.8 * extra.size
+
+
+def test_tag_profiles_feed_the_tags_modality(planted, tmp_path):
+  facts, _, _ = planted
+  from data_pipelines.converters import lastfm
+  het = lastfm.read(facts["hetrec"], cf_dim=2, tag_dim=2)
+  n = artists.write_tag_profiles(facts["hetrec"], tmp_path / "profiles.jsonl", top_k=3)
+  lines = [json.loads(x) for x in (tmp_path / "profiles.jsonl").read_text().splitlines()]
+  assert n == len(lines) == int((het["tag_counts"].getnnz(axis=0) > 0).sum())
+  # A profile lists the artist's most-applied tags first, at most top_k of them.
+  counts = {}
+  for line in (facts["hetrec"] / "user_taggedartists.dat").read_text().splitlines()[1:]:
+    _, a, t = line.split("\t")[:3]
+    counts.setdefault(a, {}).setdefault(het["tag_names"][t], 0)
+    counts[a][het["tag_names"][t]] += 1
+  for rec in lines:
+    names = rec["text"].split(", ")
+    assert 1 <= len(names) <= 3
+    best = max(counts[rec["id"]].values())
+    assert counts[rec["id"]][names[0]] == best
+  # Precomputed vectors of the profiles (here: a fixed random unit vector per artist) become the
+  # tags modality of exactly the tagged, matched artists.
+  rng = np.random.default_rng(0)
+  vec = rng.normal(size=(n, 5)).astype(np.float32)
+  vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+  np.save(tmp_path / "tagfeat.npy", vec)
+  (tmp_path / "tagfeat.ids.txt").write_text("".join(r["id"] + "\n" for r in lines))
+  out = tmp_path / "data"
+  meta = artists.build_artist_dataset(facts["sas"], facts["hetrec"], out, cf_dim=8, tag_dim=8,
+                                      text_encoder="tfidf", text_dim=16, seed=0,
+                                      tag_features=tmp_path / "tagfeat")
+  assert meta["modalities"]["tags"] == 5 and "precomputed" in meta["tag_encoder"]
+  cat = artists.read_split(out, "catalogue")
+  rows = cat["tags"][cat["has_tags"]]
+  assert len(rows) > 0
+  # Every available tags row is one of the supplied vectors, unchanged.
+  assert (rows @ vec.T).max(1).min() > 1 - 1e-5
+  # A tagged artist without a vector is an error naming the file and the artist.
+  (tmp_path / "tagfeat.ids.txt").write_text("".join(r["id"] + "\n" for r in lines[1:]) + "x\n")
+  with pytest.raises(ValueError, match=rf"tagfeat.*{lines[0]['id']!r}"):
+    artists.build_artist_dataset(facts["sas"], facts["hetrec"], tmp_path / "data2", cf_dim=8,
+                                 tag_dim=8, text_encoder="tfidf", text_dim=16, seed=0,
+                                 tag_features=tmp_path / "tagfeat")
