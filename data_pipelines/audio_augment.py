@@ -6,7 +6,10 @@ reproducible, and each view records what was applied:
 
   tracked chain (applied with p = `chain_p`, 0.75), each augmentation k with p = `aug_p`, 0.5:
     pitch    `librosa.effects.pitch_shift` by n ∈ {−4..−1, 1..4} semitones (whole semitones, so
-             the key label transposes exactly; `params[..., 0]` = n, 0 when not applied)
+             the key label transposes exactly; `params[..., 0]` = n, 0 when not applied); its
+             resampler is `AugmentConfig.res_type` (librosa's default "soxr_hq"; "soxr_mq" and
+             "fft" are the alternatives — after the first call, which JIT-compiles librosa's phase
+             vocoder for several seconds, the phase vocoder, not the resampler, dominates)
     stretch  `librosa.effects.time_stretch` at rate r ~ U(0.7, 1.3) (tempo × r;
              `params[..., 1]` = r, 1 when not applied)
   base chain (not tracked), each with its own probability:
@@ -26,6 +29,9 @@ import numpy as np
 import scipy.signal
 
 TRACKED = ("pitch", "stretch")
+# librosa resamplers for the non-integer ratio 2^(n/12) of a pitch shift ("polyphase" and the
+# integer-ratio ones do not apply; "kaiser_*" would need resampy, not installed).
+RES_TYPES = ("soxr_hq", "soxr_vhq", "soxr_mq", "soxr_lq", "fft", "scipy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +46,11 @@ class AugmentConfig:
   max_rate: float = 1.3
   tracked: tuple[str, ...] = TRACKED
   base_chain: bool = True
+  res_type: str = "soxr_hq"
+
+  def __post_init__(self):
+    if self.res_type not in RES_TYPES:
+      raise ValueError(f"AugmentConfig.res_type = {self.res_type!r}: expected one of {RES_TYPES}")
 
 
 def _crop(wave: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -106,7 +117,7 @@ def augment_view(wave: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
         continue
       if name == "pitch":
         n = int(rng.integers(1, cfg.max_semitones + 1)) * (1 if rng.random() < 0.5 else -1)
-        x = librosa.effects.pitch_shift(x, sr=cfg.sample_rate, n_steps=n)
+        x = librosa.effects.pitch_shift(x, sr=cfg.sample_rate, n_steps=n, res_type=cfg.res_type)
         params[j] = n
       elif name == "stretch":
         r = float(rng.uniform(cfg.min_rate, cfg.max_rate))
@@ -128,7 +139,8 @@ def fixed_view(wave: np.ndarray, cfg: AugmentConfig, *, semitones: int = 0, rate
   import librosa  # pylint: disable=g-import-not-at-top
   x = np.asarray(wave, np.float32)
   if semitones:
-    x = librosa.effects.pitch_shift(x, sr=cfg.sample_rate, n_steps=semitones)
+    x = librosa.effects.pitch_shift(x, sr=cfg.sample_rate, n_steps=semitones,
+                                   res_type=cfg.res_type)
   if rate != 1.0:
     x = librosa.effects.time_stretch(x, rate=rate)
   x = x[start:start + cfg.out_samples]

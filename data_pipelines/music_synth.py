@@ -267,10 +267,123 @@ class _ViewBatches:
             "index": idx.astype(np.int64)}
 
 
+def _bank_views(path: str, augment, seed: int, views_per_clip: int, clips: list[int]):
+  """Views [len(clips), M, S] int16, applied [.., M, K] bool, params [.., M, K] of some clips."""
+  from data_pipelines import audio_augment  # pylint: disable=g-import-not-at-top
+  waves = load_rendered(path)[0]
+  k = len(augment.tracked)
+  out = np.zeros((len(clips), views_per_clip, augment.out_samples), np.int16)
+  applied = np.zeros((len(clips), views_per_clip, k), bool)
+  params = np.zeros((len(clips), views_per_clip, k), np.float32)
+  for r, i in enumerate(clips):
+    wave = np.asarray(waves[i], np.float32) / 32767.0
+    for j in range(views_per_clip):
+      # Stream 2**20 + j keeps bank draws apart from on-the-fly views ([seed, epoch, clip, view]).
+      rng = np.random.default_rng([seed, 2 ** 20 + j, i])
+      x, applied[r, j], params[r, j] = audio_augment.augment_view(wave, augment, rng)
+      out[r, j] = np.round(x * 32767).astype(np.int16)
+  return out, applied, params
+
+
+def render_view_bank(path, bank_path, *, augment, views_per_clip: int, seed: int = 0,
+                     workers: int = 1) -> dict:
+  """Augments every clip of `render`'s folder `path` `views_per_clip` times, once, into
+  `bank_path`: `views.npy` int16 [N, M, S] (PCM of each view), `applied.npy` bool [N, M, K],
+  `params.npy` float32 [N, M, K] and `bank.json` (written last, with the augmentation settings
+  and the source set's parameters: the bank is complete iff it exists and matches). View j of
+  clip i uses `np.random.default_rng([seed, 2**20 + j, i])`. Re-running returns at once.
+
+  Why: the tracked chain (librosa's phase vocoder) costs ~15–30 ms per view on one core, as much
+  as a training step of the small CNN; with a bank, training draws `num_views` distinct views of
+  each clip from its M banked ones (M(M−1)/2 pairs per clip), so every run of a comparison pays the
+  augmentation once and sees exactly the same views.
+  """
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  if views_per_clip < 2:
+    raise ValueError(f"views_per_clip = {views_per_clip}: a bank needs at least 2 views per clip")
+  bank_path = pathlib.Path(bank_path)
+  _, _, _, music = load_rendered(path)
+  spec = {"music": music, "augment": dataclasses.asdict(augment),
+          "views_per_clip": views_per_clip, "seed": seed}
+  spec = json.loads(json.dumps(spec))  # tuples → lists, as read back
+  done = bank_path / "bank.json"
+  if done.is_file() and json.loads(done.read_text()) == spec:
+    return spec
+  bank_path.mkdir(parents=True, exist_ok=True)
+  if done.exists():
+    done.unlink()
+  n, k = music["num_clips"], len(augment.tracked)
+  tmp = bank_path / "views.npy.tmp"
+  views = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16,
+                                    shape=(n, views_per_clip, augment.out_samples))
+  applied = np.zeros((n, views_per_clip, k), bool)
+  params = np.zeros((n, views_per_clip, k), np.float32)
+  chunks = [list(range(a, min(n, a + 64))) for a in range(0, n, 64)]
+  args = (str(path), augment, seed, views_per_clip)
+  if workers > 1:
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    # "spawn": the caller may hold JAX's threads, which fork() would copy mid-flight.
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+      results = pool.map(_bank_views, *zip(*[args + (c,) for c in chunks]))
+      for c, (v, a, p) in zip(chunks, results):
+        views[c[0]:c[-1] + 1], applied[c[0]:c[-1] + 1], params[c[0]:c[-1] + 1] = v, a, p
+  else:
+    for c in chunks:
+      views[c[0]:c[-1] + 1], applied[c[0]:c[-1] + 1], params[c[0]:c[-1] + 1] = _bank_views(
+          *args, c)
+  views.flush()
+  del views
+  os.replace(tmp, bank_path / "views.npy")
+  np.save(bank_path / "applied.npy", applied)
+  np.save(bank_path / "params.npy", params)
+  done.write_text(json.dumps(spec))
+  return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class _BankBatches:
+  """grain map: global step t → this host's rows of batch t, `num_views` distinct banked views of
+  each clip (chosen by `np.random.default_rng([seed, epoch, clip])`)."""
+  path: str
+  bank_path: str
+  global_batch_size: int
+  process_index: int
+  process_count: int
+  seed: int
+  num_views: int
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    from data_pipelines import image_text  # pylint: disable=g-import-not-at-top
+    _, keys, bpms, _ = load_rendered(self.path)
+    bank = np.load(f"{self.bank_path}/views.npy", mmap_mode="r")
+    applied = np.load(f"{self.bank_path}/applied.npy")
+    params = np.load(f"{self.bank_path}/params.npy")
+    n, m = bank.shape[0], bank.shape[1]
+    idx = image_text.global_batch_indices(n, self.global_batch_size, self.seed, step,
+                                          process_index=self.process_index,
+                                          process_count=self.process_count)
+    epoch = int(step) // image_text.steps_per_epoch(n, self.global_batch_size)
+    pick = np.stack([np.random.default_rng([self.seed, epoch, i]).permutation(m)[:self.num_views]
+                     for i in idx.tolist()])  # [b, V]
+    rows = idx[:, None]
+    return {"audio": bank[idx][np.arange(len(idx))[:, None], pick].astype(np.float32) / 32767.0,
+            "applied": applied[rows, pick], "params": params[rows, pick],
+            "key": keys[idx].astype(np.int32), "tempo": bpms[idx].astype(np.float32),
+            "index": idx.astype(np.int64)}
+
+
 def train_iterator(path, *, global_batch_size: int, seed: int, augment, num_views: int = 2,
                    process_index: int = 0, process_count: int = 1,
-                   num_epochs: int | None = None, worker_count: int = 0):
+                   num_epochs: int | None = None, worker_count: int = 0,
+                   view_bank: str | None = None):
   """Checkpointable grain iterator of augmented view batches over a rendered music set.
+
+  Views are augmented on the fly (`audio_augment.augment_view`), or, with `view_bank` (a folder of
+  `render_view_bank` for this set), drawn from the bank: `num_views` distinct banked views per clip.
 
   Batches (this host's b = B / P rows): audio [b, V, S] float32, applied [b, V, K] bool (tracked
   augmentation k applied to the view), params [b, V, K] float32 (semitones, stretch rate), key [b]
@@ -283,6 +396,14 @@ def train_iterator(path, *, global_batch_size: int, seed: int, augment, num_view
   image_text._check_batch(n, global_batch_size, process_index, process_count)  # pylint: disable=protected-access
   steps = image_text.steps_per_epoch(n, global_batch_size)
   ds = grain.MapDataset.range(steps * num_epochs if num_epochs else sys.maxsize)
-  ds = ds.map(_ViewBatches(str(path), global_batch_size, process_index, process_count, seed,
-                           num_views, augment))
+  if view_bank:
+    bank = np.load(f"{view_bank}/views.npy", mmap_mode="r")
+    if bank.shape[0] != n or bank.shape[1] < num_views or bank.shape[2] != augment.out_samples:
+      raise ValueError(f"{view_bank}: view bank of shape {bank.shape} does not fit the set {path} "
+                       f"({n} clips, {num_views} views of {augment.out_samples} samples)")
+    ds = ds.map(_BankBatches(str(path), str(view_bank), global_batch_size, process_index,
+                             process_count, seed, num_views))
+  else:
+    ds = ds.map(_ViewBatches(str(path), global_batch_size, process_index, process_count, seed,
+                             num_views, augment))
   return image_text.to_iterator(ds, worker_count=worker_count)

@@ -16,6 +16,13 @@ Variants (`--config experiments/loev.py:VARIANT`):
   plusplus  LOEV++: the last CNN stage replicated into K + 1 branches.
   simclr    the all-invariant single-head baseline.
   tiny      a few steps of a very small model on a small set, for tests.
+  long      the 300-step setting trained for 2,000 steps, with views drawn from a bank of 8
+            augmented views per training clip (`data.view_bank`: on the fly, the tracked chain
+            costs about as much CPU as the training step, so the three runs of the comparison
+            augment once and share the bank; 28 view pairs per clip), and checkpoints every 250
+            steps for equivariance curves. Not yet run to the end (RESULTS.md: ~11 s/step on the
+            shared 2-core CPU, so ~6 h per run).
+Variants combine with an underscore: plusplus_long, simclr_long, tiny_plusplus, tiny_simclr.
 """
 
 from mmcl.tasks import make_config
@@ -24,12 +31,15 @@ from mmcl.tasks import make_config
 def get_config(arg: str | None = None):
   c = make_config("loev")
   c.seed = 0
-  variant, _, size = (arg or "").partition("_")
-  c.task.variant = {"": "loev", "plusplus": "loev++", "simclr": "simclr", "tiny": "loev"}.get(
-      variant)
-  if c.task.variant is None:
+  tokens = [t for t in (arg or "").split("_") if t]
+  kinds = [t for t in tokens if t in ("plusplus", "simclr")]
+  sizes = [t for t in tokens if t in ("tiny", "long")]
+  if len(kinds) > 1 or len(sizes) > 1 or len(kinds) + len(sizes) != len(tokens):
     raise ValueError(f"unknown variant {arg!r} of experiments/loev.py (known: plusplus, simclr, "
-                     "tiny, and tiny_plusplus / tiny_simclr)")
+                     "tiny, long, and combinations such as tiny_plusplus or simclr_long)")
+  c.task.variant = {"plusplus": "loev++", "simclr": "simclr"}.get(kinds[0] if kinds else "",
+                                                                  "loev")
+  size = sizes[0] if sizes else ""
   c.data.dir = "data/music_train"
   c.data.eval_dir = "data/music_eval"
   c.data.global_batch_size = 32
@@ -48,9 +58,14 @@ def get_config(arg: str | None = None):
   c.train.val_batches = 0
   c.train.keep_best = 0
 
-  if variant == "tiny" or size == "tiny":
-    if variant == "tiny" and size:
-      c.task.variant = {"plusplus": "loev++", "simclr": "simclr"}[size]
+  if size == "long":
+    c.data.view_bank = 8
+    c.data.view_bank_workers = 2
+    c.optim.warmup_steps = 100
+    c.train.total_steps = 2000
+    c.train.checkpoint_every = 250
+    c.train.keep_checkpoints = 10
+  if size == "tiny":
     c.data.num_clips = 64
     c.data.num_eval_clips = 40
     c.data.global_batch_size = 8

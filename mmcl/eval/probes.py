@@ -90,14 +90,14 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -> 
 def logistic_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                    y_test: np.ndarray, *, num_classes: int,
                    l2s: Sequence[float] = (1e-3, 1e-2, 1e-1), folds: int = 3,
-                   seed: int = 0) -> dict[str, float]:
+                   seed: int = 0) -> dict[str, Any]:
   """Linear classification probe: L2 strength by CV accuracy on the training rows, test accuracy.
 
   Args:
     x_train: [N, D] float. y_train: [N] int in [0, num_classes). x_test: [M, D]. y_test: [M] int.
 
   Returns:
-    {"accuracy": test accuracy, "l2": chosen strength}.
+    {"accuracy": test accuracy, "l2": chosen strength, "pred": test predictions [M] int}.
   """
   x_train, x_test = standardize(np.asarray(x_train, np.float64), np.asarray(x_test, np.float64))
   y_train, y_test = np.asarray(y_train), np.asarray(y_test)
@@ -115,7 +115,8 @@ def logistic_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
     if np.mean(acc) > best:
       best, best_l2 = float(np.mean(acc)), l2
   w = _logistic_fit(x_train, y_train, num_classes, best_l2)
-  return {"accuracy": float(np.mean(predict(w, x_test) == y_test)), "l2": float(best_l2)}
+  pred = predict(w, x_test)
+  return {"accuracy": float(np.mean(pred == y_test)), "l2": float(best_l2), "pred": pred}
 
 
 def knn_hit_rate(queries: np.ndarray, corpus: np.ndarray, match: Callable[[np.ndarray], np.ndarray],
@@ -128,12 +129,34 @@ def knn_hit_rate(queries: np.ndarray, corpus: np.ndarray, match: Callable[[np.nd
     exclude: optional [Q] int corpus row to leave out per query (e.g. the query's own clip).
 
   Returns:
-    hit rate in [0, 1].
+    hit rate in [0, 1] (the mean of `knn_hits`).
   """
+  return float(np.mean(knn_hits(queries, corpus, match, k=k, exclude=exclude)))
+
+
+def bootstrap_se(stat: Callable[[np.ndarray], float], n: int, *, resamples: int = 1000,
+                 seed: int = 0) -> float:
+  """Standard error of a statistic of n paired test items by the bootstrap.
+
+  Args:
+    stat: maps row indices [n] int (drawn with replacement) to the statistic (float).
+    n: number of test items. resamples: bootstrap draws.
+
+  Returns:
+    the standard deviation of the statistic over the resamples.
+  """
+  rng = np.random.default_rng(seed)
+  return float(np.std([stat(rng.integers(0, n, n)) for _ in range(resamples)], ddof=1))
+
+
+def knn_hits(queries: np.ndarray, corpus: np.ndarray, match: Callable[[np.ndarray], np.ndarray],
+             *, k: int = 10, exclude: np.ndarray | None = None) -> np.ndarray:
+  """Per query, the share [Q] float of its k nearest corpus rows (cosine) whose labels match
+  (arguments as `knn_hit_rate`)."""
   q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
   c = corpus / np.maximum(np.linalg.norm(corpus, axis=1, keepdims=True), 1e-12)
   scores = q @ c.T
   if exclude is not None:
     scores[np.arange(len(q)), exclude] = -np.inf
   top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-  return float(np.mean(match(top)))
+  return np.mean(match(top), axis=1)

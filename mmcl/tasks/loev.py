@@ -19,7 +19,10 @@ loev++); subspace h = branch h (loev++) or the output of head h (loev / simclr).
 Evaluation (`evaluate`, on a held-out procedural set): key / tempo linear probes on the whole
 embedding; the equivariance probe (R² of the applied semitones / stretch rate predicted from
 [z(transformed), z(clean)]) per subspace; kNN retrieval of transformed queries against clean clips
-with labels that transform (key transposed by the shift, tempo × rate) per subspace and whole.
+with labels that transform (key transposed by the shift, tempo × rate) per subspace and whole;
+invariance = share of transformed views whose nearest clean clip is their own, per subspace.
+Each metric comes with its standard error ("<metric>/se"), and the per-test-item outcomes go to
+loev_eval_items.npz for paired comparisons between runs.
 """
 
 from __future__ import annotations
@@ -93,6 +96,12 @@ class LOEVTask(Task):
     d.define("chain_p", 0.75, "probability of applying the tracked chain to a view")
     d.define("aug_p", 0.5, "probability of each tracked augmentation inside the chain")
     d.define("base_chain", True, "apply the untracked base chain (gain, polarity, noise, ...)")
+    d.define("res_type", "soxr_hq", "librosa resampler of the pitch shift",
+             choices=audio_augment.RES_TYPES)
+    d.define("view_bank", 0, "0: augment every view on the fly; M ≥ 2: augment each training clip "
+             "M times once (data.dir/view_bank_m<M>_seed<seed>, "
+             "`music_synth.render_view_bank`) and draw num_views distinct banked views per clip")
+    d.define("view_bank_workers", 1, "processes that render the view bank")
 
   def __init__(self, config: Config, mesh):
     super().__init__(config, mesh)
@@ -113,7 +122,7 @@ class LOEVTask(Task):
     self.out_samples = int(round(d.clip_seconds * d.sample_rate))
     self.augment = audio_augment.AugmentConfig(
         sample_rate=d.sample_rate, out_samples=self.out_samples, chain_p=d.chain_p,
-        aug_p=d.aug_p, tracked=self.tracked, base_chain=d.base_chain)
+        aug_p=d.aug_p, tracked=self.tracked, base_chain=d.base_chain, res_type=d.res_type)
 
   def head_names(self) -> list[str]:
     return ["invariant"] + list(self.tracked[:self.num_heads - 1])
@@ -129,11 +138,20 @@ class LOEVTask(Task):
   def train_iterator(self, process_index: int, process_count: int):
     c = self.config
     path = self._music(c.data.dir, c.data.num_clips, seed=0)
+    bank = None
+    if c.data.view_bank:
+      if c.data.view_bank < c.data.num_views:
+        raise ValueError(f"config key 'data.view_bank' = {c.data.view_bank}: needs at least "
+                         f"data.num_views = {c.data.num_views} views per clip (or 0 for none)")
+      bank = f"{path}/view_bank_m{c.data.view_bank}_seed{c.seed}"
+      music_synth.render_view_bank(path, bank, augment=self.augment,
+                                   views_per_clip=c.data.view_bank, seed=c.seed,
+                                   workers=c.data.view_bank_workers)
     return music_synth.train_iterator(path, global_batch_size=c.data.global_batch_size,
                                       seed=c.seed, augment=self.augment,
                                       num_views=c.data.num_views, process_index=process_index,
                                       process_count=process_count, num_epochs=c.data.num_epochs,
-                                      worker_count=c.data.worker_count)
+                                      worker_count=c.data.worker_count, view_bank=bank)
 
   # --- model --------------------------------------------------------------------------------------
   def init_params(self, rng: jax.Array) -> dict[str, Any]:
@@ -202,9 +220,18 @@ class LOEVTask(Task):
     return out
 
   def evaluation_views(self, seed: int = 1234) -> dict[str, np.ndarray]:
-    """Deterministic clean / pitch-shifted / stretched views of the evaluation clips."""
+    """Deterministic clean / pitch-shifted / stretched views of the evaluation clips.
+
+    They depend only on the evaluation set, `seed` and the view settings, so they are cached in
+    data.eval_dir (`eval_views_*.npz`) for the next evaluation (e.g. of every checkpoint)."""
     c = self.config
     path = self._music(c.data.eval_dir, c.data.num_eval_clips, seed=1)
+    a = self.augment
+    cache = pathlib.Path(path) / (f"eval_views_s{seed}_{a.out_samples}_{a.sample_rate}_"
+                                  f"{a.res_type}.npz")
+    if cache.is_file():
+      with np.load(cache) as f:
+        return {k: f[k] for k in f.files}
     waves, keys, bpms, _ = music_synth.load_rendered(path)
     rng = np.random.default_rng(seed)
     n = waves.shape[0]
@@ -213,12 +240,16 @@ class LOEVTask(Task):
     clean, pitched, stretched = [], [], []
     for i in range(n):
       w = np.asarray(waves[i], np.float32) / 32767.0
-      clean.append(audio_augment.fixed_view(w, self.augment))
-      pitched.append(audio_augment.fixed_view(w, self.augment, semitones=int(semis[i])))
-      stretched.append(audio_augment.fixed_view(w, self.augment, rate=float(rates[i])))
-    return {"clean": np.stack(clean), "pitch": np.stack(pitched), "stretch": np.stack(stretched),
-            "semitones": semis.astype(np.float32), "rate": rates.astype(np.float32),
-            "key": np.asarray(keys), "bpm": np.asarray(bpms)}
+      clean.append(audio_augment.fixed_view(w, a))
+      pitched.append(audio_augment.fixed_view(w, a, semitones=int(semis[i])))
+      stretched.append(audio_augment.fixed_view(w, a, rate=float(rates[i])))
+    out = {"clean": np.stack(clean), "pitch": np.stack(pitched), "stretch": np.stack(stretched),
+           "semitones": semis.astype(np.float32), "rate": rates.astype(np.float32),
+           "key": np.asarray(keys), "bpm": np.asarray(bpms)}
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, **out)
+    tmp.replace(cache)
+    return out
 
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
     t = self.config.task
@@ -229,12 +260,16 @@ class LOEVTask(Task):
     tr, te = np.arange(n_train), np.arange(n_train, n)
     key, bpm = views["key"], views["bpm"]
     out: dict[str, float] = {}
+    items: dict[str, np.ndarray] = {}  # per test item, for standard errors and paired comparisons
     whole = emb["clean"]["whole"]
-    out["probe/key_accuracy"] = probes.logistic_probe(whole[tr], key[tr], whole[te], key[te],
-                                                      num_classes=24)["accuracy"]
+    keyp = probes.logistic_probe(whole[tr], key[tr], whole[te], key[te], num_classes=24)
+    out["probe/key_accuracy"] = keyp["accuracy"]
+    items["probe/key_correct"] = (keyp["pred"] == key[te]).astype(np.float64)
     tempo = probes.ridge_probe(whole[tr], np.log2(bpm[tr]), whole[te], np.log2(bpm[te]))
     out["probe/tempo_r2"] = tempo["r2"]
     out["probe/tempo_acc1"] = float(np.mean(np.abs(2 ** tempo["pred"] / bpm[te] - 1) <= 0.04))
+    items["probe/tempo_target"], items["probe/tempo_pred"] = np.log2(bpm[te]), tempo["pred"]
+    items["probe/tempo_acc1"] = (np.abs(2 ** tempo["pred"] / bpm[te] - 1) <= 0.04).astype(float)
     targets = {"pitch": views["semitones"], "stretch": np.log2(views["rate"])}
     spaces = ["whole"] + [f"sub/{h}" for h in self.head_names()]
     k = t.eval_knn_k
@@ -242,24 +277,52 @@ class LOEVTask(Task):
     for aug in ("pitch", "stretch"):
       for s in spaces:
         x = np.concatenate([emb[aug][s], emb["clean"][s]], 1)
-        out[f"equivariance/{aug}/{s}/r2"] = probes.ridge_probe(x[tr], targets[aug][tr], x[te],
-                                                               targets[aug][te])["r2"]
+        eq = probes.ridge_probe(x[tr], targets[aug][tr], x[te], targets[aug][te])
+        out[f"equivariance/{aug}/{s}/r2"] = eq["r2"]
+        items[f"equivariance/{aug}/target"] = targets[aug][te]
+        items[f"equivariance/{aug}/{s}/pred"] = eq["pred"]
     # kNN: transformed queries against the other clips' clean views; labels transform.
     key_after = music_synth.transpose_key(key, views["semitones"].astype(int))
     bpm_after = bpm * views["rate"]
     own = np.arange(n)
     for s in spaces:
-      out[f"knn/key/{s}/hit@{k}"] = probes.knn_hit_rate(
+      items[f"knn/key/{s}/hit@{k}"] = probes.knn_hits(
           emb["pitch"][s], emb["clean"][s], lambda top: key[top] == key_after[:, None], k=k,
           exclude=own)
-      out[f"knn/tempo/{s}/hit@{k}"] = probes.knn_hit_rate(
+      items[f"knn/tempo/{s}/hit@{k}"] = probes.knn_hits(
           emb["stretch"][s], emb["clean"][s],
           lambda top: np.abs(bpm[top] / bpm_after[:, None] - 1) <= tol, k=k, exclude=own)
+      for task_ in ("key", "tempo"):
+        hits = items[f"knn/{task_}/{s}/hit@{k}"]
+        out[f"knn/{task_}/{s}/hit@{k}"] = float(np.mean(hits))
+        out[f"knn/{task_}/{s}/hit@{k}/se"] = float(np.std(hits, ddof=1) / np.sqrt(n))
+    # Invariance: share of transformed views whose nearest clean clip (cosine) is their own clip.
+    # An invariant space → 1; a space that keeps augmentation k apart → lower for k.
+    for aug in ("pitch", "stretch"):
+      for s in spaces:
+        own_hit = probes.knn_hits(emb[aug][s], emb["clean"][s], lambda top: top == own[:, None],
+                                  k=1)
+        out[f"invariance/{aug}/{s}/own_top1"] = float(np.mean(own_hit))
+        out[f"invariance/{aug}/{s}/own_top1/se"] = float(np.std(own_hit, ddof=1) / np.sqrt(n))
+        items[f"invariance/{aug}/{s}/own_top1"] = own_hit
     # Chance levels of the kNN hits (a random neighbour).
     out["knn/key/chance"] = float(np.mean(key[None, :] == key_after[:, None]))
     out["knn/tempo/chance"] = float(np.mean(np.abs(bpm[None, :] / bpm_after[:, None] - 1) <= tol))
     out["num_eval_clips"] = float(n)
+    # Bootstrap standard errors over the test clips of the probe metrics (the kNN ones above are
+    # means over all n queries).
+    nt = len(te)
+    out["probe/key_accuracy/se"] = float(np.std(items["probe/key_correct"], ddof=1) / np.sqrt(nt))
+    out["probe/tempo_r2/se"] = probes.bootstrap_se(
+        lambda i: probes.r2_score(items["probe/tempo_target"][i], items["probe/tempo_pred"][i]), nt)
+    for aug in ("pitch", "stretch"):
+      y = items[f"equivariance/{aug}/target"]
+      for s in spaces:
+        pred = items[f"equivariance/{aug}/{s}/pred"]
+        out[f"equivariance/{aug}/{s}/r2/se"] = probes.bootstrap_se(
+            lambda i: probes.r2_score(y[i], pred[i]), nt)  # pylint: disable=cell-var-from-loop
     path = pathlib.Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / "loev_eval_items.npz", **items)
     (path / "loev_eval.json").write_text(json.dumps(out, indent=1, sort_keys=True))
     return out

@@ -57,6 +57,62 @@ def test_pitch_shift_and_stretch_are_tracked():
   assert np.abs(v1).max() <= 1.0
 
 
+@pytest.mark.parametrize("res_type", ["soxr_hq", "soxr_mq", "fft"])
+def test_pitch_shift_resamplers_move_a_tone_exactly(res_type):
+  sr = 16000
+  t = np.arange(sr) / sr
+  tone = (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+  cfg = audio_augment.AugmentConfig(out_samples=sr, res_type=res_type)
+  for n in (-4, 3):
+    view = audio_augment.fixed_view(tone, cfg, semitones=n)[2000:-2000]
+    # Zero-padded FFT: 0.17 Hz bins, well inside the 0.5% (≥ 1.7 Hz) tolerance.
+    spec = np.abs(np.fft.rfft(view * np.hanning(view.size), 8 * view.size))
+    peak = float(np.fft.rfftfreq(8 * view.size, 1 / sr)[np.argmax(spec)])
+    assert peak == pytest.approx(440.0 * 2 ** (n / 12), rel=0.005), (res_type, n)
+  with pytest.raises(ValueError, match="res_type"):
+    audio_augment.AugmentConfig(res_type="polyphase")
+
+
+def test_view_bank_batches_are_banked_views(tmp_path):
+  music = music_synth.MusicSet(num_clips=8, seconds=0.7, seed=2)
+  music_synth.render(music, tmp_path / "set")
+  cfg = audio_augment.AugmentConfig(out_samples=8000, chain_p=1.0)
+  music_synth.render_view_bank(tmp_path / "set", tmp_path / "bank", augment=cfg,
+                               views_per_clip=3, seed=5)
+  views = np.load(tmp_path / "bank" / "views.npy")
+  applied = np.load(tmp_path / "bank" / "applied.npy")
+  params = np.load(tmp_path / "bank" / "params.npy")
+  assert views.shape == (8, 3, 8000) and applied.shape == params.shape == (8, 3, 2)
+  # A banked view is the documented draw of augment_view, stored as 16-bit PCM.
+  wave = music.clip(6)[0]
+  wave = np.round(wave * 32767).astype(np.int16).astype(np.float32) / 32767.0
+  ref, ref_a, ref_p = audio_augment.augment_view(
+      wave, cfg, np.random.default_rng([5, 2 ** 20 + 1, 6]))
+  np.testing.assert_allclose(views[6, 1] / 32767.0, ref, atol=1 / 32767)
+  assert applied[6, 1].tolist() == ref_a.tolist() and params[6, 1].tolist() == ref_p.tolist()
+  it = music_synth.train_iterator(tmp_path / "set", global_batch_size=4, seed=5, augment=cfg,
+                                  view_bank=str(tmp_path / "bank"))
+  for _ in range(3):
+    b = next(it)
+    assert b["audio"].shape == (4, 2, 8000)
+    for r, i in enumerate(b["index"]):
+      # Each view is one of the clip's banked views, with its flags and parameters; two distinct.
+      js = [int(np.argmin(np.abs(views[i] / 32767.0 - b["audio"][r, v]).max(-1))) for v in (0, 1)]
+      assert js[0] != js[1]
+      for v, j in enumerate(js):
+        np.testing.assert_allclose(b["audio"][r, v], views[i, j] / 32767.0, atol=1e-7)
+        assert b["applied"][r, v].tolist() == applied[i, j].tolist()
+        np.testing.assert_array_equal(b["params"][r, v], params[i, j])
+  # Re-rendering the same bank is a no-op; a bank too small for the set is refused.
+  stamp = (tmp_path / "bank" / "views.npy").stat().st_mtime_ns
+  music_synth.render_view_bank(tmp_path / "set", tmp_path / "bank", augment=cfg,
+                               views_per_clip=3, seed=5)
+  assert (tmp_path / "bank" / "views.npy").stat().st_mtime_ns == stamp
+  with pytest.raises(ValueError, match="does not fit"):
+    music_synth.train_iterator(tmp_path / "set", global_batch_size=4, seed=5, augment=cfg,
+                               num_views=4, view_bank=str(tmp_path / "bank"))
+
+
 def test_flags_follow_probabilities():
   cfg = audio_augment.AugmentConfig(out_samples=4000, base_chain=False)
   wave = np.random.default_rng(0).normal(size=6000).astype(np.float32) * 0.1

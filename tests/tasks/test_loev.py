@@ -73,6 +73,10 @@ def test_variants_heads_and_branches(tmp_path):
   assert branches == ["last_stage_branch_0", "last_stage_branch_1", "last_stage_branch_2"]
   feats = pp.features(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
   assert feats.shape == (2, 3, 2 * pp.config.model.channels[-1])
+  long = load_config_file(str(REPO / "experiments/loev.py") + ":simclr_long")
+  assert long.task.variant == "simclr" and long.data.view_bank == 8
+  with pytest.raises(ValueError, match="unknown variant"):
+    load_config_file(str(REPO / "experiments/loev.py") + ":plusplus_simclr")
   # Branches have their own weights, so their features differ.
   assert float(jnp.abs(feats[:, 0] - feats[:, 1]).max()) > 1e-4
 
@@ -106,6 +110,8 @@ def test_evaluate_reports_every_probe(tmp_path):
       assert np.isfinite(metrics[f"equivariance/{aug}/{space}/r2"])
     assert 0 <= metrics[f"knn/key/{space}/hit@10"] <= 1
     assert 0 <= metrics[f"knn/tempo/{space}/hit@10"] <= 1
+    assert 0 <= metrics[f"invariance/pitch/{space}/own_top1"] <= 1
+    assert metrics[f"equivariance/pitch/{space}/r2/se"] > 0
   assert 0 <= metrics["probe/key_accuracy"] <= 1
   assert 0 < metrics["knn/key/chance"] < 0.2
   assert (tmp_path / "eval" / "loev_eval.json").is_file()

@@ -1,0 +1,120 @@
+"""Paired comparisons of LOEV / LOEV++ / SimCLR evaluations (issue 8, item 7), with standard errors.
+
+  .venv/bin/python experiments/analysis/loev_compare.py --loev W1 --plusplus W2 --simclr W3 [--step S]
+
+Reads `<workdir>/eval/<step>/loev_eval_items.npz` (written by `mmcl eval`; every run is evaluated
+on the same held-out clips in the same order, so differences are paired) and prints, as one JSON
+object, each item-7 claim's difference and its bootstrap standard error (1,000 resamples of the
+test clips / queries, the same resamples for both terms of a difference):
+  * head k vs invariant head on the equivariance probe (R², per tracked augmentation), for LOEV and
+    LOEV++, and head k vs the SimCLR baseline's (invariant) head;
+  * key accuracy and tempo R² of the whole embedding against the baseline's;
+  * LOEV++ tempo kNN hit@10 of the stretch branch against the whole embedding.
+Also, as a diagnosis, the invariant head's own-clip top-1 retrieval of transformed views against
+head k's. With `--curve`, the equivariance R² and own-clip top-1 of every subspace at each
+evaluated step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from mmcl.eval import probes  # noqa: E402
+
+
+def _items(workdir: str, step: int | None) -> tuple[int, dict[str, np.ndarray]]:
+  root = pathlib.Path(workdir) / "eval"
+  steps = sorted(int(p.name) for p in root.iterdir() if (p / "loev_eval_items.npz").is_file())
+  if not steps:
+    raise FileNotFoundError(f"{root}: no evaluated step with loev_eval_items.npz (run mmcl eval)")
+  s = step if step is not None else steps[-1]
+  with np.load(root / str(s) / "loev_eval_items.npz") as f:
+    return s, {k: f[k] for k in f.files}
+
+
+def _diff(a, b, n: int) -> dict[str, float]:
+  """a, b: maps row indices → statistic; the paired difference a − b and its bootstrap SE."""
+  full = np.arange(n)
+  return {"a": round(a(full), 4), "b": round(b(full), 4), "diff": round(a(full) - b(full), 4),
+          "se": round(probes.bootstrap_se(lambda i: a(i) - b(i), n), 4)}
+
+
+def _r2(items, aug, space):
+  y, p = items[f"equivariance/{aug}/target"], items[f"equivariance/{aug}/{space}/pred"]
+  return lambda i: probes.r2_score(y[i], p[i])
+
+
+def compare(loev: str, plusplus: str, simclr: str, step: int | None) -> dict:
+  runs = {"loev": _items(loev, step), "loev++": _items(plusplus, step),
+          "simclr": _items(simclr, step)}
+  out = {"steps": {k: v[0] for k, v in runs.items()}}
+  it = {k: v[1] for k, v in runs.items()}
+  n = len(it["simclr"]["probe/key_correct"])
+  for aug in ("pitch", "stretch"):
+    for run in ("loev", "loev++"):
+      out[f"claim1/{run}/{aug}: sub/{aug} - sub/invariant"] = _diff(
+          _r2(it[run], aug, f"sub/{aug}"), _r2(it[run], aug, "sub/invariant"), n)
+      out[f"claim1/{run}/{aug}: sub/{aug} - simclr sub/invariant"] = _diff(
+          _r2(it[run], aug, f"sub/{aug}"), _r2(it["simclr"], aug, "sub/invariant"), n)
+  for run in ("loev", "loev++"):
+    a, b = it[run], it["simclr"]
+    out[f"claim2/{run}: key accuracy - simclr"] = _diff(
+        lambda i, a=a: float(np.mean(a["probe/key_correct"][i])),
+        lambda i, b=b: float(np.mean(b["probe/key_correct"][i])), n)
+    out[f"claim2/{run}: tempo R2 - simclr"] = _diff(
+        lambda i, a=a: probes.r2_score(a["probe/tempo_target"][i], a["probe/tempo_pred"][i]),
+        lambda i, b=b: probes.r2_score(b["probe/tempo_target"][i], b["probe/tempo_pred"][i]), n)
+  # Diagnosis of claim 1: is the invariant head invariant? Own-clip top-1 retrieval of transformed
+  # views (1 = invariant), invariant head − head k.
+  for aug in ("pitch", "stretch"):
+    for run in ("loev", "loev++"):
+      inv = it[run].get(f"invariance/{aug}/sub/invariant/own_top1")
+      head = it[run].get(f"invariance/{aug}/sub/{aug}/own_top1")
+      if inv is not None:
+        out[f"diag/{run}/{aug}: own_top1 sub/invariant - sub/{aug}"] = _diff(
+            lambda i, x=inv: float(np.mean(x[i])), lambda i, x=head: float(np.mean(x[i])),
+            len(inv))
+  pp = it["loev++"]
+  key = [k for k in pp if k.startswith("knn/tempo/sub/stretch/hit@")][0]
+  whole = key.replace("sub/stretch", "whole")
+  q = len(pp[key])
+  out["claim3/loev++: tempo kNN sub/stretch - whole"] = _diff(
+      lambda i: float(np.mean(pp[key][i])), lambda i: float(np.mean(pp[whole][i])), q)
+  return out
+
+
+def curve(workdir: str) -> dict:
+  root = pathlib.Path(workdir) / "eval"
+  rows = {}
+  for p in sorted(root.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1):
+    f = p / "loev_eval.json"
+    if f.is_file():
+      m = json.loads(f.read_text())
+      rows[p.name] = {k: round(v, 3) for k, v in m.items()
+                      if (k.startswith("equivariance/") and k.endswith("/r2"))
+                      or (k.startswith("invariance/") and k.endswith("/own_top1"))}
+  return rows
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--loev", required=True)
+  p.add_argument("--plusplus", required=True)
+  p.add_argument("--simclr", required=True)
+  p.add_argument("--step", type=int, default=None)
+  p.add_argument("--curve", action="store_true")
+  args = p.parse_args()
+  print(json.dumps(compare(args.loev, args.plusplus, args.simclr, args.step), indent=1))
+  if args.curve:
+    print(json.dumps({w: curve(w) for w in (args.loev, args.plusplus, args.simclr)}, indent=1))
+
+
+if __name__ == "__main__":
+  main()
