@@ -11,7 +11,8 @@ Variants:
   scientific / scientific_pretrain   amazon-scientific-unisrec (UniSRec split), the paper's sizes
                                      (d 512, 2 layers, 8 heads, FFN 1024), τ 0.05; fine-tuning AdamW
                                      lr 1e-3, pretraining lr 5e-5, grad clip 1.0.
-  scientific_cold                    the same with 10% of the items held out of training entirely.
+  scientific_cold                    the same with 10% of the items held out of training entirely
+                                     (baselines on the same split: experiments/analysis/mmsrec_cold.py).
   ml100k / ml100k_pretrain           the same on ml-100k (for transfer: pretrain on one, fine-tune
                                      on the other with task.init_from).
   small                              suffix `_small` on any of the above: d 128, FFN 256, 4 heads

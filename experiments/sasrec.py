@@ -18,6 +18,8 @@ Variants:
                   lr 1e-3 β2 0.98 (constant), batch 128, 200 epochs (242 steps each).
   ml100k          dense movie data: maxlen 200, dropout 0.2 (the paper's ML-1M setting).
   beauty, scientific  sparse Amazon data: the Games setting.
+  scientific_cold     the same on scientific with MMSRec's held-out items removed from training
+                      (data made by experiments/analysis/mmsrec_cold.py, which also scores it).
   tiny            a few steps of a very small model on data/tiny_seq (for tests).
 Evaluation: valid/test, 100 sampled never-interacted negatives (10,000-user cap) and full ranking.
 """
@@ -25,7 +27,8 @@ Evaluation: valid/test, 100 sampled never-interacted negatives (10,000-user cap)
 from mmcl.tasks import make_config
 
 _DATA = {"games": ("data/games", 31013), "beauty": ("data/beauty", 22363),
-         "scientific": ("data/scientific", 8442), "ml100k": ("data/ml100k", 943)}
+         "scientific": ("data/scientific", 8442), "ml100k": ("data/ml100k", 943),
+         "scientific_cold": ("data/scientific_cold", 8441)}
 
 
 def get_config(arg: str | None = None):
@@ -70,7 +73,7 @@ def get_config(arg: str | None = None):
     return c
   if name not in _DATA:
     raise ValueError(f"unknown variant {arg!r} of experiments/sasrec.py (known: games, ml100k, "
-                     f"beauty, scientific, tiny)")
+                     f"beauty, scientific, scientific_cold, tiny)")
   c.data.dir, num_users = _DATA[name]
   epochs = 200
   if name == "ml100k":

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from mmcl.losses import collectives, fused
+from mmcl.losses import corpus
 from mmcl.losses.infonce import infonce
 from mmcl.losses.multimodal import multimodal_infonce
 from mmcl.losses.sigmoid import sigmoid_loss
@@ -128,3 +129,7 @@ def multimodal_infonce_over_mesh(embeddings: Mapping[str, jax.Array],
                     dict(pairs=pairs, impl=impl, block_size=block_size,
                          return_pair_losses=return_pair_losses),
                     "mmcl.losses.sharded.multimodal_infonce_over_mesh")
+
+
+# The corpus (not the batch) is split over the devices; see corpus.py.
+corpus_softmax_over_mesh = corpus.corpus_softmax_over_mesh

@@ -16,10 +16,11 @@ Stages (`task.stage`):
             (`mmcl.losses.sharded.infonce_over_mesh`).
   finetune  cloze: positions masked with prob `data.mask_prob` (0.2) plus always the most recent
             one; logits cos(h_t, item_tower(i)) / τ over ALL items i (full softmax), cross-entropy
-            at masked positions. The candidate side is every item's item-tower embedding, computed
-            in the step (replicated), the queries stay batch-sharded. `task.init_from` loads a
-            pretraining workdir's newest parameters (transfer: pretrain on one dataset, fine-tune
-            on another; the fusion weights do not depend on the item set).
+            at masked positions, computed by `mmcl.losses.sharded.corpus_softmax_over_mesh`: every
+            item's item-tower embedding is computed in the step and the item table is split over
+            the data axis (`task.loss_impl` "tiled" visits it in chunks, memory O(B·L·chunk)).
+            `task.init_from` loads a pretraining workdir's newest parameters (transfer: pretrain on
+            one dataset, fine-tune on another; the fusion weights do not depend on the item set).
 Validation (`val_iterator`, for `train.best_metric = val/recall@10`): full-ranking Recall@10 of the
 valid split's next item, i.e. early stopping keeps the best checkpoint by validation Recall@10.
 Evaluation: leave-one-out, full ranking over all items, Recall@k / NDCG@k (k = 10, 50); items in
@@ -79,6 +80,10 @@ class MMSRecTask(Task):
              "(transfer / fine-tuning after pretraining); '' = random init")
     t.define("cold_item_fraction", 0.0, "fraction of items held out of training entirely")
     t.define("cold_item_seed", 0, "seed of the held-out items")
+    t.define("loss_impl", "auto", "kernel of the cloze full softmax (mmcl.losses.corpus_softmax)",
+             choices=("auto", "dense", "tiled"))
+    t.define("loss_block_size", None, "item chunk of the tiled kernel (None = the default)",
+             type=(int, type(None)))
     sasrec.declare_eval_config(t, ks=(10, 50), num_negatives=0)
     m = c.model
     m.define("width", 512, "fusion width d")
@@ -209,16 +214,17 @@ class MMSRecTask(Task):
     masked = masked.at[:, -1].set(items[:, -1] != 0)  # always the most recent position
     h = _unit(self.encode_sequences(params, items, masked, train=train, rng=k_seq))  # [B, L, d]
     cand = self.item_tower(params, train=train, rng=k_item)  # [N + 1, d]
-    logits = jnp.einsum("bld,nd->bln", h, cand) / t.temperature
-    blocked = jnp.asarray(self.cold_np).at[0].set(True)  # padding and held-out items
-    logits = jnp.where(blocked[None, None], -1e9, logits)
-    target_logit = jnp.take_along_axis(logits, items[..., None], -1)[..., 0]
-    ce = jax.nn.logsumexp(logits, -1) - target_logit
+    allowed = ~jnp.asarray(self.cold_np).at[0].set(True)  # not padding, not held out
+    # Full softmax over all items through the loss core: the item table is split over the mesh's
+    # data axis, the masked positions' queries are replicated (see mmcl.losses.corpus).
+    loss, rank = sharded_losses.corpus_softmax_over_mesh(
+        h.reshape(-1, h.shape[-1]), cand, items.reshape(-1), self.mesh,
+        logit_scale=1.0 / t.temperature, valid=masked.reshape(-1), corpus_valid=allowed,
+        impl=t.loss_impl, block_size=t.loss_block_size, return_ranks=True)
     w = masked.astype(jnp.float32)
-    loss = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
-    rank = (logits > target_logit[..., None]).sum(-1)
+    hit = (rank.reshape(masked.shape) < 10) * w
     return loss, {"masked_per_row": w.sum(1).mean(),
-                  "train_recall@10": ((rank < 10) * w).sum() / jnp.maximum(w.sum(), 1.0)}
+                  "train_recall@10": hit.sum() / jnp.maximum(w.sum(), 1.0)}
 
   def _query(self, params, history: jax.Array) -> jax.Array:
     """history: [B, L] left-padded → [B, d]: the output at an appended [MASK] slot."""

@@ -72,3 +72,50 @@ def test_pretraining_loss_goes_down_and_transfers(text_seq_dir, tmp_path):
   saved = jax.device_get(ck.restore(12, ckpt_lib.abstract_with_shardings(abstract,
                                                                         shardings)).params)
   jax.tree.map(np.testing.assert_array_equal, init, saved)
+
+
+def _plain_cloze_loss(task, params, batch, rng):
+  """The cloze loss as first written, in plain jnp over the [B, L, N + 1] logits (the reference)."""
+  import jax.numpy as jnp
+  items = task._original(batch)
+  k_seq, k_item = jax.random.split(rng)
+  masked = (batch["labels"] > 0) & (items != 0)
+  masked = masked.at[:, -1].set(items[:, -1] != 0)
+  h = mmsrec._unit(task.encode_sequences(params, items, masked, train=True, rng=k_seq))
+  cand = task.item_tower(params, train=True, rng=k_item)
+  logits = jnp.einsum("bld,nd->bln", h, cand) / task.config.task.temperature
+  blocked = jnp.asarray(task.cold_np).at[0].set(True)
+  logits = jnp.where(blocked[None, None], -1e9, logits)
+  target_logit = jnp.take_along_axis(logits, items[..., None], -1)[..., 0]
+  ce = jax.nn.logsumexp(logits, -1) - target_logit
+  w = masked.astype(jnp.float32)
+  rank = (logits > target_logit[..., None]).sum(-1)
+  return ((ce * w).sum() / jnp.maximum(w.sum(), 1.0),
+          ((rank < 10) * w).sum() / jnp.maximum(w.sum(), 1.0))
+
+
+def test_cloze_loss_through_the_loss_core_equals_the_plain_full_softmax(text_seq_dir):
+  """The sharded corpus softmax (dense and tiled, items split over 8 devices) changes nothing:
+  loss and train Recall@10 equal the plain-jnp full softmax the task used before."""
+  from mmcl.parallel import mesh as mesh_lib
+  c = _config(text_seq_dir, **{"task.cold_item_fraction": 0.1, "task.lexical_dim": 16})
+  mesh, task = loop_lib.setup(c, get_task_class("mmsrec"))
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(1))
+  batch = mesh_lib.host_batch_to_global(mesh, next(iter(task.train_iterator(0, 1))))
+  rng = jax.random.PRNGKey(2)
+
+  def all_three(params):
+    want = _plain_cloze_loss(task, params, batch, rng)
+    got = {}
+    for impl, block in (("dense", None), ("tiled", 7)):
+      task.config.task.loss_impl, task.config.task.loss_block_size = impl, block
+      got[impl] = task.loss(params, batch, rng, train=True)
+    return want, got
+
+  # One compilation for the three; the gradients of corpus_softmax (queries, items, scale) are
+  # checked against a reference in tests/losses/test_corpus.py.
+  (want_loss, want_recall), got = jax.jit(all_three)(params)
+  assert 0.0 < float(want_recall) < 1.0  # some targets in the top 10, some not: ranks are checked
+  for impl, (loss, aux) in got.items():
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=impl)
+    np.testing.assert_allclose(aux["train_recall@10"], want_recall, rtol=1e-6, err_msg=impl)
