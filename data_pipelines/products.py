@@ -441,15 +441,9 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_len: int, *, pad_id
   its first `max_len - 1` ids and its last id (the closing special token), like `pad_or_truncate`;
   the rest is `pad_id`.
   """
-  if max_len < 2:
-    raise ValueError(f"max_len must be >= 2 (room for the special tokens), got {max_len}")
-  out = np.full((len(texts), max_len), pad_id, np.int32)
-  for row, enc in enumerate(tokenizer.encode_batch([str(t) for t in texts])):
-    ids = enc.ids
-    if len(ids) > max_len:
-      ids = ids[:max_len - 1] + ids[-1:]
-    out[row, :len(ids)] = ids
-  return out
+  return tokenizer_lib.pad_or_truncate(
+      [enc.ids for enc in tokenizer.encode_batch([str(t) for t in texts])], max_len,
+      pad_id=pad_id, last_id="keep")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,29 +39,36 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 INITIAL_ALPHABET = tuple(string.ascii_lowercase + string.digits + string.punctuation)
 
 
-def pad_or_truncate(sequences: Sequence[Sequence[int] | np.ndarray], max_len: int) -> np.ndarray:
-  """Packs token-id sequences (each `[BOS] ... [EOS]`) into a zero-padded matrix.
+def pad_or_truncate(sequences: Sequence[Sequence[int] | np.ndarray], max_len: int, *,
+                    pad_id: int = 0, last_id: int | str | None = EOS_ID) -> np.ndarray:
+  """Packs token-id sequences (each `[BOS] ... [EOS]`) into a right-padded matrix.
 
-  A sequence longer than `max_len` keeps its first `max_len - 1` ids and then `[EOS]`, so the
-  last non-pad token of every row is always EOS.
+  A sequence longer than `max_len` keeps its first `max_len - 1` ids and then `last_id`, so the
+  last non-pad token of every row is always the end token.
 
   Args:
     sequences: N sequences of ids, each starting with BOS and ending with EOS.
-    max_len: L >= 2.
+    max_len: L >= 2 (>= 1 when `last_id` is None).
+    pad_id: the id of the padding.
+    last_id: the id that ends a truncated row (default this module's EOS); "keep": the row's own
+      last id (a tokenizer whose closing special token is not EOS_ID, e.g. BERT's [SEP]); None: a
+      plain cut after `max_len` ids.
 
   Returns:
-    ids: [N, L] int32, 0 = padding.
+    ids: [N, L] int32.
   """
-  if max_len < 2:
+  if max_len < (1 if last_id is None else 2):
     raise ValueError(f"max_len must be >= 2 (room for [BOS] and [EOS]), got {max_len}")
-  out = np.zeros((len(sequences), max_len), np.int32)
+  out = np.full((len(sequences), max_len), pad_id, np.int32)
   for row, seq in enumerate(sequences):
     n = len(seq)
     if n <= max_len:
       out[row, :n] = seq
+    elif last_id is None:
+      out[row] = seq[:max_len]
     else:
       out[row, :max_len - 1] = seq[:max_len - 1]
-      out[row, max_len - 1] = EOS_ID
+      out[row, max_len - 1] = seq[-1] if last_id == "keep" else last_id
   return out
 
 

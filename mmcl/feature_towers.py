@@ -106,23 +106,6 @@ def normalize_images(images: np.ndarray, mean: Sequence[float], std: Sequence[fl
 
 
 # --- token preprocessing for fixed-length towers --------------------------------------------------
-def pack_token_ids(sequences: Sequence[Sequence[int]], *, max_len: int, pad_id: int,
-                   eos_id: int | None) -> np.ndarray:
-  """Right-pads id lists to [N, max_len] int32.
-
-  A longer list keeps its first max_len − 1 ids followed by `eos_id` (mmcl's trained text towers,
-  `data_pipelines.tokenizer.pad_or_truncate`), or its first max_len ids when `eos_id` is None (a
-  tokenizer that already truncates).
-  """
-  out = np.full((len(sequences), max_len), pad_id, np.int32)
-  for row, seq in enumerate(sequences):
-    seq = list(seq)
-    if len(seq) > max_len:
-      seq = seq[:max_len] if eos_id is None else seq[:max_len - 1] + [eos_id]
-    out[row, :len(seq)] = seq
-  return out
-
-
 class _Preprocess:
   """Raw values → the fixed-shape input array a `TowerExport` describes (its `preprocessing`)."""
 
@@ -162,8 +145,11 @@ class _Preprocess:
       if not isinstance(text, str):
         raise TypeError(f"{where(i)}: a {type(text).__name__}, expected a str")
     ids = [e.ids for e in self.tokenizer.encode_batch(list(values))]
-    return pack_token_ids(ids, max_len=self.shape[0], pad_id=int(self.pre["pad_id"]),
-                          eos_id=self.eos_id)
+    from data_pipelines import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    # A longer list keeps its first L − 1 ids and the tower's EOS (mmcl's trained text towers), or
+    # is cut after L ids when there is none (a tokenizer that truncates by itself).
+    return tokenizer_lib.pad_or_truncate(ids, self.shape[0], pad_id=int(self.pre["pad_id"]),
+                                         last_id=self.eos_id)
 
 
 class _FixedShapeTower(FeatureTower):

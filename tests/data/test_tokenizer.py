@@ -61,3 +61,13 @@ def test_load_errors(tmp_path):
     tl.TextTokenizer.load(tmp_path / "bad.json")
   with pytest.raises(TypeError, match="single str"):
     tl.TextTokenizer.train(CAPTIONS[:10]).encode("a caption", 8)
+
+
+def test_pad_or_truncate_pad_and_end_options():
+  seqs = [[2, 10, 11, 12, 13, 7], [2, 9, 7]]
+  np.testing.assert_array_equal(tl.pad_or_truncate(seqs, 4, pad_id=-1, last_id="keep"),
+                                [[2, 10, 11, 7], [2, 9, 7, -1]])
+  np.testing.assert_array_equal(tl.pad_or_truncate(seqs, 4, last_id=None), [[2, 10, 11, 12],
+                                                                           [2, 9, 7, 0]])
+  np.testing.assert_array_equal(tl.pad_or_truncate(seqs, 4, last_id=99)[0], [2, 10, 11, 99])
+  assert tl.pad_or_truncate([[5, 6]], 1, last_id=None).tolist() == [[5]]
