@@ -42,7 +42,6 @@ Inputs:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -54,9 +53,11 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines import records as records_lib
+from mmcl.eval.atomic import write_text_atomic
+
 PathLike = str | os.PathLike
 FORMAT = "mmcl.embeddings/1"
-_HASH_BLOCK = 1 << 20
 
 
 # --- input records --------------------------------------------------------------------------------
@@ -115,25 +116,6 @@ def _check_id(value: Any, where: str) -> str:
   return text
 
 
-# --- small file helpers ---------------------------------------------------------------------------
-def sha256_file(path: PathLike) -> str:
-  """Hex SHA-256 of a file's bytes."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(_HASH_BLOCK):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  with tmp.open("w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  tmp.replace(path)
-
-
 def output_paths(output: PathLike) -> dict[str, pathlib.Path]:
   """The files of the format for `output`: {"npy", "ids", "manifest", "partial"}."""
   base = pathlib.Path(output)
@@ -189,7 +171,7 @@ def read_features(output: PathLike, *, verify_hashes: bool = False) -> Features:
     raise ValueError(f"{paths['ids']}: {len(ids)} ids, the manifest says {manifest['count']}")
   if verify_hashes:
     for key, name in (("npy", "sha256"), ("ids", "ids_sha256")):
-      if sha256_file(paths[key]) != manifest[name]:
+      if records_lib.sha256_file(paths[key]) != manifest[name]:
         raise ValueError(f"{paths[key]}: SHA-256 differs from the manifest's {name}")
   return Features(ids, vectors, manifest)
 
@@ -234,16 +216,15 @@ def read_input(path: PathLike, field: str, *, id_field: str | None = None,
   ids, texts = read_text_records(path, field, id_field=id_field or "id")
   settings = {"split": None, "id_field": (id_field or "id") if path.suffix in (
       ".jsonl", ".json") else "line", "duplicates_skipped": 0}
-  return RecordInput(ids, "text", sha256_file(path), settings,
+  return RecordInput(ids, "text", records_lib.sha256_file(path), settings,
                      lambda start, end: texts[start:end])
 
 
 def _read_dataset(path: pathlib.Path, field: str, *, id_field: str | None,
                   split: str | None) -> RecordInput:
-  from data_pipelines import records  # pylint: disable=g-import-not-at-top
 
-  meta = records.load_metadata(path)
-  schemas = {s: {f.name: f for f in records.split_schema(meta, s)} for s in meta["splits"]}
+  meta = records_lib.load_metadata(path)
+  schemas = {s: {f.name: f for f in records_lib.split_schema(meta, s)} for s in meta["splits"]}
   if split is not None:
     if split not in schemas:
       raise ValueError(f"{path}: no split {split!r} (splits: {sorted(schemas)})")
@@ -267,7 +248,7 @@ def _read_dataset(path: pathlib.Path, field: str, *, id_field: str | None,
     if id_field != RECORD_INDEX and id_field not in schemas[s]:
       raise ValueError(f"{path}: id field {id_field!r} is not in split {s!r} (fields: "
                        f"{sorted(schemas[s])}); pass --id-field (or 'index' for record indices)")
-  sources = {s: records.ArrayRecordSource(path, s, fields=[field], metadata=meta)
+  sources = {s: records_lib.ArrayRecordSource(path, s, fields=[field], metadata=meta)
              for s in splits}
   ids: list[str] = []
   refs: list[tuple[str, int]] = []
@@ -278,7 +259,7 @@ def _read_dataset(path: pathlib.Path, field: str, *, id_field: str | None,
     if id_field == RECORD_INDEX:
       split_ids = [str(i) if len(splits) == 1 else f"{s}:{i}" for i in range(n)]
     else:
-      reader = records.ArrayRecordSource(path, s, fields=[id_field], metadata=meta)
+      reader = records_lib.ArrayRecordSource(path, s, fields=[id_field], metadata=meta)
       split_ids = []
       for start in range(0, n, _READ_BLOCK):
         for r in reader.read_many(list(range(start, min(start + _READ_BLOCK, n)))):
@@ -306,7 +287,7 @@ def _read_dataset(path: pathlib.Path, field: str, *, id_field: str | None,
   settings = {"split": splits if len(splits) > 1 else splits[0], "id_field": id_field,
               "duplicates_skipped": duplicates}
   return RecordInput(ids, _FIELD_KINDS[field_kind],
-                     sha256_file(path / records.METADATA_FILE), settings, load)
+                     records_lib.sha256_file(path / records_lib.METADATA_FILE), settings, load)
 
 
 # --- computing ------------------------------------------------------------------------------------
@@ -452,7 +433,7 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
     partial.mkdir(parents=True)
     np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32,
                               shape=(len(ids), embedder.dim)).flush()
-    _write_atomic(progress_file, json.dumps({**settings, "rows_done": 0}))
+    write_text_atomic(progress_file, json.dumps({**settings, "rows_done": 0}))
 
   report = _progress_printer(len(ids), progress)
   report(rows_done)
@@ -470,17 +451,17 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
     computed += end - rows_done
     rows_done = end
     chunks += 1
-    _write_atomic(progress_file, json.dumps({**settings, "rows_done": rows_done}))
+    write_text_atomic(progress_file, json.dumps({**settings, "rows_done": rows_done}))
     report(rows_done)
   del vectors
 
   # Commit: data files first, manifest last (its presence marks a complete output). Every step
   # can be repeated, so a run interrupted here finishes the commit when called again.
-  _write_atomic(paths["ids"], "".join(f"{i}\n" for i in ids))
+  write_text_atomic(paths["ids"], "".join(f"{i}\n" for i in ids))
   if vectors_file.exists():
     vectors_file.replace(paths["npy"])
-  manifest = {**settings, "sha256": sha256_file(paths["npy"]),
-              "ids_sha256": sha256_file(paths["ids"])}
-  _write_atomic(paths["manifest"], json.dumps(manifest, indent=1))
+  manifest = {**settings, "sha256": records_lib.sha256_file(paths["npy"]),
+              "ids_sha256": records_lib.sha256_file(paths["ids"])}
+  write_text_atomic(paths["manifest"], json.dumps(manifest, indent=1))
   shutil.rmtree(partial)
   return FeaturesResult(manifest, True, computed)
