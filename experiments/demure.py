@@ -3,16 +3,16 @@ frozen item modality features, with a planted noisy modality to check the contri
 
 ml-100k (RESULTS.md, with workdirs dm_base_sm / dm_demure_sm): the same backbone without
 denoising, whose step-350 checkpoint is the warm-up of the Demure run; item scores from it; Demure
-resumes from it at step 350:
+resumes from it at step 350 (`train.init_from`: a fork of the base run, with its parameters,
+Adam state and data iterator, so both arms see the same batches):
 
   mmcl train --config experiments/demure.py:ml100k --workdir workdirs/demure_ml100k_base \
       --set task.denoise=False
   python -m mmcl.tasks.demure item-scores --workdir workdirs/demure_ml100k_base --step 350 \
       --mode signed --output workdirs/demure_ml100k_base/item_scores_350.npy
-  mkdir -p workdirs/demure_ml100k/checkpoints
-  cp -r workdirs/demure_ml100k_base/checkpoints/350 workdirs/demure_ml100k/checkpoints/
   mmcl train --config experiments/demure.py:ml100k --workdir workdirs/demure_ml100k \
-      --set task.item_scores=workdirs/demure_ml100k_base/item_scores_350.npy
+      --set task.item_scores=workdirs/demure_ml100k_base/item_scores_350.npy \
+      --set train.init_from=workdirs/demure_ml100k_base:350
   mmcl eval --workdir workdirs/demure_ml100k_base ; mmcl eval --workdir workdirs/demure_ml100k
 
 amazon-scientific-unisrec (not run yet):

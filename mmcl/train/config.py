@@ -50,6 +50,10 @@ def base_config() -> Config:
   tr.define("progress_bar", True, "print a progress line with ETA to stderr")
   tr.define("stop_after_steps", None, "stop early after this many steps of this invocation "
             "(for tests of resume; the schedule still uses total_steps)", type=(int, type(None)))
+  tr.define("init_from", None, "fork: WORKDIR or WORKDIR:STEP of another run whose checkpoint "
+            "(params, optimizer state, step, data iterator) this run starts from when its own "
+            "workdir has none yet (warm-ups, ablations sharing a prefix); STEP defaults to that "
+            "run's newest", type=(str, type(None)))
 
   o = c.section("optim", "optimizer and learning-rate schedule (optax)")
   o.define("name", "adamw", "optimizer", choices=("adamw", "adam", "sgd", "lamb"))

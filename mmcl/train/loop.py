@@ -2,7 +2,8 @@
 
 `train(config, workdir, task_cls)`:
   mesh from config → task → sharded state (created already sharded) → resume from the newest
-  checkpoint in `workdir` if any (params, optimizer, step, RNG and the data iterator) → jitted generic
+  checkpoint in `workdir` if any (params, optimizer, step, RNG and the data iterator; else, with
+  `train.init_from`, from another run's checkpoint: a fork) → jitted generic
   step → periodic metric logging and asynchronous checkpoints → final checkpoint.
 """
 
@@ -86,6 +87,41 @@ def _validate(eval_step, params, task: Task, mesh, num_batches: int) -> dict[str
   return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
 
 
+def parse_init_from(spec: str) -> tuple[pathlib.Path, int | None]:
+  """"WORKDIR" or "WORKDIR:STEP" (config key train.init_from) -> (workdir, step or None)."""
+  head, sep, tail = spec.rpartition(":")
+  if sep and tail.isdigit():
+    return pathlib.Path(head), int(tail)
+  return pathlib.Path(spec), None
+
+
+def fork_from(spec: str, abstract, shardings, data_iter) -> tuple[Any, int]:
+  """Restores another run's checkpoint (state + data iterator) as this run's starting point.
+
+  The checkpoint must match this run's state structure (same model and optimizer); the config may
+  differ elsewhere (task options, total_steps). Returns (state, step).
+  """
+  src, step = parse_init_from(spec)
+  if not ckpt_lib.checkpoint_dir(src).is_dir():
+    raise FileNotFoundError(f"config key train.init_from = {spec!r}: no checkpoints in "
+                            f"{ckpt_lib.checkpoint_dir(src)}")
+  source = ckpt_lib.Checkpointer(src, read_only=True)
+  steps = source.all_steps()
+  step = steps[-1] if step is None and steps else step
+  if step not in steps:
+    raise FileNotFoundError(f"config key train.init_from = {spec!r}: {ckpt_lib.checkpoint_dir(src)} "
+                            f"has no step {step} (it has {steps})")
+  log.info("forking from %s at step %d", ckpt_lib.checkpoint_dir(src), step)
+  try:
+    state = source.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings), data_iter)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"config key train.init_from = {spec!r}: the checkpoint at step {step} does "
+                     f"not match this run's model/optimizer state: {e}") from e
+  finally:
+    source.close()
+  return state, step
+
+
 def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> dict[str, float]:
   """Trains (or resumes) the job described by `config` in `workdir`; returns the last step's metrics."""
   workdir = pathlib.Path(workdir)
@@ -107,6 +143,8 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
   if start is not None:
     log.info("resuming from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
     state = ckpt.restore(start, ckpt_lib.abstract_with_shardings(abstract, shardings), data_iter)
+  elif tc.init_from:
+    state, start = fork_from(tc.init_from, abstract, shardings, data_iter)
   else:
     state, start = state_fn(), 0
 

@@ -150,3 +150,24 @@ def test_retention_keeps_latest_and_best(shapes_dir, tmp_path):
   vals = {r["step"]: r["val/loss"] for r in read_metrics(tmp_path) if "val/loss" in r}
   best = min(vals, key=vals.get)
   assert set(steps) == {14, 16} | {best}
+
+
+def test_fork_from_another_runs_checkpoint_continues_it_exactly(shapes_dir, tmp_path):
+  base = _config(shapes_dir, train__total_steps=8, train__checkpoint_every=4, train__val_batches=0,
+                 train__keep_checkpoints=3)
+  loop_lib.train(base, tmp_path / "a", get_task_class("clip"))
+  fork = _config(shapes_dir, train__total_steps=8, train__checkpoint_every=4, train__val_batches=0,
+                 train__init_from=f"{tmp_path / 'a'}:4")
+  loop_lib.train(fork, tmp_path / "b", get_task_class("clip"))
+  # The fork's own first checkpoint is its step 8; its steps 5..8 saw the source's batches.
+  assert ckpt_lib.Checkpointer(tmp_path / "b", read_only=True).all_steps() == [8]
+  la = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r}
+  lb = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r}
+  assert min(lb) > 4 and lb == {s: la[s] for s in lb}
+  (_, pa), (_, pb) = _final_params(tmp_path / "a", shapes_dir), _final_params(tmp_path / "b",
+                                                                              shapes_dir)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(x, y)
+  bad = _config(shapes_dir, train__init_from=f"{tmp_path / 'a'}:5")
+  with pytest.raises(FileNotFoundError, match=r"init_from.*has no step 5 \(it has \[4, 8\]\)"):
+    loop_lib.train(bad, tmp_path / "c", get_task_class("clip"))
