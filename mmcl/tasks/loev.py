@@ -15,7 +15,8 @@ P^0_ij [a_i^k = 0][a_j^k = 0]), so its space stays sensitive to k. Total = mean 
 Negatives are gathered across devices (`supcon_over_mesh`).
 
 Representations for evaluation: "whole" = the trunk output (all branches concatenated for
-loev++); subspace h = branch h (loev++) or the output of head h (loev / simclr).
+loev++); subspace h = branch h (loev++) or the output of head h (loev / simclr); for loev++ also
+"head/h" = head h's output on branch h (the projected space the loss acts on), as a diagnosis.
 Evaluation (`evaluate`, on a held-out procedural set): key / tempo linear probes on the whole
 embedding; the equivariance probe (R² of the applied semitones / stretch rate predicted from
 [z(transformed), z(clean)]) per subspace; kNN retrieval of transformed queries against clean clips
@@ -202,9 +203,14 @@ class LOEVTask(Task):
 
   # --- evaluation ---------------------------------------------------------------------------------
   def embed(self, params, audio: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """audio: [N, S] → {"whole": [N, F·branches], "sub/<head>": [N, ·]} float32 numpy."""
+    """audio: [N, S] → {"whole": [N, F·branches], "sub/<head>": [N, ·]} float32 numpy.
+
+    For loev++ also "head/<head>": the projection head's output on its branch (the space the
+    loss makes invariant), next to the branch itself (the representation, "sub/<head>").
+    """
     fn = jax.jit(lambda p, x: (self.features(p, x), self.head_outputs(p, self.features(p, x))))
     whole, subs = [], [[] for _ in range(self.num_heads)]
+    projected = [[] for _ in range(self.num_heads)]
     for i in range(0, len(audio), batch_size):
       chunk = audio[i:i + batch_size]
       pad = batch_size - len(chunk)
@@ -214,9 +220,13 @@ class LOEVTask(Task):
       whole.append(feats.reshape(len(chunk), -1))
       for h in range(self.num_heads):
         subs[h].append(feats[:, h] if feats.shape[1] > 1 else np.asarray(heads[h])[:len(chunk)])
+        projected[h].append(np.asarray(heads[h])[:len(chunk)])
     out = {"whole": np.concatenate(whole)}
+    branched = self.config.task.variant == "loev++"
     for h, name in enumerate(self.head_names()):
       out[f"sub/{name}"] = np.concatenate(subs[h])
+      if branched:
+        out[f"head/{name}"] = np.concatenate(projected[h])
     return out
 
   def evaluation_views(self, seed: int = 1234) -> dict[str, np.ndarray]:
@@ -271,7 +281,7 @@ class LOEVTask(Task):
     items["probe/tempo_target"], items["probe/tempo_pred"] = np.log2(bpm[te]), tempo["pred"]
     items["probe/tempo_acc1"] = (np.abs(2 ** tempo["pred"] / bpm[te] - 1) <= 0.04).astype(float)
     targets = {"pitch": views["semitones"], "stretch": np.log2(views["rate"])}
-    spaces = ["whole"] + [f"sub/{h}" for h in self.head_names()]
+    spaces = [s for s in emb["clean"]]  # whole, sub/<head> (and head/<head> for loev++)
     k = t.eval_knn_k
     tol = t.eval_tempo_tolerance
     for aug in ("pitch", "stretch"):

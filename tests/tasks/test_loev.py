@@ -79,6 +79,14 @@ def test_variants_heads_and_branches(tmp_path):
     load_config_file(str(REPO / "experiments/loev.py") + ":plusplus_simclr")
   # Branches have their own weights, so their features differ.
   assert float(jnp.abs(feats[:, 0] - feats[:, 1]).max()) > 1e-4
+  # Evaluation spaces: loev++ subspaces are the branches, plus each head's projection of its branch.
+  audio = np.full((3, pp.out_samples), 0.01, np.float32)
+  emb = pp.embed(p3, audio, batch_size=2)
+  assert sorted(emb) == sorted(["whole"] + [f"{kind}/{h}" for kind in ("sub", "head")
+                                             for h in pp.head_names()])
+  assert emb["sub/pitch"].shape == (3, 2 * pp.config.model.channels[-1])
+  assert emb["head/pitch"].shape == (3, pp.config.model.head_dim)
+  assert sorted(simclr.embed(p1, audio, batch_size=2)) == ["sub/invariant", "whole"]
 
 
 def test_learns_on_a_fixed_batch(tmp_path):
