@@ -7,7 +7,8 @@ on the same held-out clips in the same order, so differences are paired) and pri
 object, each item-7 claim's difference and its bootstrap standard error (1,000 resamples of the
 test clips / queries, the same resamples for both terms of a difference):
   * head k vs invariant head on the equivariance probe (R², per tracked augmentation), for LOEV and
-    LOEV++, and head k vs the SimCLR baseline's (invariant) head;
+    LOEV++ (its branches and, where evaluated, its heads' projections of them), and head k vs
+    the SimCLR baseline's (invariant) head;
   * key accuracy and tempo R² of the whole embedding against the baseline's;
   * LOEV++ tempo kNN hit@10 of the stretch branch against the whole embedding.
 Also, as a diagnosis, the invariant head's own-clip top-1 retrieval of transformed views against
@@ -63,6 +64,10 @@ def compare(loev: str, plusplus: str, simclr: str, step: int | None) -> dict:
           _r2(it[run], aug, f"sub/{aug}"), _r2(it[run], aug, "sub/invariant"), n)
       out[f"claim1/{run}/{aug}: sub/{aug} - simclr sub/invariant"] = _diff(
           _r2(it[run], aug, f"sub/{aug}"), _r2(it["simclr"], aug, "sub/invariant"), n)
+    # loev++ evaluations also hold each head's projection of its branch (head/<name>).
+    if f"equivariance/{aug}/head/{aug}/pred" in it["loev++"]:
+      out[f"claim1/loev++/{aug}: head/{aug} - head/invariant"] = _diff(
+          _r2(it["loev++"], aug, f"head/{aug}"), _r2(it["loev++"], aug, "head/invariant"), n)
   for run in ("loev", "loev++"):
     a, b = it[run], it["simclr"]
     out[f"claim2/{run}: key accuracy - simclr"] = _diff(
