@@ -20,8 +20,9 @@ Variants (`--config experiments/loev.py:VARIANT`):
             augmented views per training clip (`data.view_bank`: on the fly, the tracked chain
             costs about as much CPU as the training step, so the three runs of the comparison
             augment once and share the bank; 28 view pairs per clip), and checkpoints every 250
-            steps for equivariance curves. Not yet run to the end (RESULTS.md: ~11 s/step on the
-            shared 2-core CPU, so ~6 h per run).
+            steps for equivariance curves. The item-7 results in RESULTS.md (LOEV, session 3)
+            come from these three runs: 0.62 s/step alone on a quiet 2-core CPU, about 70 min
+            for the three side by side.
 Variants combine with an underscore: plusplus_long, simclr_long, tiny_plusplus, tiny_simclr.
 """
 
