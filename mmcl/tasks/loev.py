@@ -210,7 +210,8 @@ class LOEVTask(Task):
     """
     fn = jax.jit(lambda p, x: (self.features(p, x), self.head_outputs(p, self.features(p, x))))
     whole, subs = [], [[] for _ in range(self.num_heads)]
-    projected = [[] for _ in range(self.num_heads)]
+    branched = self.config.task.variant == "loev++"
+    projected = [[] for _ in range(self.num_heads)]  # loev++ only
     for i in range(0, len(audio), batch_size):
       chunk = audio[i:i + batch_size]
       pad = batch_size - len(chunk)
@@ -220,9 +221,9 @@ class LOEVTask(Task):
       whole.append(feats.reshape(len(chunk), -1))
       for h in range(self.num_heads):
         subs[h].append(feats[:, h] if feats.shape[1] > 1 else np.asarray(heads[h])[:len(chunk)])
-        projected[h].append(np.asarray(heads[h])[:len(chunk)])
+        if branched:
+          projected[h].append(np.asarray(heads[h])[:len(chunk)])
     out = {"whole": np.concatenate(whole)}
-    branched = self.config.task.variant == "loev++"
     for h, name in enumerate(self.head_names()):
       out[f"sub/{name}"] = np.concatenate(subs[h])
       if branched:
@@ -281,7 +282,7 @@ class LOEVTask(Task):
     items["probe/tempo_target"], items["probe/tempo_pred"] = np.log2(bpm[te]), tempo["pred"]
     items["probe/tempo_acc1"] = (np.abs(2 ** tempo["pred"] / bpm[te] - 1) <= 0.04).astype(float)
     targets = {"pitch": views["semitones"], "stretch": np.log2(views["rate"])}
-    spaces = [s for s in emb["clean"]]  # whole, sub/<head> (and head/<head> for loev++)
+    spaces = list(emb["clean"])  # whole, sub/<head> (and head/<head> for loev++)
     k = t.eval_knn_k
     tol = t.eval_tempo_tolerance
     for aug in ("pitch", "stretch"):
