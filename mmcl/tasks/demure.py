@@ -661,17 +661,22 @@ class DemureTask(Task):
     return pool_by_item(self.position_scores(params, inputs, targets, mode), inputs,
                         self.num_items)
 
+  def planted_labels(self, inputs: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """inputs: [R, T] item ids (0 = padding) → (j, valid, labels): j the planted modality's index;
+    valid [R, T, M] bool the real (position, modality) pairs; labels [R, T, M] bool the planted ones."""
+    t = self.config.task
+    j = list(t.modalities).index(t.plant_noise_modality)
+    valid = np.broadcast_to((inputs != 0)[..., None], (*inputs.shape, len(t.modalities)))
+    labels = np.zeros(valid.shape, bool)
+    labels[..., j] = self.noisy_np[t.plant_noise_modality][inputs]
+    return j, valid, labels
+
   def score_variant_detection(self, params, user_items: list[np.ndarray]) -> dict[str, float]:
     """Noise AUC (over all real (t, m) pairs, and within the planted modality) of every score
     variant: mode × normalisation with per-position scores, plus batch pooling and the average
     over all occurrences of the sequence-normalised scores. A diagnostic (`score-auc` command)."""
-    t = self.config.task
     inputs, targets = self.training_rows(user_items)
-    m = len(t.modalities)
-    j = list(t.modalities).index(t.plant_noise_modality)
-    valid = np.broadcast_to((inputs != 0)[..., None], (*inputs.shape, m))
-    labels = np.zeros(valid.shape, bool)
-    labels[..., j] = self.noisy_np[t.plant_noise_modality][inputs]
+    j, valid, labels = self.planted_labels(inputs)
     out = {}
     for mode in ("abs", "signed"):
       for norm, pool in (("none", "none"), ("sequence", "none"), ("position", "none"),
@@ -696,11 +701,7 @@ class DemureTask(Task):
     if not t.plant_noise_modality:
       return {}
     inputs, targets = self.training_rows(user_items)
-    m = len(t.modalities)
-    j = list(t.modalities).index(t.plant_noise_modality)
-    valid = np.broadcast_to((inputs != 0)[..., None], (*inputs.shape, m))
-    labels = np.zeros(valid.shape, bool)
-    labels[..., j] = self.noisy_np[t.plant_noise_modality][inputs]
+    j, valid, labels = self.planted_labels(inputs)
     out = {"noise/planted_share": float(labels[valid].mean())}
 
     def detection(c, tag):
