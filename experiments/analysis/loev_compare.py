@@ -6,7 +6,9 @@ Reads `<workdir>/eval/<step>/loev_eval_items.npz` (written by `mmcl eval`; every
 on the same held-out clips in the same order, so differences are paired) and prints, as one JSON
 object, each item-7 claim's difference and its bootstrap standard error (1,000 resamples of the
 test clips / queries, the same resamples for both terms of a difference):
-  * head k vs invariant head on the equivariance probe (R², per tracked augmentation), for LOEV and
+  * head k vs invariant head on the equivariance probe (R², per tracked augmentation; linear, and
+    where the evaluation has them, "claim1_cf" / "claim1_rbf_cf": the linear and RBF kernel ridge
+    probes cross-fitted over all clips), for LOEV and
     LOEV++ (its branches and, where evaluated, its heads' projections of them), and head k vs
     the SimCLR baseline's (invariant) head;
   * key accuracy and tempo R² of the whole embedding against the baseline's;
@@ -47,8 +49,11 @@ def _diff(a, b, n: int) -> dict[str, float]:
           "se": round(probes.bootstrap_se(lambda i: a(i) - b(i), n), 4)}
 
 
-def _r2(items, aug, space):
-  y, p = items[f"equivariance/{aug}/target"], items[f"equivariance/{aug}/{space}/pred"]
+def _r2(items, aug, space, probe="equivariance"):
+  """probe: "equivariance" (linear ridge, 70/30 split), "equivariance_cf" (linear, cross-fitted
+  over all clips) or "equivariance_rbf_cf" (RBF kernel ridge, cross-fitted)."""
+  target = "equivariance" if probe == "equivariance" else "equivariance_cf"
+  y, p = items[f"{target}/{aug}/target"], items[f"{probe}/{aug}/{space}/pred"]
   return lambda i: probes.r2_score(y[i], p[i])
 
 
@@ -58,16 +63,28 @@ def compare(loev: str, plusplus: str, simclr: str, step: int | None) -> dict:
   out = {"steps": {k: v[0] for k, v in runs.items()}}
   it = {k: v[1] for k, v in runs.items()}
   n = len(it["simclr"]["probe/key_correct"])
-  for aug in ("pitch", "stretch"):
-    for run in ("loev", "loev++"):
-      out[f"claim1/{run}/{aug}: sub/{aug} - sub/invariant"] = _diff(
-          _r2(it[run], aug, f"sub/{aug}"), _r2(it[run], aug, "sub/invariant"), n)
-      out[f"claim1/{run}/{aug}: sub/{aug} - simclr sub/invariant"] = _diff(
-          _r2(it[run], aug, f"sub/{aug}"), _r2(it["simclr"], aug, "sub/invariant"), n)
-    # loev++ evaluations also hold each head's projection of its branch (head/<name>).
-    if f"equivariance/{aug}/head/{aug}/pred" in it["loev++"]:
-      out[f"claim1/loev++/{aug}: head/{aug} - head/invariant"] = _diff(
-          _r2(it["loev++"], aug, f"head/{aug}"), _r2(it["loev++"], aug, "head/invariant"), n)
+  # Evaluations from before the nonlinear probe existed hold only the linear one.
+  probe_names = ["equivariance"] + (
+      ["equivariance_cf", "equivariance_rbf_cf"]
+      if all("equivariance_rbf_cf/pitch/sub/invariant/pred" in x for x in it.values()) else [])
+  for probe in probe_names:
+    tag = {"equivariance": "claim1", "equivariance_cf": "claim1_cf",
+           "equivariance_rbf_cf": "claim1_rbf_cf"}[probe]
+    n_eq = len(it["simclr"]["probe/key_correct"] if probe == "equivariance"
+               else it["simclr"]["equivariance_cf/pitch/target"])
+    for aug in ("pitch", "stretch"):
+      for run in ("loev", "loev++"):
+        out[f"{tag}/{run}/{aug}: sub/{aug} - sub/invariant"] = _diff(
+            _r2(it[run], aug, f"sub/{aug}", probe), _r2(it[run], aug, "sub/invariant", probe),
+            n_eq)
+        out[f"{tag}/{run}/{aug}: sub/{aug} - simclr sub/invariant"] = _diff(
+            _r2(it[run], aug, f"sub/{aug}", probe), _r2(it["simclr"], aug, "sub/invariant", probe),
+            n_eq)
+      # loev++ evaluations also hold each head's projection of its branch (head/<name>).
+      if f"{probe}/{aug}/head/{aug}/pred" in it["loev++"]:
+        out[f"{tag}/loev++/{aug}: head/{aug} - head/invariant"] = _diff(
+            _r2(it["loev++"], aug, f"head/{aug}", probe),
+            _r2(it["loev++"], aug, "head/invariant", probe), n_eq)
   for run in ("loev", "loev++"):
     a, b = it[run], it["simclr"]
     out[f"claim2/{run}: key accuracy - simclr"] = _diff(
@@ -103,7 +120,7 @@ def curve(workdir: str) -> dict:
     if f.is_file():
       m = json.loads(f.read_text())
       rows[p.name] = {k: round(v, 3) for k, v in m.items()
-                      if (k.startswith("equivariance/") and k.endswith("/r2"))
+                      if (k.startswith("equivariance") and k.endswith("/r2"))
                       or (k.startswith("invariance/") and k.endswith("/own_top1"))}
   return rows
 

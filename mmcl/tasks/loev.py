@@ -19,9 +19,11 @@ loev++); subspace h = branch h (loev++) or the output of head h (loev / simclr);
 "head/h" = head h's output on branch h (the projected space the loss acts on), as a diagnosis.
 Evaluation (`evaluate`, on a held-out procedural set): key / tempo linear probes on the whole
 embedding; the equivariance probe (R² of the applied semitones / stretch rate predicted from
-[z(transformed), z(clean)]) per subspace; kNN retrieval of transformed queries against clean clips
-with labels that transform (key transposed by the shift, tempo × rate) per subspace and whole;
-invariance = share of transformed views whose nearest clean clip is their own, per subspace.
+[z(transformed), z(clean)]) per subspace: linear on a 70/30 split ("equivariance/..."), and
+cross-fitted over all clips (5 folds), linear ("equivariance_cf/...") and RBF kernel ridge
+("equivariance_rbf_cf/...", a nonlinear probe); kNN retrieval of transformed queries against
+clean clips with labels that transform (key transposed by the shift, tempo × rate) per subspace
+and whole; invariance = share of transformed views whose nearest clean clip is their own, per subspace.
 Each metric comes with its standard error ("<metric>/se"), and the per-test-item outcomes go to
 loev_eval_items.npz for paired comparisons between runs.
 """
@@ -78,7 +80,9 @@ class LOEVTask(Task):
     m.define("channels", (16, 32, 64, 128), "CNN stage channels (the last stage is replicated "
              "in loev++)")
     m.define("convs_per_stage", 1, "3×3 convolutions per CNN stage")
-    m.define("head_hidden", 512, "hidden width of each projection head")
+    m.define("head_hidden", 512, "hidden width of each projection head (0: a linear head, so "
+             "whatever the head's output keeps apart, its input (the LOEV++ branch) keeps apart "
+             "linearly too)")
     m.define("head_dim", 128, "output width of each projection head")
     m.define("n_mels", 96, "mel bands of the front end")
     m.define("n_fft", 2048, "FFT size of the front end")
@@ -118,7 +122,8 @@ class LOEVTask(Task):
                                    n_mels=m.n_mels, fmax=m.fmax)
     self.trunk = AudioCNN(channels=tuple(m.channels), convs_per_stage=m.convs_per_stage,
                           num_branches=self.num_heads if t.variant == "loev++" else 1)
-    self.heads = [MLP(hidden_dims=(m.head_hidden,), out_dim=m.head_dim, activation="relu")
+    self.heads = [MLP(hidden_dims=(m.head_hidden,) if m.head_hidden else (), out_dim=m.head_dim,
+                      activation="relu")
                   for _ in range(self.num_heads)]
     self.out_samples = int(round(d.clip_seconds * d.sample_rate))
     self.augment = audio_augment.AugmentConfig(
@@ -292,6 +297,15 @@ class LOEVTask(Task):
         out[f"equivariance/{aug}/{s}/r2"] = eq["r2"]
         items[f"equivariance/{aug}/target"] = targets[aug][te]
         items[f"equivariance/{aug}/{s}/pred"] = eq["pred"]
+        # Cross-fitted over all n clips (each predicted by a probe fitted on the other folds),
+        # linear and RBF kernel ridge: the nonlinear probe reads a separation that is not linear
+        # in the parameter (e.g. cyclic in semitones); all n clips are test clips (smaller SE).
+        for name, fn in (("equivariance_cf", probes.ridge_probe),
+                         ("equivariance_rbf_cf", probes.kernel_ridge_probe)):
+          cf = probes.cross_fitted(fn, x, targets[aug])
+          out[f"{name}/{aug}/{s}/r2"] = cf["r2"]
+          items[f"{name}/{aug}/{s}/pred"] = cf["pred"]
+        items[f"equivariance_cf/{aug}/target"] = targets[aug]
     # kNN: transformed queries against the other clips' clean views; labels transform.
     key_after = music_synth.transpose_key(key, views["semitones"].astype(int))
     bpm_after = bpm * views["rate"]
@@ -332,6 +346,12 @@ class LOEVTask(Task):
         pred = items[f"equivariance/{aug}/{s}/pred"]
         out[f"equivariance/{aug}/{s}/r2/se"] = probes.bootstrap_se(
             lambda i: probes.r2_score(y[i], pred[i]), nt)  # pylint: disable=cell-var-from-loop
+        y_all = items[f"equivariance_cf/{aug}/target"]
+        for name in ("equivariance_cf", "equivariance_rbf_cf"):
+          pred_cf = items[f"{name}/{aug}/{s}/pred"]
+          out[f"{name}/{aug}/{s}/r2/se"] = probes.bootstrap_se(
+              lambda i: probes.r2_score(y_all[i], pred_cf[i]),  # pylint: disable=cell-var-from-loop
+              n)
     path = pathlib.Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
     np.savez(path / "loev_eval_items.npz", **items)

@@ -35,3 +35,33 @@ def test_probes_return_their_test_predictions():
   assert out["accuracy"] > 0.7
   r = probes.ridge_probe(x[:90], x[:90, 2] * 3, x[90:], x[90:, 2] * 3)
   assert r["r2"] == probes.r2_score(x[90:, 2] * 3, r["pred"]) and r["r2"] > 0.99
+
+
+def test_kernel_ridge_probe_reads_a_cyclic_target_that_the_linear_probe_cannot():
+  # Features: a point on a circle (cos θ, sin θ) plus noise dimensions; target cos 3θ, a smooth
+  # function of the features that is orthogonal to every linear one over the full circle.
+  rng = np.random.default_rng(2)
+  angle = rng.uniform(-np.pi, np.pi, 300)
+  x = np.concatenate([np.cos(angle)[:, None], np.sin(angle)[:, None],
+                      0.1 * rng.normal(size=(300, 3))], 1)
+  y = np.cos(3 * angle)
+  lin = probes.ridge_probe(x[:220], y[:220], x[220:], y[220:])
+  rbf = probes.kernel_ridge_probe(x[:220], y[:220], x[220:], y[220:])
+  assert rbf["r2"] == probes.r2_score(y[220:], rbf["pred"]) and rbf["pred"].shape == (80,)
+  assert rbf["r2"] > 0.9 and lin["r2"] < 0.2, (rbf["r2"], lin["r2"])
+  # On a linear target it is about as good as the linear probe.
+  y = x[:, 0] * 2 - x[:, 2]
+  assert probes.kernel_ridge_probe(x[:220], y[:220], x[220:], y[220:])["r2"] > 0.95
+
+
+def test_cross_fitted_predicts_every_row_out_of_fold():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(100, 4))
+  y = x[:, 1] * 2 + 0.1 * rng.normal(size=100)
+  cf = probes.cross_fitted(probes.ridge_probe, x, y, folds=5)
+  assert cf["pred"].shape == (100,) and cf["r2"] == probes.r2_score(y, cf["pred"])
+  assert cf["r2"] > 0.95
+  # Out of fold: a target that is pure noise is not predicted (a probe that saw its own rows
+  # would fit some of it).
+  noise = rng.normal(size=100)
+  assert probes.cross_fitted(probes.ridge_probe, rng.normal(size=(100, 60)), noise)["r2"] < 0.05

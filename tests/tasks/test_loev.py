@@ -116,6 +116,9 @@ def test_evaluate_reports_every_probe(tmp_path):
   for space in ("whole", "sub/invariant", "sub/pitch", "sub/stretch"):
     for aug in ("pitch", "stretch"):
       assert np.isfinite(metrics[f"equivariance/{aug}/{space}/r2"])
+      for probe in ("equivariance_cf", "equivariance_rbf_cf"):
+        assert np.isfinite(metrics[f"{probe}/{aug}/{space}/r2"])
+        assert metrics[f"{probe}/{aug}/{space}/r2/se"] > 0
     assert 0 <= metrics[f"knn/key/{space}/hit@10"] <= 1
     assert 0 <= metrics[f"knn/tempo/{space}/hit@10"] <= 1
     assert 0 <= metrics[f"invariance/pitch/{space}/own_top1"] <= 1
