@@ -23,7 +23,14 @@ Variants (`--config experiments/loev.py:VARIANT`):
             steps for equivariance curves. The item-7 results in RESULTS.md (LOEV, session 3)
             come from these three runs: 0.62 s/step alone on a quiet 2-core CPU, about 70 min
             for the three side by side.
-Variants combine with an underscore: plusplus_long, simclr_long, tiny_plusplus, tiny_simclr.
+  v4        4 views per clip and 16 clips per batch (the same 64 views per step as the default
+            32 × 2): with two views per clip, a view that received augmentation k leaves its clip
+            without positives in head k, so head k never sees a same-clip view as a negative and
+            nothing pushes it to tell transformed from clean; with four, the untransformed views
+            of a clip are positives and its transformed views explicit negatives of each other
+            (RESULTS.md, LOEV, session 4).
+Variants combine with an underscore: plusplus_long, simclr_long, long_v4, plusplus_long_v4,
+tiny_plusplus, tiny_simclr.
 """
 
 from mmcl.tasks import make_config
@@ -35,9 +42,12 @@ def get_config(arg: str | None = None):
   tokens = [t for t in (arg or "").split("_") if t]
   kinds = [t for t in tokens if t in ("plusplus", "simclr")]
   sizes = [t for t in tokens if t in ("tiny", "long")]
-  if len(kinds) > 1 or len(sizes) > 1 or len(kinds) + len(sizes) != len(tokens):
+  views4 = "v4" in tokens
+  if (len(kinds) > 1 or len(sizes) > 1 or tokens.count("v4") > 1
+      or len(kinds) + len(sizes) + views4 != len(tokens)):
     raise ValueError(f"unknown variant {arg!r} of experiments/loev.py (known: plusplus, simclr, "
-                     "tiny, long, and combinations such as tiny_plusplus or simclr_long)")
+                     "tiny, long, v4, and combinations such as tiny_plusplus, simclr_long or "
+                     "plusplus_long_v4)")
   c.task.variant = {"plusplus": "loev++", "simclr": "simclr"}.get(kinds[0] if kinds else "",
                                                                   "loev")
   size = sizes[0] if sizes else ""
@@ -66,6 +76,9 @@ def get_config(arg: str | None = None):
     c.train.total_steps = 2000
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 10
+  if views4:
+    c.data.num_views = 4
+    c.data.global_batch_size //= 2
   if size == "tiny":
     c.data.num_clips = 64
     c.data.num_eval_clips = 40
