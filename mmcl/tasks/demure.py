@@ -20,7 +20,8 @@ fraction ρ (`task.noise_fraction`) of its (t, m) pairs are flagged noise.
 Extensions, all off by default: `task.score_pooling` = batch_item averages the scores of an item's
 occurrences in the batch; `task.item_scores` takes the flags from a per-(item, modality) table, the
 scores averaged over all training occurrences at a warm-up checkpoint (`item-scores` command
-below); `task.flag_after_steps` trains plain L_rec for that many steps before flagging.
+below), and `task.flag_scope` = global flags that table's lowest ρ over all training pairs
+instead of per row; `task.flag_after_steps` trains plain L_rec for that many steps before flagging.
 Views (3): denoised = flagged modality tokens removed; noisy = the original sequence.
 Loss (4): L = L_rec(denoised) + λ·InfoNCE(h_denoised, h_noisy; τ) with in-batch negatives over the
 whole global batch (`mmcl.losses.sharded`), h = L2-normalised output at the most recent position.
@@ -347,6 +348,11 @@ class DemureTask(Task):
              "per-position scores of the current batch (an extension: the paper scores positions; "
              "'' = the paper)")
     t.define("noise_fraction", 0.2, "ρ: lowest-contribution fraction of (t, m) pairs flagged noise")
+    t.define("flag_scope", "sequence",
+             "sequence = the lowest ρ of each row's real (t, m) pairs (METHODS.md §3); global = "
+             "one threshold, the ρ-quantile of the table's scores over all the training rows' "
+             "real pairs, so a row without noise loses nothing and a short row is not spared "
+             "(needs task.item_scores)", choices=("sequence", "global"))
     t.define("cl_weight", 0.1, "λ: weight of InfoNCE(h_denoised, h_noisy)")
     t.define("cl_temperature", 0.1, "τ of that InfoNCE")
     t.define("flag_after_steps", 0,
@@ -402,6 +408,12 @@ class DemureTask(Task):
         raise ValueError(f"config key task.item_scores = {t.item_scores}: shape {table.shape}, "
                          f"expected [N + 1, M] = {(self.num_items + 1, len(t.modalities))}")
       self.item_score_table = table.astype(np.float32)
+    self.flag_threshold = None  # task.flag_scope = global: flag table scores at or below it
+    if t.flag_scope == "global":
+      if self.item_score_table is None:
+        raise ValueError("config key task.flag_scope = 'global' needs task.item_scores (the "
+                         "threshold is a quantile of that table over the training rows)")
+      self.flag_threshold = self._global_threshold()
     self.features_np = feats
     self.noisy_np = noisy  # name -> [N + 1] bool (planted), for the evaluator's AUC
     m = config.model
@@ -430,6 +442,13 @@ class DemureTask(Task):
         self.occurrence_noise[j] = (feats[j], mask, np.linalg.norm(feats[j], axis=1))
         feats[j] = planted_item_side(feats[j], mask, c.task.plant_noise_mode)
     return feats, noisy
+
+  def _global_threshold(self) -> float:
+    """The `task.noise_fraction` quantile of the item-score table over every real (t, m) pair of
+    the training rows (task.flag_scope = global)."""
+    inputs, _ = self.training_rows(sasrec.load_interactions(self.config.data.dir)[0])
+    scores = self.item_score_table[inputs[inputs != 0]].reshape(-1)
+    return float(np.quantile(scores, self.config.task.noise_fraction, method="lower"))
 
   # --- data / params -------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):
@@ -546,7 +565,8 @@ class DemureTask(Task):
                   ) -> tuple[jax.Array, jax.Array]:
     """The weak noise labels (2): per row, the lowest `task.noise_fraction` of its real (t, m)
     pairs by score — the `task.item_scores` table when set (then targets / negs are not needed),
-    else the per-position contributions of this batch.
+    else the per-position contributions of this batch; with task.flag_scope = global, the pairs
+    whose table score is at or below the global threshold instead.
 
     inputs, targets, negs: [B, L] int32; key: the planted-noise draw of the batch.
     Returns (flags [B, L, M] bool, valid [B, L, M] bool).
@@ -556,6 +576,8 @@ class DemureTask(Task):
       valid = jnp.broadcast_to((inputs != 0)[..., None], c.shape)
     else:
       c, valid = self.contributions(params, inputs, targets, negs, key=key)
+    if self.flag_threshold is not None:
+      return (c <= self.flag_threshold) & valid, valid
     b, length, m = c.shape
     flags = flag_lowest(c.reshape(b, length * m), valid.reshape(b, length * m),
                         self.config.task.noise_fraction).reshape(b, length, m)
@@ -704,10 +726,13 @@ class DemureTask(Task):
     j, valid, labels = self.planted_labels(inputs)
     out = {"noise/planted_share": float(labels[valid].mean())}
 
-    def detection(c, tag):
-      flags = np.asarray(flag_lowest(jnp.asarray(c.reshape(len(c), -1)),
-                                     jnp.asarray(valid.reshape(len(c), -1)),
-                                     t.noise_fraction)).reshape(c.shape)
+    def detection(c, tag, threshold=None):
+      if threshold is not None:  # task.flag_scope = global
+        flags = (c <= threshold) & valid
+      else:
+        flags = np.asarray(flag_lowest(jnp.asarray(c.reshape(len(c), -1)),
+                                       jnp.asarray(valid.reshape(len(c), -1)),
+                                       t.noise_fraction)).reshape(c.shape)
       out[f"noise/auc{tag}"] = roc_auc(-c[valid], labels[valid])
       out[f"noise/auc_within_{t.plant_noise_modality}{tag}"] = roc_auc(
           -c[..., j][valid[..., j]], labels[..., j][valid[..., j]])
@@ -719,7 +744,7 @@ class DemureTask(Task):
       detection(c, tag)
       detection(pool_by_item(c, inputs, self.num_items)[inputs], f"{tag}_item")
     if self.item_score_table is not None:
-      detection(self.item_score_table[inputs], "_table")
+      detection(self.item_score_table[inputs], "_table", self.flag_threshold)
     return out
 
   def evaluate(self, params, out_dir: str) -> dict[str, float]:

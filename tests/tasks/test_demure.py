@@ -184,3 +184,18 @@ def test_planted_noise_is_found_then_flagged(group_seq_dir, tmp_path):
   planted_pairs[..., 0] = task2.noisy_np["text"][np.asarray(inputs)]
   # The flags follow the table: far more planted pairs among them than the planted share.
   assert planted_pairs[np.asarray(flags)].mean() > 2 * planted_pairs[np.asarray(valid)].mean()
+  # task.flag_scope = global: one threshold over all training pairs, the same flags for a row
+  # whatever rows share its batch, and a row whose pairs all score high loses none of them.
+  _, task3 = loop_lib.setup(_config(group_seq_dir, **planted, **{
+      "task.item_scores": str(path), "task.flag_scope": "global"}), get_task_class("demure"))
+  all_rows = jnp.asarray(task3.training_rows(user_items)[0])
+  g_flags, g_valid = (np.asarray(a) for a in task3.noise_flags(None, all_rows))
+  assert abs(g_flags.sum() / g_valid.sum() - 0.2) < 0.02
+  scores = table[np.asarray(all_rows)]
+  assert scores[g_flags].max() <= scores[g_valid & ~g_flags].min()
+  np.testing.assert_array_equal(np.asarray(task3.noise_flags(None, all_rows[:5])[0]), g_flags[:5])
+  clean_row = np.argsort(table[1:].min(1))[-8:] + 1  # the 8 items whose lowest score is highest
+  assert not np.asarray(task3.noise_flags(None, jnp.asarray(clean_row[None], jnp.int32))[0]).any()
+  with pytest.raises(ValueError, match="task.flag_scope"):
+    loop_lib.setup(_config(group_seq_dir, **{"task.flag_scope": "global"}),
+                   get_task_class("demure"))
