@@ -126,3 +126,23 @@ def test_evaluate_reports_every_probe(tmp_path):
   assert 0 <= metrics["probe/key_accuracy"] <= 1
   assert 0 < metrics["knn/key/chance"] < 0.2
   assert (tmp_path / "eval" / "loev_eval.json").is_file()
+
+
+def test_linear_heads_and_the_four_view_variant(tmp_path):
+  # model.head_hidden = 0: each head is one affine map of its branch, h(a + b) = h(a) + h(b) − h(0).
+  task = _task(tmp_path, "tiny_plusplus_v4", model__head_hidden=0)
+  assert task.config.data.num_views == 4 and task.config.data.global_batch_size == 8
+  params = task.init_params(jax.random.PRNGKey(0))
+  assert set(params["heads"]["head_1"]) == {"out"}
+  rng = np.random.default_rng(0)
+  width = params["heads"]["head_1"]["out"]["kernel"].shape[0]  # the branch's feature width
+  a, b = (jnp.asarray(rng.normal(size=(3, task.num_heads, width)), jnp.float32) for _ in range(2))
+  h = lambda f: np.asarray(task.head_outputs(params, f)[1])  # noqa: E731
+  np.testing.assert_allclose(h(a + b), h(a) + h(b) - h(jnp.zeros_like(a)), atol=1e-5)
+  # The loss takes four views per clip (v = 4) and is finite.
+  rng = np.random.default_rng(1)
+  audio = (0.1 * rng.normal(size=(8, 4, task.out_samples))).astype(np.float32)
+  batch = {"audio": audio, "applied": rng.random((8, 4, len(task.tracked))) < 0.5}
+  glob = mesh_lib.host_batch_to_global(task.mesh, batch)
+  loss, _ = task.loss(params, glob, jax.random.PRNGKey(0), train=True)
+  assert np.isfinite(float(loss))
