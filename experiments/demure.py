@@ -38,6 +38,10 @@ Deviations from the paper's defaults, each chosen on the evidence in RESULTS.md 
 full-softmax L_rec for both arms (task.rec_loss), the signed contribution (task.contribution:
 |g·x| ranks harmful random tokens as important), and flags from per-(item, modality) scores
 averaged over all training occurrences at the warm-up checkpoint (task.item_scores).
+Options measured in RESULTS.md (Demure, session 4), not defaults: `--set task.flag_scope=global`
+(one threshold on that table instead of the lowest ρ per sequence: more recall on scientific's
+short rows at the same precision, accuracy level) and Demure from step 0 with the warm-up's table
+(drop `train.init_from`).
 """
 
 from mmcl.tasks import make_config
