@@ -40,6 +40,21 @@ def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
   return np.array_split(np.random.default_rng(seed).permutation(n), k)
 
 
+def _select_by_cv(candidates: Sequence[Any], n: int, fit_predict, y: np.ndarray, folds: int,
+                  seed: int) -> Any:
+  """The candidate (in order; the first of equals) with the best mean R² over `folds` folds of
+  the n training rows; fit_predict(candidate, keep_rows, held_out_rows) → held-out predictions."""
+  best, best_c = -np.inf, candidates[0]
+  for cand in candidates:
+    scores = []
+    for fold in _folds(n, folds, seed):
+      keep = np.setdiff1d(np.arange(n), fold)
+      scores.append(r2_score(y[fold], fit_predict(cand, keep, fold)))
+    if np.mean(scores) > best:
+      best, best_c = float(np.mean(scores)), cand
+  return best_c
+
+
 def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                 y_test: np.ndarray, *, alphas: Sequence[float] = ALPHAS, folds: int = 4,
                 seed: int = 0) -> dict[str, Any]:
@@ -53,15 +68,11 @@ def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
   """
   x_train, x_test = standardize(np.asarray(x_train, np.float64), np.asarray(x_test, np.float64))
   y_train = np.asarray(y_train, np.float64)
-  best, best_alpha = -np.inf, alphas[0]
-  for alpha in alphas:
-    scores = []
-    for fold in _folds(len(y_train), folds, seed):
-      keep = np.setdiff1d(np.arange(len(y_train)), fold)
-      w, b = _ridge(x_train[keep], y_train[keep], alpha)
-      scores.append(r2_score(y_train[fold], x_train[fold] @ w + b))
-    if np.mean(scores) > best:
-      best, best_alpha = float(np.mean(scores)), alpha
+
+  def fit_predict(alpha, keep, fold):
+    w, b = _ridge(x_train[keep], y_train[keep], alpha)
+    return x_train[fold] @ w + b
+  best_alpha = _select_by_cv(list(alphas), len(y_train), fit_predict, y_train, folds, seed)
   w, b = _ridge(x_train, y_train, best_alpha)
   return {"r2": r2_score(y_test, x_test @ w + b), "alpha": float(best_alpha),
           "pred": x_test @ w + b}
@@ -96,22 +107,16 @@ def kernel_ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndar
   y_train = np.asarray(y_train, np.float64)
   d = x_train.shape[1]
 
-  def fit_predict(tr, te_x, alpha, gamma):
+  def fit(tr, te_x, alpha, gamma):
     ym = y_train[tr].mean()
     k = _rbf(x_train[tr], x_train[tr], gamma)
     coef = np.linalg.solve(k + alpha * np.eye(len(tr)), y_train[tr] - ym)
     return _rbf(te_x, x_train[tr], gamma) @ coef + ym
 
-  best, best_ag = -np.inf, (alphas[0], gammas[0] / d)
-  for g in gammas:
-    for alpha in alphas:
-      scores = []
-      for fold in _folds(len(y_train), folds, seed):
-        keep = np.setdiff1d(np.arange(len(y_train)), fold)
-        scores.append(r2_score(y_train[fold], fit_predict(keep, x_train[fold], alpha, g / d)))
-      if np.mean(scores) > best:
-        best, best_ag = float(np.mean(scores)), (alpha, g / d)
-  pred = fit_predict(np.arange(len(y_train)), x_test, *best_ag)
+  best_ag = _select_by_cv([(alpha, g / d) for g in gammas for alpha in alphas], len(y_train),
+                          lambda ag, keep, fold: fit(keep, x_train[fold], *ag), y_train, folds,
+                          seed)
+  pred = fit(np.arange(len(y_train)), x_test, *best_ag)
   return {"r2": r2_score(y_test, pred), "alpha": float(best_ag[0]), "gamma": float(best_ag[1]),
           "pred": pred}
 
