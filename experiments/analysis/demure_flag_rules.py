@@ -34,14 +34,9 @@ from mmcl.tasks import demure, sasrec  # noqa: E402
 
 
 def lowest_global(scores: np.ndarray, valid: np.ndarray, fraction: float) -> np.ndarray:
-  """The lowest `fraction` of all valid entries (ties broken by position).
-
-  scores, valid: [...] float / bool of the same shape. Returns [...] bool."""
-  flat = np.where(valid, scores, np.inf).reshape(-1)
-  k = int(np.floor(fraction * valid.sum()))
-  out = np.zeros(flat.shape, bool)
-  out[np.argsort(flat, kind="stable")[:k]] = True
-  return out.reshape(scores.shape) & valid
+  """The lowest `fraction` of all valid entries, by one threshold as `task.flag_scope=global`
+  (ties at the threshold included). scores, valid: [...] float / bool. Returns [...] bool."""
+  return (scores <= demure.lowest_fraction_threshold(scores[valid], fraction)) & valid
 
 
 def rules(table: np.ndarray, inputs: np.ndarray, valid: np.ndarray, labels: np.ndarray, j: int,

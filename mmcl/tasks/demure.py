@@ -225,6 +225,12 @@ def flag_lowest(scores: jax.Array, valid: jax.Array, fraction: float) -> jax.Arr
   return (rank < k) & valid
 
 
+def lowest_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
+  """The score at or below which the lowest `fraction` of `scores` [K] lies (the "lower"
+  quantile, so `scores <= threshold` flags about `fraction` of them, ties included)."""
+  return float(np.quantile(np.asarray(scores).reshape(-1), fraction, method="lower"))
+
+
 def pool_by_item(scores: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
   """Mean score of every (item, modality) over its occurrences.
 
@@ -447,8 +453,8 @@ class DemureTask(Task):
     """The `task.noise_fraction` quantile of the item-score table over every real (t, m) pair of
     the training rows (task.flag_scope = global)."""
     inputs, _ = self.training_rows(sasrec.load_interactions(self.config.data.dir)[0])
-    scores = self.item_score_table[inputs[inputs != 0]].reshape(-1)
-    return float(np.quantile(scores, self.config.task.noise_fraction, method="lower"))
+    return lowest_fraction_threshold(self.item_score_table[inputs[inputs != 0]],
+                                     self.config.task.noise_fraction)
 
   # --- data / params -------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):
