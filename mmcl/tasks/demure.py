@@ -732,10 +732,8 @@ class DemureTask(Task):
     j, valid, labels = self.planted_labels(inputs)
     out = {"noise/planted_share": float(labels[valid].mean())}
 
-    def detection(c, tag, threshold=None):
-      if threshold is not None:  # task.flag_scope = global
-        flags = (c <= threshold) & valid
-      else:
+    def detection(c, tag, flags=None):
+      if flags is None:
         flags = np.asarray(flag_lowest(jnp.asarray(c.reshape(len(c), -1)),
                                        jnp.asarray(valid.reshape(len(c), -1)),
                                        t.noise_fraction)).reshape(c.shape)
@@ -750,7 +748,9 @@ class DemureTask(Task):
       detection(c, tag)
       detection(pool_by_item(c, inputs, self.num_items)[inputs], f"{tag}_item")
     if self.item_score_table is not None:
-      detection(self.item_score_table[inputs], "_table", self.flag_threshold)
+      # The flags training uses (noise_flags: per row, or task.flag_scope = global).
+      detection(self.item_score_table[inputs], "_table",
+                np.asarray(self.noise_flags(None, jnp.asarray(inputs))[0]))
     return out
 
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
