@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from data_pipelines import locks
+
 MAJOR = (0, 2, 4, 5, 7, 9, 11)
 MINOR = (0, 2, 3, 5, 7, 8, 10)
 # Progressions as scale degrees (0-based) of the chord roots, one chord per bar.
@@ -188,16 +190,25 @@ def render(music: MusicSet, path) -> dict:
   """Synthesises every clip of `music` once into `path` (a folder): `waves.npy` int16 [N, T]
   (PCM, peak ≤ 0.9 of full scale), `labels.npz` (key [N] int32, bpm [N] float32) and
   `music.json` (the set's parameters, written last: the folder is complete iff it exists and
-  matches). Returns the parameters. Re-running with the same set returns at once."""
+  matches). Returns the parameters. Re-running with the same set returns at once; processes
+  rendering the same folder at the same time take turns (`locks.build_lock`), the first renders."""
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   spec = dataclasses.asdict(music)
   done = path / "music.json"
   if done.is_file() and json.loads(done.read_text()) == spec:
     return spec
-  path.mkdir(parents=True, exist_ok=True)
+  with locks.build_lock(path):  # another process may be rendering the same set
+    if done.is_file() and json.loads(done.read_text()) == spec:
+      return spec
+    _render_locked(music, path, done, spec)
+  return spec
+
+
+def _render_locked(music: MusicSet, path, done, spec: dict) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
   if done.exists():
     done.unlink()
   n_samples = int(round(music.seconds * music.sample_rate))
@@ -214,7 +225,6 @@ def render(music: MusicSet, path) -> dict:
   os.replace(tmp, path / "waves.npy")
   np.savez(path / "labels.npz", key=keys, bpm=bpms)
   done.write_text(json.dumps(spec))
-  return spec
 
 
 def load_rendered(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -296,11 +306,10 @@ def render_view_bank(path, bank_path, *, augment, views_per_clip: int, seed: int
   Why: the tracked chain (librosa's phase vocoder) costs ~15–30 ms per view on one core, as much
   as a training step of the small CNN; with a bank, training draws `num_views` distinct views of
   each clip from its M banked ones (M(M−1)/2 pairs per clip), so every run of a comparison pays the
-  augmentation once and sees exactly the same views.
+  augmentation once and sees exactly the same views. Runs started side by side on one bank take
+  turns (`locks.build_lock`): the first builds it, the others wait and then read it.
   """
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   if views_per_clip < 2:
     raise ValueError(f"views_per_clip = {views_per_clip}: a bank needs at least 2 views per clip")
@@ -312,7 +321,19 @@ def render_view_bank(path, bank_path, *, augment, views_per_clip: int, seed: int
   done = bank_path / "bank.json"
   if done.is_file() and json.loads(done.read_text()) == spec:
     return spec
-  bank_path.mkdir(parents=True, exist_ok=True)
+  with locks.build_lock(bank_path):  # another process (a run beside this one) may be building it
+    if done.is_file() and json.loads(done.read_text()) == spec:
+      return spec
+    _render_view_bank_locked(path, bank_path, augment, views_per_clip, seed, workers, music,
+                             done, spec)
+  return spec
+
+
+def _render_view_bank_locked(path, bank_path, augment, views_per_clip, seed, workers, music, done,
+                             spec) -> None:
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
   if done.exists():
     done.unlink()
   n, k = music["num_clips"], len(augment.tracked)
@@ -341,7 +362,6 @@ def render_view_bank(path, bank_path, *, augment, views_per_clip: int, seed: int
   np.save(bank_path / "applied.npy", applied)
   np.save(bank_path / "params.npy", params)
   done.write_text(json.dumps(spec))
-  return spec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,6 +113,58 @@ def test_view_bank_batches_are_banked_views(tmp_path):
                                num_views=4, view_bank=str(tmp_path / "bank"))
 
 
+def test_builders_side_by_side_take_turns(tmp_path):
+  # Two builders of one bank at once (e.g. two runs of a sweep started together): each gets the
+  # complete bank, it is built once, and no temporary file is left. Threads stand in for processes:
+  # each opens the lock file itself, so flock serialises them as it does processes.
+  import threading  # pylint: disable=g-import-not-at-top
+  from data_pipelines import locks  # pylint: disable=g-import-not-at-top
+  music = music_synth.MusicSet(num_clips=4, seconds=0.7, seed=3)
+  cfg = audio_augment.AugmentConfig(out_samples=8000, chain_p=1.0)
+  builds, errors = [], []
+  real = music_synth._render_view_bank_locked  # pylint: disable=protected-access
+
+  def counting(*args, **kw):
+    builds.append(1)
+    return real(*args, **kw)
+
+  def build():
+    try:
+      music_synth.render(music, tmp_path / "set")
+      music_synth.render_view_bank(tmp_path / "set", tmp_path / "bank", augment=cfg,
+                                   views_per_clip=2, seed=1)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  music_synth._render_view_bank_locked = counting  # pylint: disable=protected-access
+  try:
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    music_synth._render_view_bank_locked = real  # pylint: disable=protected-access
+  assert not errors, errors
+  assert len(builds) == 1
+  assert np.load(tmp_path / "bank" / "views.npy").shape == (4, 2, 8000)
+  assert not list((tmp_path / "bank").glob("*.tmp"))
+  # The lock itself: a second holder waits until the first lets go.
+  order = []
+  with locks.build_lock(tmp_path / "bank"):
+
+    def second():
+      with locks.build_lock(tmp_path / "bank"):
+        order.append("second")
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    waiter.join(timeout=0.5)
+    order.append("first")
+  waiter.join(timeout=10)
+  assert order == ["first", "second"]
+
+
 def test_flags_follow_probabilities():
   cfg = audio_augment.AugmentConfig(out_samples=4000, base_chain=False)
   wave = np.random.default_rng(0).normal(size=6000).astype(np.float32) * 0.1
