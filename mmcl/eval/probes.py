@@ -121,12 +121,34 @@ def kernel_ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndar
           "pred": pred}
 
 
-def cross_fitted(probe: Callable[..., dict[str, Any]], x: np.ndarray, y: np.ndarray, *,
-                 folds: int = 5, seed: int = 0) -> dict[str, Any]:
+def out_of_fold(probe: Callable[..., dict[str, Any]], x: np.ndarray, y: np.ndarray, *,
+                folds: int = 5, seed: int = 0) -> np.ndarray:
   """Out-of-fold predictions of a probe for every row: the rows are split into `folds` folds and
   each fold is predicted by `probe` trained (with its own inner cross-validation) on the others.
-  Every row is then a test row, so R² and its standard error use all N rows instead of a held-out
-  share.
+
+  Args:
+    probe: a function (x_train, y_train, x_test, y_test) → {"pred": [n_test], ...}, e.g.
+      `ridge_probe`, `kernel_ridge_probe` or `logistic_probe` (with num_classes bound).
+    x: [N, D] float. y: [N] (float targets or int labels).
+
+  Returns:
+    [N] predictions, each from the probe that did not see its row (dtype of the probe's "pred").
+  """
+  y = np.asarray(y)
+  pred = None
+  for fold in _folds(len(y), folds, seed + 1):
+    keep = np.setdiff1d(np.arange(len(y)), fold)
+    p = np.asarray(probe(x[keep], y[keep], x[fold], y[fold])["pred"])
+    if pred is None:
+      pred = np.zeros(len(y), p.dtype)
+    pred[fold] = p
+  return pred
+
+
+def cross_fitted(probe: Callable[..., dict[str, Any]], x: np.ndarray, y: np.ndarray, *,
+                 folds: int = 5, seed: int = 0) -> dict[str, Any]:
+  """R² of out-of-fold predictions (`out_of_fold`) of a regression probe. Every row is a test
+  row, so R² and its standard error use all N rows instead of a held-out share.
 
   Args:
     probe: `ridge_probe`, `kernel_ridge_probe` or a function with their signature.
@@ -136,10 +158,7 @@ def cross_fitted(probe: Callable[..., dict[str, Any]], x: np.ndarray, y: np.ndar
     {"r2": out-of-fold R² over all rows (float), "pred": [N] float64 out-of-fold predictions}.
   """
   y = np.asarray(y, np.float64)
-  pred = np.zeros(len(y), np.float64)
-  for fold in _folds(len(y), folds, seed + 1):
-    keep = np.setdiff1d(np.arange(len(y)), fold)
-    pred[fold] = probe(x[keep], y[keep], x[fold], y[fold])["pred"]
+  pred = out_of_fold(probe, x, y, folds=folds, seed=seed).astype(np.float64)
   return {"r2": r2_score(y, pred), "pred": pred}
 
 

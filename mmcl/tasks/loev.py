@@ -30,6 +30,7 @@ loev_eval_items.npz for paired comparisons between runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from typing import Any
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import audio_augment
+from data_pipelines import locks
 from data_pipelines import music_synth
 from mmcl.config import Config
 from mmcl.eval import probes
@@ -248,6 +250,14 @@ class LOEVTask(Task):
     if cache.is_file():
       with np.load(cache) as f:
         return {k: f[k] for k in f.files}
+    with locks.build_lock(cache.parent):  # evaluations of runs side by side share the cache
+      if not cache.is_file():
+        self._write_evaluation_views(path, cache, seed)
+    with np.load(cache) as f:
+      return {k: f[k] for k in f.files}
+
+  def _write_evaluation_views(self, path: str, cache: pathlib.Path, seed: int) -> None:
+    a = self.augment
     waves, keys, bpms, _ = music_synth.load_rendered(path)
     rng = np.random.default_rng(seed)
     n = waves.shape[0]
@@ -265,7 +275,6 @@ class LOEVTask(Task):
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, **out)
     tmp.replace(cache)
-    return out
 
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
     t = self.config.task
@@ -288,6 +297,20 @@ class LOEVTask(Task):
     items["probe/tempo_acc1"] = (np.abs(2 ** tempo["pred"] / bpm[te] - 1) <= 0.04).astype(float)
     targets = {"pitch": views["semitones"], "stretch": np.log2(views["rate"])}
     spaces = list(emb["clean"])  # whole, sub/<head> (and head/<head> for loev++)
+    # Key and tempo probes on every space, cross-fitted over all n clean clips: which subspace
+    # holds key / tempo (e.g. whether the stretch head keeps tempo), and the whole embedding's
+    # probes with all n clips as test clips (about half the SE of the 70/30 split).
+    key_probe = functools.partial(probes.logistic_probe, num_classes=24)
+    for s in spaces:
+      x = emb["clean"][s]
+      tempo_cf = probes.cross_fitted(probes.ridge_probe, x, np.log2(bpm))
+      out[f"probe_cf/tempo/{s}/r2"] = tempo_cf["r2"]
+      items[f"probe_cf/tempo/{s}/pred"] = tempo_cf["pred"]
+      key_correct = (probes.out_of_fold(key_probe, x, key) == key).astype(np.float64)
+      out[f"probe_cf/key/{s}/accuracy"] = float(np.mean(key_correct))
+      out[f"probe_cf/key/{s}/accuracy/se"] = float(np.std(key_correct, ddof=1) / np.sqrt(n))
+      items[f"probe_cf/key/{s}/correct"] = key_correct
+    items["probe_cf/tempo/target"] = np.log2(bpm)
     k = t.eval_knn_k
     tol = t.eval_tempo_tolerance
     for aug in ("pitch", "stretch"):
@@ -352,6 +375,11 @@ class LOEVTask(Task):
           out[f"{name}/{aug}/{s}/r2/se"] = probes.bootstrap_se(
               lambda i: probes.r2_score(y_all[i], pred_cf[i]),  # pylint: disable=cell-var-from-loop
               n)
+    for s in spaces:
+      pred_t = items[f"probe_cf/tempo/{s}/pred"]
+      out[f"probe_cf/tempo/{s}/r2/se"] = probes.bootstrap_se(
+          lambda i: probes.r2_score(items["probe_cf/tempo/target"][i], pred_t[i]),  # pylint: disable=cell-var-from-loop
+          n)
     path = pathlib.Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
     np.savez(path / "loev_eval_items.npz", **items)

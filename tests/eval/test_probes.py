@@ -1,4 +1,6 @@
 """Frozen-feature probes: kNN hits per query, bootstrap standard errors, probe predictions."""
+import functools
+
 import numpy as np
 
 from mmcl.eval import probes
@@ -65,3 +67,16 @@ def test_cross_fitted_predicts_every_row_out_of_fold():
   # would fit some of it).
   noise = rng.normal(size=100)
   assert probes.cross_fitted(probes.ridge_probe, rng.normal(size=(100, 60)), noise)["r2"] < 0.05
+
+
+def test_out_of_fold_works_for_a_classifier():
+  rng = np.random.default_rng(4)
+  labels = rng.integers(0, 3, 150)
+  x = np.eye(3)[labels] * 3 + rng.normal(size=(150, 3))
+  clf = functools.partial(probes.logistic_probe, num_classes=3)
+  pred = probes.out_of_fold(clf, x, labels, folds=5)
+  assert pred.shape == (150,) and np.issubdtype(pred.dtype, np.integer)
+  assert np.mean(pred == labels) > 0.85
+  # Labels independent of the features: out-of-fold accuracy stays near chance (1/3).
+  shuffled = rng.permutation(labels)
+  assert np.mean(probes.out_of_fold(clf, x, shuffled, folds=5) == shuffled) < 0.5

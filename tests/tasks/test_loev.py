@@ -123,6 +123,9 @@ def test_evaluate_reports_every_probe(tmp_path):
     assert 0 <= metrics[f"knn/tempo/{space}/hit@10"] <= 1
     assert 0 <= metrics[f"invariance/pitch/{space}/own_top1"] <= 1
     assert metrics[f"equivariance/pitch/{space}/r2/se"] > 0
+    assert np.isfinite(metrics[f"probe_cf/tempo/{space}/r2"])
+    assert metrics[f"probe_cf/tempo/{space}/r2/se"] > 0
+    assert 0 <= metrics[f"probe_cf/key/{space}/accuracy"] <= 1
   assert 0 <= metrics["probe/key_accuracy"] <= 1
   assert 0 < metrics["knn/key/chance"] < 0.2
   assert (tmp_path / "eval" / "loev_eval.json").is_file()
