@@ -85,7 +85,9 @@ class LOEVTask(Task):
     m.define("head_hidden", 512, "hidden width of each projection head (0: a linear head, so "
              "whatever the head's output keeps apart, its input (the LOEV++ branch) keeps apart "
              "linearly too)")
-    m.define("head_dim", 128, "output width of each projection head")
+    m.define("head_dim", 128, "output width of each projection head (0: no projection head, the "
+             "loss acts on the representation itself; loev++ and simclr only, since loev's heads "
+             "all read the one trunk output)")
     m.define("n_mels", 96, "mel bands of the front end")
     m.define("n_fft", 2048, "FFT size of the front end")
     m.define("win_length", 400, "window length (samples) of the front end")
@@ -124,9 +126,13 @@ class LOEVTask(Task):
                                    n_mels=m.n_mels, fmax=m.fmax)
     self.trunk = AudioCNN(channels=tuple(m.channels), convs_per_stage=m.convs_per_stage,
                           num_branches=self.num_heads if t.variant == "loev++" else 1)
-    self.heads = [MLP(hidden_dims=(m.head_hidden,) if m.head_hidden else (), out_dim=m.head_dim,
+    if m.head_dim == 0 and t.variant == "loev" and self.num_heads > 1:
+      raise ValueError("config key 'model.head_dim' = 0 (no projection head) needs task.variant "
+                       "loev++ or simclr: loev's heads all read the one trunk output, so without "
+                       "heads they would be one space")
+    self.heads = [] if m.head_dim == 0 else [MLP(hidden_dims=(m.head_hidden,) if m.head_hidden else (), out_dim=m.head_dim,
                       activation="relu")
-                  for _ in range(self.num_heads)]
+                                             for _ in range(self.num_heads)]
     self.out_samples = int(round(d.clip_seconds * d.sample_rate))
     self.augment = audio_augment.AugmentConfig(
         sample_rate=d.sample_rate, out_samples=self.out_samples, chain_p=d.chain_p,
@@ -167,8 +173,8 @@ class LOEVTask(Task):
     frames = self.frontend.num_frames(self.out_samples)
     trunk = self.trunk.init(keys[0], jnp.zeros((1, frames, self.config.model.n_mels)))["params"]
     feat = 2 * self.config.model.channels[-1]
-    heads = {f"head_{h}": self.heads[h].init(keys[1 + h], jnp.zeros((1, feat)))["params"]
-             for h in range(self.num_heads)}
+    heads = {f"head_{h}": head.init(keys[1 + h], jnp.zeros((1, feat)))["params"]
+             for h, head in enumerate(self.heads)}
     return {"trunk": trunk, "heads": heads}
 
   def features(self, params, audio: jax.Array) -> jax.Array:
@@ -176,11 +182,13 @@ class LOEVTask(Task):
     return self.trunk.apply({"params": params["trunk"]}, self.frontend(audio))
 
   def head_outputs(self, params, feats: jax.Array) -> list[jax.Array]:
-    """feats: [N, branches, F] → per head [N, head_dim] (not normalised)."""
+    """feats: [N, branches, F] → per head [N, head_dim] (not normalised); without projection
+    heads (model.head_dim = 0) the branch itself, [N, F]."""
     outs = []
     for h in range(self.num_heads):
       branch = feats[:, h] if feats.shape[1] > 1 else feats[:, 0]
-      outs.append(self.heads[h].apply({"params": params["heads"][f"head_{h}"]}, branch))
+      outs.append(self.heads[h].apply({"params": params["heads"][f"head_{h}"]}, branch)
+                  if self.heads else branch)
     return outs
 
   def loss(self, params, batch, rng, *, train: bool):

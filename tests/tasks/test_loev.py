@@ -149,3 +149,26 @@ def test_linear_heads_and_the_four_view_variant(tmp_path):
   glob = mesh_lib.host_batch_to_global(task.mesh, batch)
   loss, _ = task.loss(params, glob, jax.random.PRNGKey(0), train=True)
   assert np.isfinite(float(loss))
+
+
+def test_no_projection_heads(tmp_path):
+  # model.head_dim = 0 (loev++): head h's output is branch h itself, so the loss acts on the
+  # representation; the same loss as computing SupCon on the branches by hand.
+  task = _task(tmp_path, "tiny_plusplus", model__head_dim=0)
+  params = task.init_params(jax.random.PRNGKey(0))
+  assert params["heads"] == {}
+  batch = _batch(task)
+  glob = mesh_lib.host_batch_to_global(task.mesh, batch)
+  loss, _ = task.loss(params, glob, jax.random.PRNGKey(0), train=True)
+  feats = task.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
+  clip = jnp.repeat(jnp.arange(8), 2)
+  applied = jnp.asarray(batch["applied"]).reshape(16, -1)
+  ref = []
+  for h in range(task.num_heads):
+    z = feats[:, h] / jnp.linalg.norm(feats[:, h], axis=-1, keepdims=True)
+    ref.append(supcon(z, logit_scale=1 / task.config.task.temperature, clip_ids=clip,
+                      exclude=None if h == 0 else applied[:, h - 1], impl="dense"))
+  np.testing.assert_allclose(float(loss), float(jnp.mean(jnp.stack(ref))), rtol=1e-5)
+  # loev without heads would be one space for every head: refused with the key named.
+  with pytest.raises(ValueError, match="model.head_dim"):
+    _task(tmp_path, "tiny", model__head_dim=0)
