@@ -31,6 +31,10 @@ Variants (`--config experiments/loev.py:VARIANT`):
             (RESULTS.md, LOEV, session 4).
 Variants combine with an underscore: plusplus_long, simclr_long, long_v4, plusplus_long_v4,
 tiny_plusplus, tiny_simclr.
+
+Head options measured in RESULTS.md (LOEV, sessions 4 and 5), not defaults: `--set
+model.head_hidden=0` (linear projection heads) and, for LOEV++ / SimCLR, `--set model.head_dim=0`
+(no projection heads: the loss acts on each branch itself).
 """
 
 from mmcl.tasks import make_config
