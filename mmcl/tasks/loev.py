@@ -255,12 +255,10 @@ class LOEVTask(Task):
     a = self.augment
     cache = pathlib.Path(path) / (f"eval_views_s{seed}_{a.out_samples}_{a.sample_rate}_"
                                   f"{a.res_type}.npz")
-    if cache.is_file():
-      with np.load(cache) as f:
-        return {k: f[k] for k in f.files}
-    with locks.build_lock(cache.parent):  # evaluations of runs side by side share the cache
-      if not cache.is_file():
-        self._write_evaluation_views(path, cache, seed)
+    if not cache.is_file():
+      with locks.build_lock(cache.parent):  # evaluations of runs side by side share the cache
+        if not cache.is_file():
+          self._write_evaluation_views(path, cache, seed)
     with np.load(cache) as f:
       return {k: f[k] for k in f.files}
 
