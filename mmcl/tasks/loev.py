@@ -130,9 +130,9 @@ class LOEVTask(Task):
       raise ValueError("config key 'model.head_dim' = 0 (no projection head) needs task.variant "
                        "loev++ or simclr: loev's heads all read the one trunk output, so without "
                        "heads they would be one space")
-    self.heads = [] if m.head_dim == 0 else [MLP(hidden_dims=(m.head_hidden,) if m.head_hidden else (), out_dim=m.head_dim,
-                      activation="relu")
-                                             for _ in range(self.num_heads)]
+    hidden = (m.head_hidden,) if m.head_hidden else ()
+    self.heads = [MLP(hidden_dims=hidden, out_dim=m.head_dim, activation="relu")
+                  for _ in range(self.num_heads)] if m.head_dim else []
     self.out_samples = int(round(d.clip_seconds * d.sample_rate))
     self.augment = audio_augment.AugmentConfig(
         sample_rate=d.sample_rate, out_samples=self.out_samples, chain_p=d.chain_p,
@@ -307,16 +307,20 @@ class LOEVTask(Task):
     # holds key / tempo (e.g. whether the stretch head keeps tempo), and the whole embedding's
     # probes with all n clips as test clips (about half the SE of the 70/30 split).
     key_probe = functools.partial(probes.logistic_probe, num_classes=24)
+    log_bpm = np.log2(bpm)
+    items["probe_cf/tempo/target"] = log_bpm
     for s in spaces:
       x = emb["clean"][s]
-      tempo_cf = probes.cross_fitted(probes.ridge_probe, x, np.log2(bpm))
+      tempo_cf = probes.cross_fitted(probes.ridge_probe, x, log_bpm)
+      pred_t = tempo_cf["pred"]
       out[f"probe_cf/tempo/{s}/r2"] = tempo_cf["r2"]
-      items[f"probe_cf/tempo/{s}/pred"] = tempo_cf["pred"]
+      out[f"probe_cf/tempo/{s}/r2/se"] = probes.bootstrap_se(
+          lambda i: probes.r2_score(log_bpm[i], pred_t[i]), n)  # pylint: disable=cell-var-from-loop
+      items[f"probe_cf/tempo/{s}/pred"] = pred_t
       key_correct = (probes.out_of_fold(key_probe, x, key) == key).astype(np.float64)
       out[f"probe_cf/key/{s}/accuracy"] = float(np.mean(key_correct))
       out[f"probe_cf/key/{s}/accuracy/se"] = float(np.std(key_correct, ddof=1) / np.sqrt(n))
       items[f"probe_cf/key/{s}/correct"] = key_correct
-    items["probe_cf/tempo/target"] = np.log2(bpm)
     k = t.eval_knn_k
     tol = t.eval_tempo_tolerance
     for aug in ("pitch", "stretch"):
@@ -381,11 +385,6 @@ class LOEVTask(Task):
           out[f"{name}/{aug}/{s}/r2/se"] = probes.bootstrap_se(
               lambda i: probes.r2_score(y_all[i], pred_cf[i]),  # pylint: disable=cell-var-from-loop
               n)
-    for s in spaces:
-      pred_t = items[f"probe_cf/tempo/{s}/pred"]
-      out[f"probe_cf/tempo/{s}/r2/se"] = probes.bootstrap_se(
-          lambda i: probes.r2_score(items["probe_cf/tempo/target"][i], pred_t[i]),  # pylint: disable=cell-var-from-loop
-          n)
     path = pathlib.Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
     np.savez(path / "loev_eval_items.npz", **items)
