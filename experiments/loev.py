@@ -29,12 +29,26 @@ Variants (`--config experiments/loev.py:VARIANT`):
             nothing pushes it to tell transformed from clean; with four, the untransformed views
             of a clip are positives and its transformed views explicit negatives of each other
             (RESULTS.md, LOEV, session 4).
+  wide      the trunk at twice the channels, (16, 32, 64, 128) instead of (8, 16, 32, 64): the
+            narrow trunk is sized for a shared 2-core CPU; with three heads on it, LOEV loses tempo
+            against SimCLR in two seeds of three (RESULTS.md, LOEV, sessions 5 and 6).
+  lin       linear projection heads (model.head_hidden = 0) instead of one hidden layer of 512.
 Variants combine with an underscore: plusplus_long, simclr_long, long_v4, plusplus_long_v4,
-tiny_plusplus, tiny_simclr.
+long_v4_wide, plusplus_long_v4_lin, tiny_plusplus, tiny_simclr.
 
-Head options measured in RESULTS.md (LOEV, sessions 4 and 5), not defaults: `--set
-model.head_hidden=0` (linear projection heads) and, for LOEV++ / SimCLR, `--set model.head_dim=0`
-(no projection heads: the loss acts on each branch itself).
+The item-7 comparison (RESULTS.md, LOEV, session 6), each method against the baseline at the same
+trunk, views and seed, on the shared view bank:
+  LOEV      long_v4_wide           against simclr_long_v4_wide
+  LOEV++    plusplus_long_v4_lin   against simclr_long_v4
+  mmcl train --config experiments/loev.py:long_v4_wide --workdir workdirs/loev_wide --set seed=1
+  mmcl eval --workdir workdirs/loev_wide --step 2000
+  (likewise simclr_long_v4_wide → workdirs/simclr_wide, plusplus_long_v4_lin →
+   workdirs/loevpp_lin, simclr_long_v4 → workdirs/simclr_v4), then
+  python experiments/analysis/loev_compare.py --loev workdirs/loev_wide \
+      --simclr workdirs/simclr_wide --plusplus workdirs/loevpp_lin \
+      --simclr-plusplus workdirs/simclr_v4 --step 2000
+Also measured, not used: `--set model.head_dim=0` for LOEV++ / SimCLR (no projection heads: the
+loss acts on each branch itself).
 """
 
 from mmcl.tasks import make_config
@@ -46,12 +60,12 @@ def get_config(arg: str | None = None):
   tokens = [t for t in (arg or "").split("_") if t]
   kinds = [t for t in tokens if t in ("plusplus", "simclr")]
   sizes = [t for t in tokens if t in ("tiny", "long")]
-  views4 = "v4" in tokens
-  if (len(kinds) > 1 or len(sizes) > 1 or tokens.count("v4") > 1
-      or len(kinds) + len(sizes) + views4 != len(tokens)):
+  flags = [t for t in tokens if t in ("v4", "wide", "lin")]
+  if (len(kinds) > 1 or len(sizes) > 1 or len(set(flags)) != len(flags)
+      or len(kinds) + len(sizes) + len(flags) != len(tokens)):
     raise ValueError(f"unknown variant {arg!r} of experiments/loev.py (known: plusplus, simclr, "
-                     "tiny, long, v4, and combinations such as tiny_plusplus, simclr_long or "
-                     "plusplus_long_v4)")
+                     "tiny, long, v4, wide, lin, and combinations such as tiny_plusplus, "
+                     "simclr_long, long_v4_wide or plusplus_long_v4_lin)")
   c.task.variant = {"plusplus": "loev++", "simclr": "simclr"}.get(kinds[0] if kinds else "",
                                                                   "loev")
   size = sizes[0] if sizes else ""
@@ -80,7 +94,7 @@ def get_config(arg: str | None = None):
     c.train.total_steps = 2000
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 10
-  if views4:
+  if "v4" in flags:
     c.data.num_views = 4
     c.data.global_batch_size //= 2
   if size == "tiny":
@@ -99,4 +113,8 @@ def get_config(arg: str | None = None):
     c.train.checkpoint_every = 6
     c.train.progress_bar = False
     c.train.async_checkpointing = False
+  if "wide" in flags:
+    c.model.channels = (16, 32, 64, 128)
+  if "lin" in flags:
+    c.model.head_hidden = 0
   return c

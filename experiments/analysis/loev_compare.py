@@ -1,6 +1,10 @@
 """Paired comparisons of LOEV / LOEV++ / SimCLR evaluations (issue 8, item 7), with standard errors.
 
   .venv/bin/python experiments/analysis/loev_compare.py --loev W1 --plusplus W2 --simclr W3 [--step S]
+      [--simclr-plusplus W4]
+
+The baseline is W3 for both methods unless `--simclr-plusplus` gives LOEV++ its own (a baseline
+at LOEV++'s trunk when the two methods are compared at different trunks).
 
 Reads `<workdir>/eval/<step>/loev_eval_items.npz` (written by `mmcl eval`; every run is evaluated
 on the same held-out clips in the same order, so differences are paired) and prints, as one JSON
@@ -58,11 +62,16 @@ def _r2(items, aug, space, probe="equivariance"):
   return lambda i: probes.r2_score(y[i], p[i])
 
 
-def compare(loev: str, plusplus: str, simclr: str, step: int | None) -> dict:
+def compare(loev: str, plusplus: str, simclr: str, step: int | None,
+            simclr_plusplus: str | None = None) -> dict:
   runs = {"loev": _items(loev, step), "loev++": _items(plusplus, step),
           "simclr": _items(simclr, step)}
+  if simclr_plusplus is not None:
+    runs["simclr (loev++)"] = _items(simclr_plusplus, step)
   out = {"steps": {k: v[0] for k, v in runs.items()}}
   it = {k: v[1] for k, v in runs.items()}
+  # The baseline each method is compared with.
+  base = {"loev": it["simclr"], "loev++": it.get("simclr (loev++)", it["simclr"])}
   # Evaluations from before the nonlinear probe existed hold only the linear one.
   probe_names = ["equivariance"] + (
       ["equivariance_cf", "equivariance_rbf_cf"]
@@ -78,7 +87,7 @@ def compare(loev: str, plusplus: str, simclr: str, step: int | None) -> dict:
             _r2(it[run], aug, f"sub/{aug}", probe), _r2(it[run], aug, "sub/invariant", probe),
             n_eq)
         out[f"{tag}/{run}/{aug}: sub/{aug} - simclr sub/invariant"] = _diff(
-            _r2(it[run], aug, f"sub/{aug}", probe), _r2(it["simclr"], aug, "sub/invariant", probe),
+            _r2(it[run], aug, f"sub/{aug}", probe), _r2(base[run], aug, "sub/invariant", probe),
             n_eq)
       # loev++ evaluations also hold each head's projection of its branch (head/<name>).
       if f"{probe}/{aug}/head/{aug}/pred" in it["loev++"]:
@@ -91,7 +100,7 @@ def compare(loev: str, plusplus: str, simclr: str, step: int | None) -> dict:
                 "claim2_cf": ("probe_cf/key/whole/correct", "probe_cf/tempo/target",
                               "probe_cf/tempo/whole/pred")}
   for run in ("loev", "loev++"):
-    a, b = it[run], it["simclr"]
+    a, b = it[run], base[run]
     for tag, (correct, target, pred) in probe_keys.items():
       if correct not in a or correct not in b:
         continue
@@ -138,12 +147,17 @@ def main() -> None:
   p.add_argument("--loev", required=True)
   p.add_argument("--plusplus", required=True)
   p.add_argument("--simclr", required=True)
+  p.add_argument("--simclr-plusplus", default=None,
+                 help="the baseline for LOEV++ (default: --simclr)")
   p.add_argument("--step", type=int, default=None)
   p.add_argument("--curve", action="store_true")
   args = p.parse_args()
-  print(json.dumps(compare(args.loev, args.plusplus, args.simclr, args.step), indent=1))
+  print(json.dumps(compare(args.loev, args.plusplus, args.simclr, args.step,
+                           args.simclr_plusplus), indent=1))
   if args.curve:
-    print(json.dumps({w: curve(w) for w in (args.loev, args.plusplus, args.simclr)}, indent=1))
+    runs = [args.loev, args.plusplus, args.simclr] + (
+        [args.simclr_plusplus] if args.simclr_plusplus else [])
+    print(json.dumps({w: curve(w) for w in runs}, indent=1))
 
 
 if __name__ == "__main__":

@@ -75,8 +75,19 @@ def test_variants_heads_and_branches(tmp_path):
   assert feats.shape == (2, 3, 2 * pp.config.model.channels[-1])
   long = load_config_file(str(REPO / "experiments/loev.py") + ":simclr_long")
   assert long.task.variant == "simclr" and long.data.view_bank == 8
-  with pytest.raises(ValueError, match="unknown variant"):
-    load_config_file(str(REPO / "experiments/loev.py") + ":plusplus_simclr")
+  for bad in ("plusplus_simclr", "long_wide_wide", "long_v4_narrow"):
+    with pytest.raises(ValueError, match="unknown variant"):
+      load_config_file(str(REPO / "experiments/loev.py") + f":{bad}")
+  # The item-7 configurations (RESULTS.md, LOEV, session 6): LOEV on the wider trunk, LOEV++ with
+  # linear heads, both with four views per clip; the flags change only what they name.
+  wide = load_config_file(str(REPO / "experiments/loev.py") + ":long_v4_wide")
+  narrow = load_config_file(str(REPO / "experiments/loev.py") + ":long_v4")
+  assert tuple(wide.model.channels) == (16, 32, 64, 128) and wide.data.num_views == 4
+  narrow.model.channels = wide.model.channels
+  assert narrow.to_dict() == wide.to_dict()
+  lin = load_config_file(str(REPO / "experiments/loev.py") + ":plusplus_long_v4_lin")
+  assert lin.task.variant == "loev++" and lin.model.head_hidden == 0
+  assert load_config_file(str(REPO / "experiments/loev.py") + ":tiny_lin").model.head_hidden == 0
   # Branches have their own weights, so their features differ.
   assert float(jnp.abs(feats[:, 0] - feats[:, 1]).max()) > 1e-4
   # Evaluation spaces: loev++ subspaces are the branches, plus each head's projection of its branch.
