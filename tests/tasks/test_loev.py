@@ -16,8 +16,12 @@ pytest.importorskip("librosa")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+def _config(variant):
+  return load_config_file(str(REPO / "experiments/loev.py") + f":{variant}")
+
+
 def _task(tmp_path, variant="tiny", **overrides):
-  c = load_config_file(str(REPO / "experiments/loev.py") + f":{variant}")
+  c = _config(variant)
   c.data.dir = str(tmp_path / "music_train")
   c.data.eval_dir = str(tmp_path / "music_eval")
   for k, v in overrides.items():
@@ -73,21 +77,21 @@ def test_variants_heads_and_branches(tmp_path):
   assert branches == ["last_stage_branch_0", "last_stage_branch_1", "last_stage_branch_2"]
   feats = pp.features(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
   assert feats.shape == (2, 3, 2 * pp.config.model.channels[-1])
-  long = load_config_file(str(REPO / "experiments/loev.py") + ":simclr_long")
+  long = _config("simclr_long")
   assert long.task.variant == "simclr" and long.data.view_bank == 8
   for bad in ("plusplus_simclr", "long_wide_wide", "long_v4_narrow"):
     with pytest.raises(ValueError, match="unknown variant"):
-      load_config_file(str(REPO / "experiments/loev.py") + f":{bad}")
+      _config(bad)
   # The item-7 configurations (RESULTS.md, LOEV, session 6): LOEV on the wider trunk, LOEV++ with
   # linear heads, both with four views per clip; the flags change only what they name.
-  wide = load_config_file(str(REPO / "experiments/loev.py") + ":long_v4_wide")
-  narrow = load_config_file(str(REPO / "experiments/loev.py") + ":long_v4")
+  wide = _config("long_v4_wide")
+  narrow = _config("long_v4")
   assert tuple(wide.model.channels) == (16, 32, 64, 128) and wide.data.num_views == 4
   narrow.model.channels = wide.model.channels
   assert narrow.to_dict() == wide.to_dict()
-  lin = load_config_file(str(REPO / "experiments/loev.py") + ":plusplus_long_v4_lin")
+  lin = _config("plusplus_long_v4_lin")
   assert lin.task.variant == "loev++" and lin.model.head_hidden == 0
-  assert load_config_file(str(REPO / "experiments/loev.py") + ":tiny_lin").model.head_hidden == 0
+  assert _config("tiny_lin").model.head_hidden == 0
   # Branches have their own weights, so their features differ.
   assert float(jnp.abs(feats[:, 0] - feats[:, 1]).max()) > 1e-4
   # Evaluation spaces: loev++ subspaces are the branches, plus each head's projection of its branch.
