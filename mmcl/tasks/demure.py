@@ -378,6 +378,13 @@ class DemureTask(Task):
              "occurrence (real content that did not drive the behaviour). Under resample / swap "
              "the candidate (item-table) side uses the expectation of the draw (0 / the mean row)",
              choices=PLANT_NOISE_MODES)
+    t.define("plant_noise_side", "both",
+             "where resample / swap noise acts: both = in the input sequences, and the candidate "
+             "(item-table) side takes the expectation of the draw (the item's features are "
+             "corrupt); input = in the input sequences only, the candidates keep their clean "
+             "features (the paper's premise: the item's content is real, but this modality did "
+             "not drive the user's past interactions with it, so it is noise in the history "
+             "only)", choices=("both", "input"))
     t.define("rec_loss", "bce", "L_rec: bce = SASRec's BCE with one sampled negative per position "
              "(the paper's backbone); softmax = cross-entropy over all N items (full softmax, a "
              "stronger backbone for both arms)", choices=("bce", "softmax"))
@@ -443,10 +450,14 @@ class DemureTask(Task):
                                   c.task.plant_noise_seed)
       noisy[c.task.plant_noise_modality] = mask
       if c.task.plant_noise_mode == "fixed":
+        if c.task.plant_noise_side != "both":
+          raise ValueError("config key task.plant_noise_side = 'input' needs noise drawn at every "
+                           "occurrence (task.plant_noise_mode resample or swap), not 'fixed'")
         feats[j] = planted
       else:
         self.occurrence_noise[j] = (feats[j], mask, np.linalg.norm(feats[j], axis=1))
-        feats[j] = planted_item_side(feats[j], mask, c.task.plant_noise_mode)
+        if c.task.plant_noise_side == "both":
+          feats[j] = planted_item_side(feats[j], mask, c.task.plant_noise_mode)
     return feats, noisy
 
   def _global_threshold(self) -> float:
@@ -617,14 +628,18 @@ class DemureTask(Task):
     denoised_tokens = (xt * (~flags)[..., None]).sum(-2) + ids
     rec, _, h_d = self._rec_loss(params, denoised_tokens, inputs, targets, negs, table,
                                  train=train, rng=k_d)
+    metrics = {"rec_loss": rec, "flagged_fraction": flags.sum() / jnp.maximum(valid.sum(), 1)}
+    if t.cl_weight == 0:
+      # λ = 0 (the denoised-input ablation): the noisy view would only feed a term of weight 0,
+      # so it is not encoded (a third of the step's cost).
+      return rec, metrics
     h_n = self._apply(params, DemureModel.encode, noisy_tokens, inputs != 0, train, train=train,
                       rng=k_n)
     row_ok = inputs[:, -1] != 0
     cl = sharded_losses.infonce_over_mesh(
         _unit(h_d[:, -1]), _unit(h_n[:, -1]), self.mesh, logit_scale=1.0 / t.cl_temperature,
         a_valid=row_ok, b_valid=row_ok)
-    metrics = {"rec_loss": rec, "cl_loss": cl,
-               "flagged_fraction": flags.sum() / jnp.maximum(valid.sum(), 1)}
+    metrics["cl_loss"] = cl
     return rec + cl_weight * cl, metrics
 
   def flops_per_example(self) -> float:
@@ -632,8 +647,10 @@ class DemureTask(Task):
     f = seq_transformer.seq_encoder_flops(self.config.data.max_len, m.hidden, m.num_blocks)
     if not self.config.task.denoise:
       return f
-    # Two views, plus the contribution pass (forward + backward) unless flags come from a table.
-    return f * (2 if self.config.task.item_scores else 4)
+    # Two views (one when λ = 0), plus the contribution pass (forward + backward) unless the
+    # flags come from a table.
+    views = 1 if self.config.task.cl_weight == 0 else 2
+    return f * (views + (0 if self.config.task.item_scores else 2))
 
   # --- evaluation ----------------------------------------------------------------------------------
   def user_embeddings(self, params, history: np.ndarray, denoised: bool = False) -> np.ndarray:
@@ -698,6 +715,19 @@ class DemureTask(Task):
     labels = np.zeros(valid.shape, bool)
     labels[..., j] = self.noisy_np[t.plant_noise_modality][inputs]
     return j, valid, labels
+
+  def oracle_scores(self) -> np.ndarray:
+    """[N + 1, M] float32 table (the `task.item_scores` format): −1 for every planted (item,
+    modality), +1 elsewhere, so that flags from it take the planted pairs first (oracle flags:
+    the ceiling of what the denoised view can gain)."""
+    t = self.config.task
+    if not t.plant_noise_modality:
+      raise ValueError("oracle scores need planted noise: config key task.plant_noise_modality "
+                       "is empty")
+    table = np.ones((self.num_items + 1, len(t.modalities)), np.float32)
+    table[self.noisy_np[t.plant_noise_modality], list(t.modalities).index(
+        t.plant_noise_modality)] = -1.0
+    return table
 
   def score_variant_detection(self, params, user_items: list[np.ndarray]) -> dict[str, float]:
     """Noise AUC (over all real (t, m) pairs, and within the planted modality) of every score
@@ -792,6 +822,11 @@ def main(argv: list[str] | None = None) -> None:
   sc.add_argument("--mode", default=None, choices=("abs", "signed"),
                   help="contribution (default: the workdir's task.contribution)")
   sc.add_argument("--output", required=True, help=".npy path")
+  so = sub.add_parser("oracle-scores", help="the planted pairs as a table: -1 where the item's "
+                      "modality is planted noise, +1 elsewhere (flags from it are the planted "
+                      "pairs first: the ceiling of what denoising can gain)")
+  so.add_argument("--workdir", required=True)
+  so.add_argument("--output", required=True, help=".npy path")
   sa = sub.add_parser("score-auc", help="noise AUC of every score variant of a checkpoint")
   sa.add_argument("--workdir", required=True)
   sa.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
@@ -799,6 +834,12 @@ def main(argv: list[str] | None = None) -> None:
   wd = workdir_lib.TrainedWorkdir(a.workdir)
   if wd.config.task.name != "demure":
     raise ValueError(f"{a.workdir}: task {wd.config.task.name!r}, expected demure")
+  if a.cmd == "oracle-scores":
+    table = wd.task.oracle_scores()
+    np.save(a.output, table)
+    print(f"wrote {a.output}: {table.shape}, {int((table < 0).sum())} planted (item, modality) "
+          "pairs")
+    return
   params = wd.restore_params(wd.resolve_step(a.step))
   if a.cmd == "score-auc":
     if not wd.config.task.plant_noise_modality:

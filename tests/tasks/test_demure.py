@@ -199,3 +199,57 @@ def test_planted_noise_is_found_then_flagged(group_seq_dir, tmp_path):
   with pytest.raises(ValueError, match="task.flag_scope"):
     loop_lib.setup(_config(group_seq_dir, **{"task.flag_scope": "global"}),
                    get_task_class("demure"))
+
+
+def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path):
+  """task.plant_noise_side=input noises the history only (candidates keep the clean features);
+  the oracle table scores exactly the planted pairs −1; λ = 0 gives L = L_rec(denoised) and does
+  not encode the noisy view."""
+  planted = {"task.plant_noise_modality": "text", "task.plant_noise_mode": "swap",
+             "task.plant_noise_item_fraction": 0.3}
+  _, both = loop_lib.setup(_config(text_seq_dir, **planted), get_task_class("demure"))
+  _, inp = loop_lib.setup(_config(text_seq_dir, **planted, **{"task.plant_noise_side": "input"}),
+                          get_task_class("demure"))
+  noisy = inp.noisy_np["text"]
+  np.testing.assert_array_equal(noisy, both.noisy_np["text"])  # the same planted items
+  clean = inp.occurrence_noise[0][0]
+  np.testing.assert_array_equal(inp.features_np[0], clean)  # candidates: clean text
+  np.testing.assert_allclose(both.features_np[0][noisy], np.broadcast_to(
+      clean[1:].mean(0), both.features_np[0][noisy].shape), rtol=1e-6)  # vs the expectation
+  items = jnp.asarray(np.nonzero(noisy)[0][None, :8], jnp.int32)
+  x_in, x_both = (np.asarray(t._input_feats(items, jax.random.PRNGKey(3))[0]) for t in (inp, both))
+  np.testing.assert_array_equal(x_in, x_both)  # the history gets the same swapped draws
+  assert not np.allclose(x_in, clean[np.asarray(items)])
+  with pytest.raises(ValueError, match="task.plant_noise_side"):
+    loop_lib.setup(_config(text_seq_dir, **{"task.plant_noise_modality": "text",
+                                            "task.plant_noise_side": "input"}),
+                   get_task_class("demure"))
+
+  oracle = inp.oracle_scores()
+  assert oracle.shape == (inp.num_items + 1, 2)
+  np.testing.assert_array_equal(oracle[:, 0] < 0, noisy)
+  assert (oracle[:, 1] == 1).all()
+  path = tmp_path / "oracle.npy"
+  np.save(path, oracle)
+  # Global flags from the oracle table at ρ below the planted share are exactly the planted pairs.
+  c0 = _config(text_seq_dir, **planted, **{"task.item_scores": str(path),
+                                           "task.flag_scope": "global", "task.cl_weight": 0.0,
+                                           "task.noise_fraction": 0.05})
+  _, task0 = loop_lib.setup(c0, get_task_class("demure"))
+  rows = jnp.asarray(task0.training_rows(sasrec.load_interactions(c0.data.dir)[0])[0][:16])
+  flags, _ = task0.noise_flags(None, rows)
+  np.testing.assert_array_equal(np.asarray(flags)[..., 0], noisy[np.asarray(rows)])
+  assert not np.asarray(flags)[..., 1].any()
+  params = jax.jit(task0.init_params)(jax.random.PRNGKey(0))
+  targets = jnp.concatenate([rows[:, 1:], rows[:, :1]], 1)
+  batch = {"inputs": rows, "targets": targets}
+  loss, metrics = task0.loss(params, batch, jax.random.PRNGKey(1), train=False)
+  assert "cl_loss" not in metrics
+  # λ = 0.5 adds λ·InfoNCE to the same L_rec(denoised): the rest of the step is unchanged.
+  c1 = _config(text_seq_dir, **planted, **{"task.item_scores": str(path),
+                                           "task.flag_scope": "global", "task.cl_weight": 0.5,
+                                           "task.noise_fraction": 0.05})
+  _, task1 = loop_lib.setup(c1, get_task_class("demure"))
+  loss1, m1 = task1.loss(params, batch, jax.random.PRNGKey(1), train=False)
+  np.testing.assert_allclose(float(m1["rec_loss"]), float(metrics["rec_loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(loss1), float(loss) + 0.5 * float(m1["cl_loss"]), rtol=1e-5)
