@@ -42,6 +42,16 @@ Options measured in RESULTS.md (Demure, session 4), not defaults: `--set task.fl
 (one threshold on that table instead of the lowest ρ per sequence: more recall on scientific's
 short rows at the same precision, accuracy level) and Demure from step 0 with the warm-up's table
 (drop `train.init_from`).
+Planted-noise designs measured in RESULTS.md (Demure, session 7), each with the ceiling of
+denoising (oracle flags: `python -m mmcl.tasks.demure oracle-scores --workdir BASE --output O.npy`,
+then an arm with `--set task.item_scores=O.npy --set task.flag_scope=global --set
+task.noise_fraction=0.05 --set task.cl_weight=0.0`; ρ must stay below the planted share so that
+the global threshold is the oracle's −1) and paired SEs (`experiments/analysis/demure_paired.py`):
+  --set task.plant_noise_item_fraction=0.5                          half the items' text noised
+  --set task.plant_noise_mode=swap --set task.plant_noise_side=input  another item's real text in
+      the history, the candidates keep their own (the paper's premise: content that did not drive
+      the interaction); add --set task.lexical_dim=8 so the lexical view no longer duplicates the
+      text.
 """
 
 from mmcl.tasks import make_config

@@ -24,7 +24,8 @@ below), and `task.flag_scope` = global flags that table's lowest ρ over all tra
 instead of per row; `task.flag_after_steps` trains plain L_rec for that many steps before flagging.
 Views (3): denoised = flagged modality tokens removed; noisy = the original sequence.
 Loss (4): L = L_rec(denoised) + λ·InfoNCE(h_denoised, h_noisy; τ) with in-batch negatives over the
-whole global batch (`mmcl.losses.sharded`), h = L2-normalised output at the most recent position.
+whole global batch (`mmcl.losses.sharded`), h = L2-normalised output at the most recent position
+(`task.cl_positions` = all: at every real position, each prefix its own pair).
 `task.denoise = False` gives the baseline: L = L_rec(original).
 Planted noise (for evaluation of the contribution scores): `task.plant_noise_modality` replaces that
 modality's features of a random fraction of items by Gaussian vectors with the original row norms,
@@ -361,6 +362,14 @@ class DemureTask(Task):
              "(needs task.item_scores)", choices=("sequence", "global"))
     t.define("cl_weight", 0.1, "λ: weight of InfoNCE(h_denoised, h_noisy)")
     t.define("cl_temperature", 0.1, "τ of that InfoNCE")
+    t.define("cl_positions", "last",
+             "where the two views are contrasted: last = the output at the most recent position "
+             "(one pair per row; the paper's sequence representation); all = every real position "
+             "(the prefix ending there: one pair per position, the other rows' prefixes as "
+             "negatives, the same row's other prefixes excluded). L_rec averages over all positions, "
+             "so with 'last' the most recent output, the one that ranks at inference, takes the "
+             "whole λ·InfoNCE against 1/L of L_rec; 'all' keeps that ratio λ at every position, "
+             "as in CL4SRec / DuoRec, which train on each prefix", choices=("last", "all"))
     t.define("flag_after_steps", 0,
              "warm-up: before this global step the loss is plain L_rec(original) (no flags, no "
              "InfoNCE), because the contributions of an untrained model say nothing; 0 = the "
@@ -635,10 +644,18 @@ class DemureTask(Task):
       return rec, metrics
     h_n = self._apply(params, DemureModel.encode, noisy_tokens, inputs != 0, train, train=train,
                       rng=k_n)
-    row_ok = inputs[:, -1] != 0
-    cl = sharded_losses.infonce_over_mesh(
-        _unit(h_d[:, -1]), _unit(h_n[:, -1]), self.mesh, logit_scale=1.0 / t.cl_temperature,
-        a_valid=row_ok, b_valid=row_ok)
+    if t.cl_positions == "all":
+      b, length, d = h_d.shape
+      real = (inputs != 0).reshape(b * length)
+      cl = sharded_losses.infonce_over_mesh(
+          _unit(h_d.reshape(b * length, d)), _unit(h_n.reshape(b * length, d)), self.mesh,
+          logit_scale=1.0 / t.cl_temperature, a_valid=real, b_valid=real,
+          group_ids=jnp.repeat(jnp.arange(b, dtype=jnp.int32), length))
+    else:
+      row_ok = inputs[:, -1] != 0
+      cl = sharded_losses.infonce_over_mesh(
+          _unit(h_d[:, -1]), _unit(h_n[:, -1]), self.mesh, logit_scale=1.0 / t.cl_temperature,
+          a_valid=row_ok, b_valid=row_ok)
     metrics["cl_loss"] = cl
     return rec + cl_weight * cl, metrics
 

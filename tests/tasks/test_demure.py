@@ -253,3 +253,27 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path):
   loss1, m1 = task1.loss(params, batch, jax.random.PRNGKey(1), train=False)
   np.testing.assert_allclose(float(m1["rec_loss"]), float(metrics["rec_loss"]), rtol=1e-6)
   np.testing.assert_allclose(float(loss1), float(loss) + 0.5 * float(m1["cl_loss"]), rtol=1e-5)
+  # task.cl_positions = all: one pair per real position, the other rows' prefixes as negatives
+  # and the same row's other prefixes left out; checked against a NumPy InfoNCE.
+  c2 = _config(text_seq_dir, **planted, **{"task.item_scores": str(path),
+                                           "task.flag_scope": "global", "task.cl_weight": 0.5,
+                                           "task.noise_fraction": 0.05, "task.cl_positions": "all",
+                                           "task.cl_temperature": 0.2})
+  _, task2 = loop_lib.setup(c2, get_task_class("demure"))
+  loss2, m2 = task2.loss(params, batch, jax.random.PRNGKey(1), train=False)
+  np.testing.assert_allclose(float(m2["rec_loss"]), float(metrics["rec_loss"]), rtol=1e-6)
+  k_noise = jax.random.split(jax.random.PRNGKey(1), 4)[3]  # the loss's planted-noise draw
+  xt = task2._apply(params, demure.DemureModel.modality_tokens, task2._input_feats(rows, k_noise))
+  fl = np.asarray(flags)[..., None]
+  views = [np.asarray(task2._apply(params, demure.DemureModel.encode, v, rows != 0, False))
+           for v in (np.asarray(xt * ~fl).sum(-2), np.asarray(xt).sum(-2))]
+  real = np.asarray(rows).reshape(-1) != 0
+  row_of = np.repeat(np.arange(rows.shape[0]), rows.shape[1])[real]
+  hd, hn = (v.reshape(-1, v.shape[-1])[real] for v in views)
+  hd, hn = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (hd, hn))
+  z = hd.astype(np.float64) @ hn.T.astype(np.float64) / 0.2
+  allowed = (row_of[:, None] != row_of[None, :]) | np.eye(len(z), dtype=bool)
+  lse = lambda x: np.log(np.where(allowed, np.exp(x), 0.0).sum(1))  # noqa: E731
+  ref = np.mean(0.5 * (lse(z) + lse(z.T)) - np.diag(z))
+  np.testing.assert_allclose(float(m2["cl_loss"]), ref, rtol=1e-4)
+  np.testing.assert_allclose(float(loss2), float(m2["rec_loss"]) + 0.5 * ref, rtol=1e-4)
