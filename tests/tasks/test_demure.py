@@ -267,13 +267,27 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path):
   fl = np.asarray(flags)[..., None]
   views = [np.asarray(task2._apply(params, demure.DemureModel.encode, v, rows != 0, False))
            for v in (np.asarray(xt * ~fl).sum(-2), np.asarray(xt).sum(-2))]
-  real = np.asarray(rows).reshape(-1) != 0
-  row_of = np.repeat(np.arange(rows.shape[0]), rows.shape[1])[real]
-  hd, hn = (v.reshape(-1, v.shape[-1])[real] for v in views)
-  hd, hn = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (hd, hn))
-  z = hd.astype(np.float64) @ hn.T.astype(np.float64) / 0.2
-  allowed = (row_of[:, None] != row_of[None, :]) | np.eye(len(z), dtype=bool)
-  lse = lambda x: np.log(np.where(allowed, np.exp(x), 0.0).sum(1))  # noqa: E731
-  ref = np.mean(0.5 * (lse(z) + lse(z.T)) - np.diag(z))
+
+  def reference(window):
+    w = np.asarray(rows)[:, -window:]
+    real = w.reshape(-1) != 0
+    row_of = np.repeat(np.arange(w.shape[0]), window)[real]
+    hd, hn = (v[:, -window:].reshape(-1, v.shape[-1])[real] for v in views)
+    hd, hn = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (hd, hn))
+    z = hd.astype(np.float64) @ hn.T.astype(np.float64) / 0.2
+    allowed = (row_of[:, None] != row_of[None, :]) | np.eye(len(z), dtype=bool)
+    lse = lambda x: np.log(np.where(allowed, np.exp(x), 0.0).sum(1))  # noqa: E731
+    return np.mean(0.5 * (lse(z) + lse(z.T)) - np.diag(z))
+  ref = reference(rows.shape[1])
   np.testing.assert_allclose(float(m2["cl_loss"]), ref, rtol=1e-4)
   np.testing.assert_allclose(float(loss2), float(m2["rec_loss"]) + 0.5 * ref, rtol=1e-4)
+  # task.cl_window: only the newest positions are contrasted.
+  c3 = _config(text_seq_dir, **planted, **{"task.item_scores": str(path),
+                                           "task.flag_scope": "global", "task.cl_weight": 0.5,
+                                           "task.noise_fraction": 0.05, "task.cl_positions": "all",
+                                           "task.cl_temperature": 0.2, "task.cl_window": 3})
+  _, task3 = loop_lib.setup(c3, get_task_class("demure"))
+  _, m3 = task3.loss(params, batch, jax.random.PRNGKey(1), train=False)
+  ref3 = reference(3)
+  assert abs(ref3 - ref) > 1e-3
+  np.testing.assert_allclose(float(m3["cl_loss"]), ref3, rtol=1e-4)
