@@ -39,6 +39,7 @@ Tool: `python -m mmcl.tasks.demure item-scores --workdir W --step S --mode signe
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import flax.linen as nn
@@ -435,6 +436,10 @@ class DemureTask(Task):
         raise ValueError(f"config key task.item_scores = {t.item_scores}: shape {table.shape}, "
                          f"expected [N + 1, M] = {(self.num_items + 1, len(t.modalities))}")
       self.item_score_table = table.astype(np.float32)
+    if t.cl_window and (t.cl_positions != "all" or not 0 < t.cl_window <= config.data.max_len):
+      raise ValueError(f"config key task.cl_window = {t.cl_window}: expected 0, or 1..data.max_len "
+                       f"({config.data.max_len}) with task.cl_positions = 'all' (is "
+                       f"{t.cl_positions!r})")
     self.flag_threshold = None  # task.flag_scope = global: flag table scores at or below it
     if t.flag_scope == "global":
       if self.item_score_table is None:
@@ -478,8 +483,18 @@ class DemureTask(Task):
     """The `task.noise_fraction` quantile of the item-score table over every real (t, m) pair of
     the training rows (task.flag_scope = global)."""
     inputs, _ = self.training_rows(sasrec.load_interactions(self.config.data.dir)[0])
-    return lowest_fraction_threshold(self.item_score_table[inputs[inputs != 0]],
-                                     self.config.task.noise_fraction)
+    scores = self.item_score_table[inputs[inputs != 0]]
+    rho = self.config.task.noise_fraction
+    threshold = lowest_fraction_threshold(scores, rho)
+    share = float((scores <= threshold).mean())
+    if share > rho + 0.05:
+      # Ties at the threshold (e.g. an oracle table of ±1 with ρ above its planted share, which
+      # flags every pair) make the global rule flag far more than ρ.
+      logging.getLogger("mmcl.demure").warning(
+          "task.flag_scope=global: the threshold %.4g of task.item_scores flags %.3f of the "
+          "training pairs, not task.noise_fraction = %.3f (ties at the threshold)",
+          threshold, share, rho)
+    return threshold
 
   # --- data / params -------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):

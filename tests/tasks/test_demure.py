@@ -1,4 +1,5 @@
 """Demure task: AUC, flagging, TF-IDF+SVD, planted noise, contribution scores and training."""
+import logging
 import pathlib
 
 import jax
@@ -201,7 +202,7 @@ def test_planted_noise_is_found_then_flagged(group_seq_dir, tmp_path):
                    get_task_class("demure"))
 
 
-def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path):
+def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, caplog):
   """task.plant_noise_side=input noises the history only (candidates keep the clean features);
   the oracle table scores exactly the planted pairs −1; λ = 0 gives L = L_rec(denoised) and does
   not encode the noisy view."""
@@ -231,6 +232,14 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path):
   assert (oracle[:, 1] == 1).all()
   path = tmp_path / "oracle.npy"
   np.save(path, oracle)
+  # With ρ above the planted share the global threshold is +1 and flags every pair: logged.
+  with caplog.at_level(logging.WARNING, logger="mmcl.demure"):
+    loop_lib.setup(_config(text_seq_dir, **planted, **{
+        "task.item_scores": str(path), "task.flag_scope": "global", "task.noise_fraction": 0.5}),
+        get_task_class("demure"))
+  assert "flags 1.000 of the training pairs" in caplog.text
+  with pytest.raises(ValueError, match="task.cl_window"):
+    loop_lib.setup(_config(text_seq_dir, **{"task.cl_window": 4}), get_task_class("demure"))
   # Global flags from the oracle table at ρ below the planted share are exactly the planted pairs.
   c0 = _config(text_seq_dir, **planted, **{"task.item_scores": str(path),
                                            "task.flag_scope": "global", "task.cl_weight": 0.0,
