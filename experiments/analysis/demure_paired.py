@@ -6,8 +6,8 @@
 Each run is WORKDIR (original history) or WORKDIR:denoised (the history with the run's
 `task.item_scores` flags removed, as `mmcl eval` reports under "<split>_denoised/"); the newest
 checkpoint of each workdir is read. For every leave-one-out case the target's full-ranking rank is
-computed as the evaluator does (`sasrec.next_item_metrics` → `topk.positive_ranks`: all items
-ranked, padding excluded), so the per-run means equal `mmcl eval`'s full Recall@10 / NDCG@10. The
+computed by the evaluator's own `sasrec.full_ranking_ranks` (all items ranked, padding
+excluded), so the per-run means equal `mmcl eval`'s full Recall@10 / NDCG@10. The
 difference to the base is paired: the same users, the same targets, so its standard error is that
 of the per-user differences (analytic, and a bootstrap over users with a fixed seed as a check).
 Prints a Markdown table: per split and run, Recall@10 / NDCG@10, the difference to the base and its
@@ -25,17 +25,15 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from mmcl import workdir as workdir_lib  # noqa: E402
-from mmcl.eval import topk as topk_lib  # noqa: E402
+from mmcl.eval import metrics as metrics_lib  # noqa: E402
 from mmcl.tasks import sasrec  # noqa: E402
 
 
 def per_case_metrics(ranks: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
-  """ranks: [U] 0-based full-ranking ranks of the targets (`metrics.rank_metrics`' convention)
-  → per-case recall@k = 1[rank < k] and ndcg@k = 1[rank < k] / log2(rank + 2), each [U]."""
-  ranks = np.asarray(ranks, np.float64)
-  hit = ranks < k
-  return {f"recall@{k}": hit.astype(np.float64),
-          f"ndcg@{k}": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
+  """ranks: [U] 0-based full-ranking ranks → per-case recall@k and ndcg@k, each [U] float64
+  (`metrics.rank_gains`, whose means are the evaluator's)."""
+  hit, ndcg = metrics_lib.rank_gains(ranks, k)
+  return {f"recall@{k}": hit.astype(np.float64), f"ndcg@{k}": ndcg}
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, *, boot: int, seed: int = 0
@@ -60,14 +58,13 @@ def run_ranks(spec: str, splits: list[str]) -> dict[str, np.ndarray]:
   if mode and task.item_score_table is None:
     raise ValueError(f"{spec}: the run has no task.item_scores, so no denoised history")
   params = wd.restore_params(wd.resolve_step(None))
-  user_items, num_items = sasrec.load_interactions(wd.config.data.dir)
+  user_items, _ = sasrec.load_interactions(wd.config.data.dir)
   item_emb = np.asarray(task.item_table(params), np.float32)
   out = {}
   for split in splits:
     _, history, target = sasrec.eval_cases(user_items, split, wd.config.data.max_len)
     q = np.asarray(task.user_embeddings(params, history, denoised=bool(mode)), np.float32)
-    out[split] = np.asarray(topk_lib.positive_ranks(
-        q, item_emb[1:], target.astype(np.int64) - 1, np.arange(num_items), mesh=task.mesh))
+    out[split] = sasrec.full_ranking_ranks(q, item_emb, target, task.mesh)
   return out
 
 

@@ -524,6 +524,17 @@ def quantile_buckets(values: np.ndarray, num_buckets: int = 5) -> np.ndarray:
 # --- Single-positive protocols: metrics from the rank of the positive item. -------------------
 
 
+def rank_gains(ranks: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per-query hit and NDCG gain at cutoff k from 0-based ranks of a single positive.
+
+  ranks: [Q] int ≥ 0. Returns (hit [Q] bool = 1[rank0 < k], ndcg [Q] float64 = hit / log2(rank0 +
+  2)); their means are `rank_metrics`' recall@k and ndcg@k (per-query values for paired tests).
+  """
+  ranks = np.asarray(ranks)
+  hit = ranks < k
+  return hit, np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
 def rank_metrics(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
   """Metrics from the 0-based rank of each query's single positive (or first positive).
 
@@ -543,10 +554,10 @@ def rank_metrics(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     raise ValueError(f"rank_metrics: expected non-empty [Q] ranks >= 0, got {ranks.shape}")
   out = {}
   for k in ks:
-    hit = ranks < k
+    hit, ndcg = rank_gains(ranks, k)
     out[f"recall@{k}"] = float(hit.mean())
     out[f"hit_rate@{k}"] = float(hit.mean())
-    out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+    out[f"ndcg@{k}"] = float(ndcg.mean())
   out["mrr"] = float((1.0 / (ranks + 1.0)).mean())
   out["median_rank"] = float(np.median(ranks + 1))
   out["mean_rank"] = float((ranks + 1).mean())

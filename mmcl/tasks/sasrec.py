@@ -145,6 +145,20 @@ def embed_rows(fn: Callable[..., jax.Array], arrays: Sequence[np.ndarray], mesh,
   return np.concatenate(out).astype(np.float32)
 
 
+def full_ranking_ranks(query_emb: np.ndarray, item_emb: np.ndarray, targets: np.ndarray,
+                       mesh) -> np.ndarray:
+  """0-based rank of each target among all N items by ⟨query, item⟩ (nothing excluded but the
+  padding row; ties to the lower item index, as `topk.exact_topk`).
+
+  query_emb: [U, D]; item_emb: [N + 1, D] (row 0 = padding); targets: [U] int in 1..N.
+  Returns [U] int.
+  """
+  num_items = item_emb.shape[0] - 1
+  return np.asarray(topk_lib.positive_ranks(
+      query_emb, item_emb[1:], np.asarray(targets).astype(np.int64) - 1, np.arange(num_items),
+      mesh=mesh))
+
+
 def next_item_metrics(query_emb: np.ndarray, item_emb: np.ndarray, targets: np.ndarray,
                       seen: Sequence[np.ndarray], *, ks: Sequence[int], num_negatives: int,
                       max_users: int | None, seed: int, full_ranking: bool, mesh,
@@ -191,9 +205,7 @@ def next_item_metrics(query_emb: np.ndarray, item_emb: np.ndarray, targets: np.n
     out[f"{prefix}/mrr"] = m["mrr"]
     out[f"{prefix}/num_sampled_users"] = float(len(users))
   if full_ranking:
-    ranks = np.asarray(topk_lib.positive_ranks(
-        query_emb, item_emb[1:], targets.astype(np.int64) - 1, np.arange(num_items), mesh=mesh))
-    m = metrics_lib.rank_metrics(ranks, ks)
+    m = metrics_lib.rank_metrics(full_ranking_ranks(query_emb, item_emb, targets, mesh), ks)
     for k in ks:
       out[f"{prefix}/full/recall@{k}"] = m[f"recall@{k}"]
       out[f"{prefix}/full/ndcg@{k}"] = m[f"ndcg@{k}"]
