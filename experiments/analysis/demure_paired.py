@@ -91,5 +91,6 @@ def main(argv: list[str] | None = None) -> None:
         cells += [f"{v.mean():.4f}", f"{d['diff']:+.4f} ({d['se']:.4f}{boot})"]
       print(f"| {split} | {spec} | " + " | ".join(cells) + " |")
 
+
 if __name__ == "__main__":
   main()

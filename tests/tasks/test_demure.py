@@ -241,9 +241,9 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   with pytest.raises(ValueError, match="task.cl_window"):
     loop_lib.setup(_config(text_seq_dir, **{"task.cl_window": 4}), get_task_class("demure"))
   # Global flags from the oracle table at ρ below the planted share are exactly the planted pairs.
-  c0 = _config(text_seq_dir, **planted, **{"task.item_scores": str(path),
-                                           "task.flag_scope": "global", "task.cl_weight": 0.0,
-                                           "task.noise_fraction": 0.05})
+  oracle_flags = {**planted, "task.item_scores": str(path), "task.flag_scope": "global",
+                  "task.noise_fraction": 0.05}
+  c0 = _config(text_seq_dir, **oracle_flags, **{"task.cl_weight": 0.0})
   _, task0 = loop_lib.setup(c0, get_task_class("demure"))
   rows = jnp.asarray(task0.training_rows(sasrec.load_interactions(c0.data.dir)[0])[0][:16])
   flags, _ = task0.noise_flags(None, rows)
@@ -255,19 +255,16 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   loss, metrics = task0.loss(params, batch, jax.random.PRNGKey(1), train=False)
   assert "cl_loss" not in metrics
   # λ = 0.5 adds λ·InfoNCE to the same L_rec(denoised): the rest of the step is unchanged.
-  c1 = _config(text_seq_dir, **planted, **{"task.item_scores": str(path),
-                                           "task.flag_scope": "global", "task.cl_weight": 0.5,
-                                           "task.noise_fraction": 0.05})
+  c1 = _config(text_seq_dir, **oracle_flags, **{"task.cl_weight": 0.5})
   _, task1 = loop_lib.setup(c1, get_task_class("demure"))
   loss1, m1 = task1.loss(params, batch, jax.random.PRNGKey(1), train=False)
   np.testing.assert_allclose(float(m1["rec_loss"]), float(metrics["rec_loss"]), rtol=1e-6)
   np.testing.assert_allclose(float(loss1), float(loss) + 0.5 * float(m1["cl_loss"]), rtol=1e-5)
   # task.cl_positions = all: one pair per real position, the other rows' prefixes as negatives
   # and the same row's other prefixes left out; checked against a NumPy InfoNCE.
-  c2 = _config(text_seq_dir, **planted, **{"task.item_scores": str(path),
-                                           "task.flag_scope": "global", "task.cl_weight": 0.5,
-                                           "task.noise_fraction": 0.05, "task.cl_positions": "all",
-                                           "task.cl_temperature": 0.2})
+  all_positions = {**oracle_flags, "task.cl_weight": 0.5, "task.cl_positions": "all",
+                   "task.cl_temperature": 0.2}
+  c2 = _config(text_seq_dir, **all_positions)
   _, task2 = loop_lib.setup(c2, get_task_class("demure"))
   loss2, m2 = task2.loss(params, batch, jax.random.PRNGKey(1), train=False)
   np.testing.assert_allclose(float(m2["rec_loss"]), float(metrics["rec_loss"]), rtol=1e-6)
@@ -291,10 +288,7 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   np.testing.assert_allclose(float(m2["cl_loss"]), ref, rtol=1e-4)
   np.testing.assert_allclose(float(loss2), float(m2["rec_loss"]) + 0.5 * ref, rtol=1e-4)
   # task.cl_window: only the newest positions are contrasted.
-  c3 = _config(text_seq_dir, **planted, **{"task.item_scores": str(path),
-                                           "task.flag_scope": "global", "task.cl_weight": 0.5,
-                                           "task.noise_fraction": 0.05, "task.cl_positions": "all",
-                                           "task.cl_temperature": 0.2, "task.cl_window": 3})
+  c3 = _config(text_seq_dir, **all_positions, **{"task.cl_window": 3})
   _, task3 = loop_lib.setup(c3, get_task_class("demure"))
   _, m3 = task3.loss(params, batch, jax.random.PRNGKey(1), train=False)
   ref3 = reference(3)
