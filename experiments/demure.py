@@ -36,8 +36,11 @@ re-drawn at every occurrence (task.plant_noise_mode = resample: a modality that 
 behaviour carries no information about it; a vector fixed per item would be an ID embedding).
 Deviations from the paper's defaults, each chosen on the evidence in RESULTS.md (Demure section):
 full-softmax L_rec for both arms (task.rec_loss), the signed contribution (task.contribution:
-|g·x| ranks harmful random tokens as important), and flags from per-(item, modality) scores
-averaged over all training occurrences at the warm-up checkpoint (task.item_scores).
+|g·x| ranks harmful random tokens as important), the gradient averaged along the path from the
+empty sequence (task.contribution_path_steps = 8, integrated gradients: the local gradient of a
+saturated encoder misranks a whole clean modality as noise; RESULTS.md, Demure, session 8), and
+flags from per-(item, modality) scores averaged over all training occurrences at the warm-up
+checkpoint (task.item_scores).
 Options measured in RESULTS.md (Demure, session 4), not defaults: `--set task.flag_scope=global`
 (one threshold on that table instead of the lowest ρ per sequence: more recall on scientific's
 short rows at the same precision, accuracy level) and Demure from step 0 with the warm-up's table
@@ -104,6 +107,7 @@ def get_config(arg: str | None = None):
   c.task.plant_noise_mode = "resample"
   c.task.rec_loss = "softmax"
   c.task.contribution = "signed"
+  c.task.contribution_path_steps = 8
   c.data.text_features = f"data/features/{name}_minilm.npy"
   steps_per_epoch = num_users // c.data.global_batch_size
   c.train.total_steps = epochs * steps_per_epoch

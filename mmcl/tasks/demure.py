@@ -16,7 +16,9 @@ Contribution (2): c_{t,m} = |⟨∂L_rec/∂x̃_t^m, x̃_t^m⟩| (`task.contribu
 dropout-free pass with the current parameters (no gradient flows through it), normalised per (user
 sequence, modality) by its mean |c| over the sequence's real positions (`task.score_normalisation`;
 design choice: modalities of different scale become comparable); in each sequence the lowest
-fraction ρ (`task.noise_fraction`) of its (t, m) pairs are flagged noise.
+fraction ρ (`task.noise_fraction`) of its (t, m) pairs are flagged noise. `task.contribution_path_steps`
+= K > 1 averages the gradient over K points of the path from the empty sequence to the input
+(integrated gradients), which follows the token's effect where the encoder saturates.
 Extensions, all off by default: `task.score_pooling` = batch_item averages the scores of an item's
 occurrences in the batch; `task.item_scores` takes the flags from a per-(item, modality) table, the
 scores averaged over all training occurrences at a warm-up checkpoint (`item-scores` command
@@ -33,7 +35,8 @@ drawn once per item (`task.plant_noise_mode` = fixed) or again at every occurren
 by the clean features of a random item at every occurrence (swap); the evaluator reports the AUC of
 −c (low contribution ⇒ noise) against the planted labels, per position and averaged per item.
 With `task.item_scores`, the evaluator also scores the denoised history ("<split>_denoised/...").
-Tool: `python -m mmcl.tasks.demure item-scores --workdir W --step S --mode signed --output F.npy`.
+Tool: `python -m mmcl.tasks.demure item-scores --workdir W --step S --mode signed [--path-steps K]
+--output F.npy`.
 """
 
 from __future__ import annotations
@@ -339,6 +342,13 @@ class DemureTask(Task):
     t.define("contribution", "abs", "contribution score: abs = |⟨∂L/∂x̃, x̃⟩| (the paper), signed "
              "= −⟨∂L/∂x̃, x̃⟩ (first-order loss increase when the token is removed)",
              choices=("abs", "signed"))
+    t.define("contribution_path_steps", 1,
+             "K: 1 = gradient×input at the input (the paper); K > 1 = integrated gradients "
+             "(Sundararajan et al. 2017): the gradient averaged over K midpoints α = (k − ½)/K of "
+             "the path from the empty sequence (every modality token scaled by α together) to the "
+             "input, times the input. The first-order score misses the saturation of the encoder "
+             "(a token's local gradient can point the other way from its effect); the path "
+             "average follows L_rec(x) − L_rec(0) and costs K gradient passes")
     t.define("score_normalisation", "sequence",
              "contribution normalisation: sequence = divide by the mean |c| of the (sequence, "
              "modality) (modalities of different scale become comparable); position = the "
@@ -371,6 +381,11 @@ class DemureTask(Task):
              "so with 'last' the most recent output, the one that ranks at inference, takes the "
              "whole λ·InfoNCE against 1/L of L_rec; 'all' keeps that ratio λ at every position, "
              "as in CL4SRec / DuoRec, which train on each prefix", choices=("last", "all"))
+    t.define("cl_stop_gradient", False,
+             "True: the denoised view's output is a fixed target of the InfoNCE (no gradient "
+             "through it), so the term only teaches the noisy view to agree with the denoised one "
+             "and the denoised representation, which L_rec trains, is shaped by L_rec alone; "
+             "False = the paper (gradient through both views)")
     t.define("cl_window", 0,
              "with cl_positions = all: contrast only the most recent this many positions (0 = all "
              "L). The InfoNCE's cost grows with (B·window)², and on short-sequence data "
@@ -554,12 +569,16 @@ class DemureTask(Task):
 
   def contributions(self, params, inputs, targets, negs, mode: str | None = None,
                     key: jax.Array | None = None, normalisation: str | None = None,
-                    pooling: str | None = None) -> tuple[jax.Array, jax.Array]:
+                    pooling: str | None = None, path_steps: int | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
     """Normalised gradient×input scores of the original sequence.
 
     mode (default `task.contribution`): "abs" c = |⟨g, x̃⟩| (the paper's magnitude); "signed"
     c = −⟨g, x̃⟩, the first-order increase of L_rec when the token is removed (x̃ → 0), so a token
     that hurts the prediction scores below one that is merely unused.
+    path_steps (default `task.contribution_path_steps`) K: g = ∂L/∂x̃ at the input when K = 1;
+    else the mean of ∂L/∂x̃ at α·x̃ (all modality tokens of the row scaled together) over the
+    midpoints α = (k − ½)/K, k = 1..K (integrated gradients from the empty sequence).
     normalisation (default `task.score_normalisation`): "sequence" divides c per (sequence,
     modality) by the mean |c| over its real positions; "position" divides c_{t,m} by
     Σ_m' |c_{t,m'}| (the modality's share of its token, which removes the position's overall
@@ -574,6 +593,9 @@ class DemureTask(Task):
     mode = mode or self.config.task.contribution
     normalisation = normalisation or self.config.task.score_normalisation
     pooling = pooling or self.config.task.score_pooling
+    steps = path_steps or self.config.task.contribution_path_steps
+    if steps < 1:
+      raise ValueError(f"config key task.contribution_path_steps = {steps}: expected ≥ 1")
     params = jax.lax.stop_gradient(params)
     table = self.item_table(params)
     xt = self._apply(params, DemureModel.modality_tokens,
@@ -583,7 +605,12 @@ class DemureTask(Task):
     def total(xt):
       return self._rec_loss(params, xt.sum(-2) + ids, inputs, targets, negs, table, train=False,
                             rng=None)[1]
-    g = jax.grad(total)(xt)
+    if steps == 1:
+      g = jax.grad(total)(xt)
+    else:
+      g = jax.lax.fori_loop(
+          0, steps, lambda k, acc: acc + jax.grad(total)((k + 0.5) / steps * xt),
+          jnp.zeros_like(xt)) / steps
     c = -jnp.sum(g * xt, -1)
     if mode == "abs":
       c = jnp.abs(c)
@@ -664,6 +691,8 @@ class DemureTask(Task):
       return rec, metrics
     h_n = self._apply(params, DemureModel.encode, noisy_tokens, inputs != 0, train, train=train,
                       rng=k_n)
+    if t.cl_stop_gradient:
+      h_d = jax.lax.stop_gradient(h_d)
     if t.cl_positions == "all":
       window = t.cl_window or inputs.shape[1]
       h_d, h_n = h_d[:, -window:], h_n[:, -window:]  # rows are left-padded: the newest last
@@ -686,10 +715,11 @@ class DemureTask(Task):
     f = seq_transformer.seq_encoder_flops(self.config.data.max_len, m.hidden, m.num_blocks)
     if not self.config.task.denoise:
       return f
-    # Two views (one when λ = 0), plus the contribution pass (forward + backward) unless the
-    # flags come from a table.
-    views = 1 if self.config.task.cl_weight == 0 else 2
-    return f * (views + (0 if self.config.task.item_scores else 2))
+    # Two views (one when λ = 0), plus the contribution passes (forward + backward, K of them
+    # along the integrated-gradients path) unless the flags come from a table.
+    t = self.config.task
+    views = 1 if t.cl_weight == 0 else 2
+    return f * (views + (0 if t.item_scores else 2 * t.contribution_path_steps))
 
   # --- evaluation ----------------------------------------------------------------------------------
   def user_embeddings(self, params, history: np.ndarray, denoised: bool = False) -> np.ndarray:
@@ -715,14 +745,15 @@ class DemureTask(Task):
 
   def position_scores(self, params, inputs: np.ndarray, targets: np.ndarray,
                       mode: str | None = None, normalisation: str | None = None,
-                      pooling: str = "none") -> np.ndarray:
+                      pooling: str = "none", path_steps: int | None = None) -> np.ndarray:
     """Contributions (see `contributions`; pooling over chunks of 256 rows) of the given rows,
     with fixed evaluation draws (negatives, planted noise). inputs, targets: [R, L] →
     [R, L, M] float32."""
     t = self.config.task
     mode = mode or t.contribution
     normalisation = normalisation or t.score_normalisation
-    variant = (mode, normalisation, pooling)
+    path_steps = path_steps or t.contribution_path_steps
+    variant = (mode, normalisation, pooling, path_steps)
     if variant not in self._score_fns:  # params are an argument: one compilation per variant
 
       def fn(p, x, y):
@@ -730,20 +761,21 @@ class DemureTask(Task):
         negs = sasrec.sample_train_negatives(jax.random.PRNGKey(t.eval_seed), seen, y.shape,
                                              self.num_items, t.num_candidate_draws)
         c, _ = self.contributions(p, x, y, negs, mode, key=jax.random.PRNGKey(t.eval_seed + 1),
-                                  normalisation=normalisation, pooling=pooling)
+                                  normalisation=normalisation, pooling=pooling,
+                                  path_steps=path_steps)
         return c.reshape(c.shape[0], -1)
       self._score_fns[variant] = jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh))
     score = self._score_fns[variant]
     c = sasrec.embed_rows(lambda x, y: score(params, x, y), [inputs, targets], self.mesh, 256)
     return c.reshape(*inputs.shape, len(t.modalities))
 
-  def item_scores(self, params, user_items: list[np.ndarray], mode: str | None = None
-                  ) -> np.ndarray:
+  def item_scores(self, params, user_items: list[np.ndarray], mode: str | None = None,
+                  path_steps: int | None = None) -> np.ndarray:
     """[N + 1, M] mean contribution of every (item, modality) over the training rows (the table
     that `task.item_scores` reads)."""
     inputs, targets = self.training_rows(user_items)
-    return pool_by_item(self.position_scores(params, inputs, targets, mode), inputs,
-                        self.num_items)
+    return pool_by_item(self.position_scores(params, inputs, targets, mode,
+                                             path_steps=path_steps), inputs, self.num_items)
 
   def planted_labels(self, inputs: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """inputs: [R, T] item ids (0 = padding) → (j, valid, labels): j the planted modality's index;
@@ -860,6 +892,9 @@ def main(argv: list[str] | None = None) -> None:
   sc.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   sc.add_argument("--mode", default=None, choices=("abs", "signed"),
                   help="contribution (default: the workdir's task.contribution)")
+  sc.add_argument("--path-steps", type=int, default=None,
+                  help="K of task.contribution_path_steps (default: the workdir's): 1 = "
+                  "gradient×input, K > 1 = integrated gradients over K steps")
   sc.add_argument("--output", required=True, help=".npy path")
   so = sub.add_parser("oracle-scores", help="the planted pairs as a table: -1 where the item's "
                       "modality is planted noise, +1 elsewhere (flags from it are the planted "
@@ -887,7 +922,8 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in res.items():
       print(f"{k:40s} {v:.4f}")
     return
-  table = wd.task.item_scores(params, sasrec.load_interactions(wd.config.data.dir)[0], a.mode)
+  table = wd.task.item_scores(params, sasrec.load_interactions(wd.config.data.dir)[0], a.mode,
+                              a.path_steps)
   np.save(a.output, table)
   print(f"wrote {a.output}: {table.shape}")
 

@@ -142,6 +142,39 @@ def test_contribution_of_a_zero_modality_is_zero_and_flagged_first(text_seq_dir)
   assert flags[..., 0][zero].all()  # the 2 + 2 zero-contribution pairs come first
 
 
+def test_integrated_gradients_path_steps(text_seq_dir):
+  """task.contribution_path_steps = K: the gradient averaged over the midpoints α = (k − ½)/K of the
+  path from the empty sequence (K = 2 against two explicit gradients), and with many steps the
+  scores add up to the loss increase when every modality token is removed (completeness)."""
+  c = _config(text_seq_dir, **{"task.contribution": "signed", "task.score_normalisation": "none"})
+  _, task = loop_lib.setup(c, get_task_class("demure"))
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(1))
+  inputs = jnp.asarray([[0, 0, 3, 4, 25, 26, 27, 28], [19, 20, 21, 22, 23, 24, 25, 26]], jnp.int32)
+  targets = jnp.concatenate([inputs[:, 1:], jnp.asarray([[29], [27]])], 1)
+  negs = jnp.full_like(inputs, 35)
+  table = task.item_table(params)
+  xt = task._apply(params, demure.DemureModel.modality_tokens, task._feats(inputs))
+
+  def total(z):
+    return task._rec_loss(params, z.sum(-2), inputs, targets, negs, table, train=False,
+                          rng=None)[1]
+  grad = jax.grad(total)
+  valid = np.asarray(inputs != 0)[..., None]
+  c1 = np.asarray(task.contributions(params, inputs, targets, negs)[0])
+  np.testing.assert_allclose(c1, -np.sum(np.asarray(grad(xt) * xt), -1) * valid, atol=1e-5)
+  c2 = np.asarray(task.contributions(params, inputs, targets, negs, path_steps=2)[0])
+  mid = (grad(0.25 * xt) + grad(0.75 * xt)) / 2
+  np.testing.assert_allclose(c2, -np.sum(np.asarray(mid * xt), -1) * valid, atol=1e-5)
+  assert np.abs(c2 - c1).max() > 1e-3  # the path average is not the local gradient
+  increase = float(total(jnp.zeros_like(xt)) - total(xt))
+  err = {k: abs(float(task.contributions(params, inputs, targets, negs, path_steps=k)[0].sum())
+                - increase) for k in (1, 8, 64)}
+  assert abs(increase) > 0.1 and err[64] < 0.01 * abs(increase)
+  assert err[64] < err[8] < err[1] and err[1] > 10 * err[64]
+  with pytest.raises(ValueError, match="contribution_path_steps"):
+    task.contributions(params, inputs, targets, negs, path_steps=-1)
+
+
 def _trained_params(c, workdir):
   from mmcl.train import checkpoint as ckpt_lib
   mesh, task = loop_lib.setup(c, get_task_class("demure"))
@@ -260,6 +293,18 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   loss1, m1 = task1.loss(params, batch, jax.random.PRNGKey(1), train=False)
   np.testing.assert_allclose(float(m1["rec_loss"]), float(metrics["rec_loss"]), rtol=1e-6)
   np.testing.assert_allclose(float(loss1), float(loss) + 0.5 * float(m1["cl_loss"]), rtol=1e-5)
+  # task.cl_stop_gradient: the same value; the InfoNCE's gradient through the denoised view
+  # (the gradient of L w.r.t. h_d) is gone, that through the noisy view stays.
+  c_sg = _config(text_seq_dir, **oracle_flags, **{"task.cl_weight": 0.5,
+                                                  "task.cl_stop_gradient": True})
+  _, task_sg = loop_lib.setup(c_sg, get_task_class("demure"))
+  loss_sg, m_sg = task_sg.loss(params, batch, jax.random.PRNGKey(1), train=False)
+  np.testing.assert_allclose(float(loss_sg), float(loss1), rtol=1e-6)
+  grads = [jax.grad(lambda p, t=t: t.loss(p, batch, jax.random.PRNGKey(1), train=False)[0])(
+      params) for t in (task0, task1, task_sg)]
+  flat = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)]) for g in grads]
+  cl_full, cl_sg = flat[1] - flat[0], flat[2] - flat[0]  # λ·∂InfoNCE/∂θ, both paths / noisy only
+  assert np.linalg.norm(cl_sg) > 1e-6 and np.linalg.norm(cl_full - cl_sg) > 1e-6
   # task.cl_positions = all: one pair per real position, the other rows' prefixes as negatives
   # and the same row's other prefixes left out; checked against a NumPy InfoNCE.
   all_positions = {**oracle_flags, "task.cl_weight": 0.5, "task.cl_positions": "all",
