@@ -158,17 +158,18 @@ def test_integrated_gradients_path_steps(text_seq_dir):
   def total(z):
     return task._rec_loss(params, z.sum(-2), inputs, targets, negs, table, train=False,
                           rng=None)[1]
-  grad = jax.grad(total)
+  grad, total = jax.jit(jax.grad(total)), jax.jit(total)
+  scores = jax.jit(lambda k: task.contributions(params, inputs, targets, negs, path_steps=k)[0],
+                   static_argnums=0)
   valid = np.asarray(inputs != 0)[..., None]
   c1 = np.asarray(task.contributions(params, inputs, targets, negs)[0])
   np.testing.assert_allclose(c1, -np.sum(np.asarray(grad(xt) * xt), -1) * valid, atol=1e-5)
-  c2 = np.asarray(task.contributions(params, inputs, targets, negs, path_steps=2)[0])
+  c2 = np.asarray(scores(2))
   mid = (grad(0.25 * xt) + grad(0.75 * xt)) / 2
   np.testing.assert_allclose(c2, -np.sum(np.asarray(mid * xt), -1) * valid, atol=1e-5)
   assert np.abs(c2 - c1).max() > 1e-3  # the path average is not the local gradient
   increase = float(total(jnp.zeros_like(xt)) - total(xt))
-  err = {k: abs(float(task.contributions(params, inputs, targets, negs, path_steps=k)[0].sum())
-                - increase) for k in (1, 8, 64)}
+  err = {k: abs(float(scores(k).sum()) - increase) for k in (1, 8, 64)}
   assert abs(increase) > 0.1 and err[64] < 0.01 * abs(increase)
   assert err[64] < err[8] < err[1] and err[1] > 10 * err[64]
   with pytest.raises(ValueError, match="contribution_path_steps"):
@@ -307,8 +308,9 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   _, task_sg = loop_lib.setup(c_sg, get_task_class("demure"))
   loss_sg, m_sg = task_sg.loss(params, batch, jax.random.PRNGKey(1), train=False)
   np.testing.assert_allclose(float(loss_sg), float(loss1), rtol=1e-6)
-  grads = [jax.grad(lambda p, t=t: t.loss(p, batch, jax.random.PRNGKey(1), train=False)[0])(
-      params) for t in (task0, task1, task_sg)]
+  grads = [jax.jit(jax.grad(lambda p, t=t: t.loss(p, batch, jax.random.PRNGKey(1),
+                                                   train=False)[0]))(params)
+           for t in (task0, task1, task_sg)]
   flat = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)]) for g in grads]
   cl_full, cl_sg = flat[1] - flat[0], flat[2] - flat[0]  # λ·∂InfoNCE/∂θ, both paths / noisy only
   assert np.linalg.norm(cl_sg) > 1e-6 and np.linalg.norm(cl_full - cl_sg) > 1e-6
