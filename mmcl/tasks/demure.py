@@ -16,9 +16,10 @@ Contribution (2): c_{t,m} = |⟨∂L_rec/∂x̃_t^m, x̃_t^m⟩| (`task.contribu
 dropout-free pass with the current parameters (no gradient flows through it), normalised per (user
 sequence, modality) by its mean |c| over the sequence's real positions (`task.score_normalisation`;
 design choice: modalities of different scale become comparable); in each sequence the lowest
-fraction ρ (`task.noise_fraction`) of its (t, m) pairs are flagged noise. `task.contribution_path_steps`
-= K > 1 averages the gradient over K points of the path from the empty sequence to the input
-(integrated gradients), which follows the token's effect where the encoder saturates.
+fraction ρ (`task.noise_fraction`) of its (t, m) pairs are flagged noise.
+`task.contribution_path_steps` = K > 1 averages the gradient over K points of the path from the
+empty sequence to the input (integrated gradients), which follows the token's effect where the
+encoder saturates.
 Extensions, all off by default: `task.score_pooling` = batch_item averages the scores of an item's
 occurrences in the batch; `task.item_scores` takes the flags from a per-(item, modality) table, the
 scores averaged over all training occurrences at a warm-up checkpoint (`item-scores` command

@@ -306,7 +306,7 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   c_sg = _config(text_seq_dir, **oracle_flags, **{"task.cl_weight": 0.5,
                                                   "task.cl_stop_gradient": True})
   _, task_sg = loop_lib.setup(c_sg, get_task_class("demure"))
-  loss_sg, m_sg = task_sg.loss(params, batch, jax.random.PRNGKey(1), train=False)
+  loss_sg, _ = task_sg.loss(params, batch, jax.random.PRNGKey(1), train=False)
   np.testing.assert_allclose(float(loss_sg), float(loss1), rtol=1e-6)
   grads = [jax.jit(jax.grad(lambda p, t=t: t.loss(p, batch, jax.random.PRNGKey(1),
                                                    train=False)[0]))(params)
