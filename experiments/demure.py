@@ -55,12 +55,12 @@ the global threshold is the oracle's −1) and paired SEs (`experiments/analysis
       the history, the candidates keep their own (the paper's premise: content that did not drive
       the interaction); add --set task.lexical_dim=8 so the lexical view no longer duplicates the
       text.
-The Demure configuration that is above its backbone on scientific D3 in the three-seed mean (not
-on ml-100k's standing design: level on R@10, below on NDCG@10; RESULTS.md, Demure, session 8; its
-denoised-history reading, `<split>_denoised/` in `mmcl eval`, is the one validation picks): the
-arm of the commands above with
+The Demure configuration that is at or above its backbone in the three-seed mean on scientific D3
+and on ml-100k's standing design (RESULTS.md, Demure, session 8; its denoised-history reading,
+`<split>_denoised/` in `mmcl eval`, is the one validation picks): the arm of the commands above with
   --set task.flag_scope=global --set task.noise_fraction=0.2 --set task.cl_weight=0.03 \
   --set task.cl_stop_gradient=True
+and, on ml-100k's rows of 50, --set task.cl_positions=all.
 """
 
 from mmcl.tasks import make_config
