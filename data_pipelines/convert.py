@@ -95,6 +95,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
   for flag in ("k-core", "cf-dim", "tag-dim"):
     p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int, default=None)
   p.add_argument("--min-rating", dest="min_rating", type=float, default=None)
+  p.add_argument("--allow-negative-ratings", dest="allow_negative_ratings", action="store_true",
+                 default=None, help="accept negative ratings (an error otherwise)")
   return p
 
 

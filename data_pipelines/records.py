@@ -89,6 +89,75 @@ AUDIO_MAGIC = {"wav": (b"RIFF", b"RIFX", b"RF64"), "flac": (b"fLaC",), "ogg": (b
 _LOG = logging.getLogger(__name__)
 
 
+# --- the skip ledger ------------------------------------------------------------------------------
+# With skip_bad_records, every skipped record is counted by (split, field) in a ledger folder named
+# by the environment variable below, one JSON file per process (grain worker processes inherit the
+# variable, so their skips are counted too). `skip_ledger` sets it; `read_skip_ledger` sums it.
+SKIP_LEDGER_ENV = "MMCL_SKIP_LEDGER"
+_ledger_lock = threading.Lock()
+_ledger_counts: dict[str, dict[str, int]] = {}  # this process's skips: folder -> split/field -> n
+
+
+def _count_skip(split: str, field: str) -> None:
+  folder = os.environ.get(SKIP_LEDGER_ENV)
+  if not folder:
+    return
+  with _ledger_lock:
+    key = f"{split}/{field}"
+    counts = _ledger_counts.setdefault(folder, {})
+    counts[key] = counts.get(key, 0) + 1
+    path = pathlib.Path(folder) / f"{os.uname().nodename}-{os.getpid()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(counts, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_skip_ledger(folder: str | os.PathLike) -> dict[str, int]:
+  """{"split/field": records skipped} summed over every process that wrote into `folder`."""
+  total: dict[str, int] = {}
+  for path in sorted(pathlib.Path(folder).glob("*.json")):
+    try:
+      counts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a file being replaced right now: its rename is atomic
+      continue
+    for key, n in counts.items():
+      total[key] = total.get(key, 0) + int(n)
+  return dict(sorted(total.items()))
+
+
+class skip_ledger:  # pylint: disable=invalid-name — used as a context manager
+  """`with skip_ledger(folder):` counts the skips of this process and its workers into `folder`."""
+
+  def __init__(self, folder: str | os.PathLike):
+    self.folder = str(pathlib.Path(folder).absolute())
+
+  def __enter__(self) -> "skip_ledger":
+    self._previous = os.environ.get(SKIP_LEDGER_ENV)
+    os.environ[SKIP_LEDGER_ENV] = self.folder
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is None:
+      os.environ.pop(SKIP_LEDGER_ENV, None)
+    else:
+      os.environ[SKIP_LEDGER_ENV] = self._previous
+
+  def counts(self) -> dict[str, int]:
+    return read_skip_ledger(self.folder)
+
+
+def skip_metrics(counts: Mapping[str, int]) -> dict[str, float]:
+  """Ledger counts as flat metrics: data/skipped (total) and data/skipped/<split>/<field>."""
+  out = {"data/skipped": float(sum(counts.values()))}
+  out.update({f"data/skipped/{k}": float(v) for k, v in counts.items()})
+  return out
+
+
+class MetadataError(ValueError):
+  """A dataset's metadata.json is malformed or of another format (the message names the file)."""
+
+
 class CorruptRecordError(ValueError):
   """A record that cannot be read or decoded; names the shard file, record and field."""
 
@@ -522,7 +591,7 @@ def load_metadata(data_dir: str | os.PathLike, *, build_hint: str = DEFAULT_BUIL
   Raises:
     FileNotFoundError: the directory or its metadata is missing (message names the path and
       how to build the dataset).
-    ValueError: the metadata is malformed or of an unsupported format version.
+    MetadataError (a ValueError): the metadata is malformed or of an unsupported format version.
   """
   data_dir = pathlib.Path(data_dir)
   hint = build_hint.format(path=data_dir)
@@ -536,36 +605,37 @@ def load_metadata(data_dir: str | os.PathLike, *, build_hint: str = DEFAULT_BUIL
   try:
     meta = json.loads(path.read_text(encoding="utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON ({e}); {hint}") from None
+    raise MetadataError(f"{path}: not valid JSON ({e}); {hint}") from None
   if not isinstance(meta, dict):
-    raise ValueError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    raise MetadataError(f"{path}: expected a JSON object, found {type(meta).__name__}")
   if meta.get("format") != FORMAT_NAME:
-    raise ValueError(f"{path}: key 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    raise MetadataError(f"{path}: key 'format' is {meta.get('format')!r}, "
+                        f"expected {FORMAT_NAME!r}")
   if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{path}: key 'format_version' is {meta.get('format_version')!r}, this "
-                     f"reader supports {FORMAT_VERSION}; {hint}")
+    raise MetadataError(f"{path}: key 'format_version' is {meta.get('format_version')!r}, this "
+                        f"reader supports {FORMAT_VERSION}; {hint}")
   for key in ("schema", "splits"):
     if key not in meta:
-      raise ValueError(f"{path}: missing key {key!r}")
+      raise MetadataError(f"{path}: missing key {key!r}")
   try:
     schema_from_json(meta["schema"])
   except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"{path}: key 'schema' is malformed: {e!r}") from None
+    raise MetadataError(f"{path}: key 'schema' is malformed: {e!r}") from None
   for split, info in meta["splits"].items():
     if isinstance(info, dict) and "schema" in info:
       try:
         schema_from_json(info["schema"])
       except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: key 'splits.{split}.schema' is malformed: {e!r}") from None
+        raise MetadataError(f"{path}: key 'splits.{split}.schema' is malformed: {e!r}") from None
   for split, info in meta["splits"].items():
     shards = info.get("shards") if isinstance(info, dict) else None
     if not isinstance(shards, list) or not all(isinstance(s, dict) and {"file", "num_records"}
                                                <= s.keys() for s in shards):
-      raise ValueError(f"{path}: splits.{split}.shards must be a list of "
-                       f"{{file, num_records, ...}} objects")
+      raise MetadataError(f"{path}: splits.{split}.shards must be a list of "
+                          f"{{file, num_records, ...}} objects")
     if sum(s["num_records"] for s in shards) != info.get("num_examples"):
-      raise ValueError(f"{path}: splits.{split}.num_examples={info.get('num_examples')} differs "
-                       f"from the sum of its shards' num_records")
+      raise MetadataError(f"{path}: splits.{split}.num_examples={info.get('num_examples')} differs "
+                          f"from the sum of its shards' num_records")
   return meta
 
 
@@ -719,6 +789,7 @@ class ArrayRecordSource:
       raise error
     with self._lock:
       self._num_skipped += 1
+    _count_skip(error.split, error.field)
     _LOG.warning("skipping bad record: %s", error)
 
   def _read_raw(self, shard: int, positions: list[int]) -> list[bytes | CorruptRecordError]:

@@ -9,7 +9,12 @@
   mmcl data  convert --format F --input PATH --output DIR [--split-by ...]   (see --help)
   mmcl features --tower FOLDER|WORKDIR[:NAME]|EXPORT[:NAME] --input DATASET|FILE --field NAME
                 --output PATH [--split S] [--dtype bfloat16] [--step N]
+  mmcl checkpoints WORKDIR                   (every checkpoint step: valid / corrupt / unverified)
   mmcl train --config F --help-config        (every key with its type, default and doc)
+
+Bad input (a config key, a file, a record, a corrupt checkpoint) is one line on stderr and exit code
+2; non-finite values (a diverged run, NaN embeddings) exit with 3. `mmcl --debug ...` (or
+MMCL_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -84,6 +89,18 @@ def cmd_export(args) -> int:
   return 0
 
 
+def cmd_checkpoints(args) -> int:
+  from mmcl.train.checkpoint import list_checkpoints
+  rows = list_checkpoints(args.workdir)
+  if not rows:
+    print(f"no checkpoints in {args.workdir}")
+    return 0
+  for r in rows:
+    why = f"  ({r['reason']})" if r["reason"] else ""
+    print(f"{str(r['step']):>8}  {r['status']:<11} {r['path']}{why}")
+  return 0
+
+
 def cmd_sweep(args) -> int:
   from mmcl.sweep import run_sweep
   run_sweep(args.config, args.workdir, grids=args.grid, overrides=args.set or [],
@@ -131,6 +148,8 @@ def cmd_features(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mmcl", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--debug", action="store_true",
+                 help="show the traceback of an error (also MMCL_DEBUG=1)")
   sub = p.add_subparsers(dest="command", required=True)
 
   t = sub.add_parser("train", help="train (or resume) a job in a workdir")
@@ -170,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="platforms the artifacts are lowered for")
   x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   x.set_defaults(fn=cmd_export)
+
+  k = sub.add_parser("checkpoints", help="list a workdir's checkpoint steps with their integrity "
+                                         "(valid / corrupt / unverified / quarantined)")
+  k.add_argument("workdir")
+  k.set_defaults(fn=cmd_checkpoints)
 
   s = sub.add_parser("sweep", help="train every combination of a grid; writes results.csv/.md")
   s.add_argument("--config", required=True)
@@ -224,20 +248,34 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "train" and not args.help_config and not args.workdir:
     raise SystemExit("mmcl train: --workdir is required")
   _configure_logging()
-  from data_pipelines.records import CorruptRecordError
-  from mmcl.config import ConfigError
+  debug = args.debug or os.environ.get("MMCL_DEBUG", "") not in ("", "0")
   try:
     return args.fn(args)
-  except (ConfigError, FileNotFoundError, CorruptRecordError) as e:
-    # Bad input: the message names the file / record / field / key; no traceback needed.
-    print(f"mmcl {args.command}: error: {e}", file=sys.stderr)
+  except Exception as e:
+    code = None if debug else _exit_code(e)
+    if code is None:
+      raise
+    # The message names the file / record / field / key / step; no traceback needed.
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"mmcl {args.command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _exit_code(e: BaseException) -> int | None:
+  """2 for bad input, 3 for non-finite values, None for anything else (a bug: traceback)."""
+  from data_pipelines.converters.common import ConversionError
+  from data_pipelines.records import CorruptRecordError, MetadataError
+  from mmcl.config import ConfigError
+  from mmcl.eval.finite import NonFiniteError
+  from mmcl.train.checkpoint import CorruptCheckpointError, NoUsableCheckpointError
+  from mmcl.train.loop import NonFiniteLossError
+  if isinstance(e, (NonFiniteLossError, NonFiniteError)):
+    return 3
+  if isinstance(e, (ConfigError, FileNotFoundError, FileExistsError, CorruptRecordError,
+                    MetadataError, ConversionError, CorruptCheckpointError,
+                    NoUsableCheckpointError)):
     return 2
-  except Exception as e:  # a training that stopped on a NaN says so without a traceback
-    from mmcl.train.loop import NonFiniteLossError
-    if isinstance(e, NonFiniteLossError):
-      print(f"mmcl {args.command}: error: {e}", file=sys.stderr)
-      return 3
-    raise
+  return None
 
 
 if __name__ == "__main__":

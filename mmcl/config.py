@@ -40,6 +40,7 @@ class _Key:
   type: tuple[type, ...]
   doc: str
   choices: tuple[Any, ...] | None = None
+  bounds: tuple[float | None, float | None] | None = None
 
 
 def _check_value(path: str, key: _Key, value: Any) -> Any:
@@ -57,6 +58,11 @@ def _check_value(path: str, key: _Key, value: Any) -> Any:
     raise ConfigError(f"config key '{path}' expects {names}, got {type(value).__name__} {value!r}")
   if key.choices is not None and value not in key.choices:
     raise ConfigError(f"config key '{path}' must be one of {list(key.choices)}, got {value!r}")
+  if key.bounds is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+    lo, hi = key.bounds
+    if (lo is not None and not value >= lo) or (hi is not None and not value <= hi):
+      want = (f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+      raise ConfigError(f"config key '{path}' must be {want}, got {value!r}")
   return value
 
 
@@ -71,7 +77,8 @@ class Config:
 
   # --- declaration -------------------------------------------------------------------------------
   def define(self, name: str, default: Any, doc: str, *, type: Any = None,
-             choices: tuple[Any, ...] | None = None) -> None:
+             choices: tuple[Any, ...] | None = None,
+             bounds: tuple[float | None, float | None] | None = None) -> None:
     """Declares key `name` with its default, doc string and type.
 
     Args:
@@ -80,6 +87,8 @@ class Config:
       doc: one line saying what the key does (shown by `mmcl train --help-config`).
       type: a type or tuple of types; pass e.g. `(int, type(None))` for an optional int.
       choices: allowed values, if the key is an enumeration.
+      bounds: (lower, upper) inclusive limits of a numeric key, None for an open side; a value
+        outside them (or NaN) is a ConfigError naming the key.
     """
     if not doc:
       raise ConfigError(f"config key '{self._child(name)}' is declared without a doc string")
@@ -90,7 +99,7 @@ class Config:
         raise ConfigError(f"config key '{self._child(name)}' has default None: give its type")
       type = tuple if isinstance(default, list) else default.__class__
     types = type if isinstance(type, tuple) else (type,)
-    key = _Key(value=None, type=types, doc=doc, choices=choices)
+    key = _Key(value=None, type=types, doc=doc, choices=choices, bounds=bounds)
     key.value = _check_value(self._child(name), key, default)
     self._keys[name] = key
 
@@ -208,7 +217,11 @@ class Config:
     lines = []
     for name, key in self._keys.items():
       names = "|".join(t.__name__ for t in key.type)
-      lines.append(f"{self._child(name)} = {key.value!r}  ({names}) — {key.doc}")
+      limits = "" if key.bounds is None else (
+          f", {'' if key.bounds[0] is None else f'>= {key.bounds[0]}'}"
+          f"{' and ' if None not in key.bounds else ''}"
+          f"{'' if key.bounds[1] is None else f'<= {key.bounds[1]}'}")
+      lines.append(f"{self._child(name)} = {key.value!r}  ({names}{limits}) — {key.doc}")
     for sec in self._sections.values():
       lines.append(f"[{sec._path}] {sec._doc}")
       lines.append(sec.describe())

@@ -295,8 +295,8 @@ def _workdir_tower(path: pathlib.Path, name: str | None, step: int | None,
 
   wd = TrainedWorkdir(path)
   try:
-    step = wd.resolve_step(step)
-    params = wd.restore_params(step)  # sharded by the workdir's own rules on wd.mesh
+    # sharded by the workdir's own rules on wd.mesh; the newest usable step when step is None
+    step, params = wd.restore_usable_params(step)
   finally:
     wd.close()
   task = wd.task

@@ -381,6 +381,7 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
     The `FeaturesResult`.
   """
   # Imported here, not at the top: reading precomputed features (data pipelines) must not need JAX.
+  from mmcl.eval.finite import require_finite
   from mmcl.feature_towers import load_feature_tower
 
   if chunk_size < 1 or batch_size < 1:
@@ -444,9 +445,13 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
     if stop_after_chunks is not None and chunks >= stop_after_chunks:
       return FeaturesResult({**settings, "rows_done": rows_done}, False, computed)
     end = min(rows_done + chunk_size, len(ids))
-    vectors[rows_done:end] = embedder.encode(
+    chunk = embedder.encode(
         records.load(rows_done, end), batch_size=batch_size,
         where=lambda i, start=rows_done: f"{input_dataset}: id {ids[start + i]!r}, field {field!r}")
+    # Nothing non-finite is written; the partial output stays resumable up to this chunk.
+    require_finite(chunk, f"--tower {tower}: embeddings of field {field!r}, rows "
+                          f"{rows_done}..{end - 1} (e.g. id {ids[rows_done]!r})")
+    vectors[rows_done:end] = chunk
     vectors.flush()
     computed += end - rows_done
     rows_done = end

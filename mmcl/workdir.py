@@ -63,8 +63,21 @@ class TrainedWorkdir:
     return step
 
   def restore_params(self, step: int) -> Any:
-    """The parameters of checkpoint `step`, sharded on this process's mesh."""
+    """The parameters of checkpoint `step`, sharded on this process's mesh.
+
+    Raises:
+      CorruptCheckpointError: the step fails verification or cannot be restored (one line).
+    """
     return self.ckpt.restore(step, self._abstract).params
+
+  def restore_usable_params(self, step: int | None = None) -> tuple[int, Any]:
+    """(step, parameters): of `step` when given (an error if it is corrupt), else of the newest
+    step that verifies and restores, each newer corrupt one logged as a warning and passed over."""
+    if step is not None:
+      return self.resolve_step(step), self.restore_params(self.resolve_step(step))
+    self.resolve_step(None)  # a clear error when there is no checkpoint at all
+    step, state, _ = self.ckpt.restore_newest(self._abstract)
+    return step, state.params
 
   def close(self) -> None:
     self.ckpt.close()

@@ -33,7 +33,7 @@ def _reviews(path: pathlib.Path):
       t = common.get_field(obj, "unixReviewTime", path, line_no)
       yield line_no, str(user), str(asin), common.parse_float(t, path, line_no, "unixReviewTime")
     return
-  with open(path, encoding="utf-8") as fp:
+  with common.open_text(path, "utf-8") as fp:
     for line_no, line in enumerate(fp, 1):
       cells = [c.strip() for c in line.rstrip("\r\n").split(",")]
       if not line.strip():
@@ -60,7 +60,7 @@ def _meta_text(obj: dict[str, Any]) -> str:
 
 def _metadata(path: pathlib.Path) -> dict[str, str]:
   out: dict[str, str] = {}
-  with open(path, encoding="utf-8") as fp:
+  with common.open_text(path, "utf-8") as fp:
     for line_no, line in enumerate(fp, 1):
       if not line.strip():
         continue

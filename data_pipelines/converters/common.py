@@ -40,6 +40,60 @@ class ConversionError(ValueError):
     super().__init__(f"{loc}: {reason}")
 
 
+class TextFile:
+  """A text file read line by line whose undecodable bytes are a ConversionError naming the file,
+  the line, the column and the encoding (instead of a UnicodeDecodeError naming nothing).
+
+  Use as `open()` in text mode: `with open_text(path, "utf-8") as fp: for line in fp: ...`;
+  `line_no` is the number of the line last read. Lines keep their end-of-line characters.
+  """
+
+  def __init__(self, path: PathLike, encoding: str = "utf-8"):
+    self.path, self.encoding, self.line_no = pathlib.Path(path), encoding, 0
+    self._fp = open(self.path, "rb")
+
+  def _decode(self, raw: bytes) -> str:
+    try:
+      return raw.decode(self.encoding)
+    except UnicodeDecodeError as e:
+      raise ConversionError(
+          self.path, self.line_no, None,
+          f"bytes {raw[e.start:e.end]!r} at column {e.start + 1} are not valid {self.encoding} "
+          f"(re-encode the file as {self.encoding}, or pass its encoding where the converter "
+          f"takes one)") from None
+
+  def readline(self) -> str:
+    raw = self._fp.readline()
+    if raw:
+      self.line_no += 1
+    return self._decode(raw)
+
+  def __iter__(self) -> Iterator[str]:
+    for raw in self._fp:
+      self.line_no += 1
+      yield self._decode(raw)
+
+  def close(self) -> None:
+    self._fp.close()
+
+  def __enter__(self) -> "TextFile":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def open_text(path: PathLike, encoding: str = "utf-8") -> TextFile:
+  """`open(path, encoding=encoding)` for reading, with decode errors naming file and line."""
+  return TextFile(path, encoding)
+
+
+def read_text(path: PathLike, encoding: str = "utf-8") -> str:
+  """The whole file as text; undecodable bytes are a ConversionError naming file and line."""
+  with open_text(path, encoding) as fp:
+    return "".join(fp)
+
+
 def require_file(path: PathLike, what: str) -> pathlib.Path:
   path = pathlib.Path(path)
   if not path.is_file():
@@ -57,7 +111,7 @@ def read_table(path: PathLike, *, delimiter: str | None = None,
   path = require_file(path, "a CSV file")
   if delimiter is None:
     delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
-  with open(path, newline="", encoding=encoding) as fp:
+  with open_text(path, encoding) as fp:
     reader = csv.reader(fp, delimiter=delimiter)
     try:
       header = next(reader)
@@ -76,7 +130,7 @@ def read_table(path: PathLike, *, delimiter: str | None = None,
 def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
   """(line number, object) of a JSON Lines file; errors name file and line."""
   path = require_file(path, "a JSON Lines file")
-  with open(path, encoding="utf-8") as fp:
+  with open_text(path, "utf-8") as fp:
     for line_no, line in enumerate(fp, 1):
       if not line.strip():
         continue

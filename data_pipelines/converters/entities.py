@@ -103,12 +103,12 @@ def read_npy(path: pathlib.Path) -> tuple[list[str], np.ndarray]:
     vec = np.load(npy, mmap_mode="r", allow_pickle=False)
   except ValueError as e:
     raise common.ConversionError(npy, None, None, f"not a NumPy array file ({e})") from None
-  ids = _check_ids(ids_path.read_text(encoding="utf-8").splitlines(), ids_path)
+  ids = _check_ids(common.read_text(ids_path).splitlines(), ids_path)
   if len(ids) != vec.shape[0]:
     raise common.ConversionError(ids_path, None, "id", f"{len(ids)} ids for {vec.shape[0]} "
                                                        f"rows in {npy}")
   if manifest_path.is_file():
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = json.loads(common.read_text(manifest_path))
     if str(manifest.get("format", "")).startswith("mmcl.embeddings"):
       for key, want in (("count", vec.shape[0]), ("dim", vec.shape[1] if vec.ndim == 2 else None)):
         if key in manifest and manifest[key] != want:

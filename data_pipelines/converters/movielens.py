@@ -2,7 +2,9 @@
 and optional `movies.dat` = `MovieID::Title::Genres` (genres `|`-separated). The ml-1m files are
 ISO-8859-1 encoded; `encoding` overrides.
 
-Every rating is an interaction (as in SASRec's ml-1m); `min_rating` keeps only ratings >= it.
+Every rating is an interaction (as in SASRec's ml-1m); `min_rating` keeps only ratings >= it. A
+negative rating is an error naming file and line (MovieLens ratings are 0.5–5 stars) unless
+`allow_negative_ratings` is set.
 Each user's items are sorted by timestamp (ties keep file order). With `movies.dat`, item indices
 follow its row order and item text is "Title. Genre, Genre"; a rating of a movie it does not list
 is an error (unknown item id). Without it, indices follow first appearance.
@@ -27,15 +29,15 @@ def _split(line: str, n: int, path: os.PathLike, line_no: int, what: str) -> lis
 
 
 def read(ratings: str | os.PathLike, movies: str | os.PathLike | None = None, *,
-         encoding: str = "latin-1", min_rating: float | None = None
-         ) -> interactions.InteractionData:
+         encoding: str = "latin-1", min_rating: float | None = None,
+         allow_negative_ratings: bool = False) -> interactions.InteractionData:
   ratings = common.require_file(ratings, "a MovieLens ratings.dat")
   vocab = interactions.ItemVocabulary()
   texts = None
   if movies is not None:
     movies = common.require_file(movies, "a MovieLens movies.dat")
     texts = []
-    with open(movies, encoding=encoding) as fp:
+    with common.open_text(movies, encoding) as fp:
       for line_no, line in enumerate(fp, 1):
         if not line.strip():
           continue
@@ -47,7 +49,7 @@ def read(ratings: str | os.PathLike, movies: str | os.PathLike | None = None, *,
         genre_text = ", ".join(g for g in genres.split("|") if g)
         texts.append(f"{title.strip()}. {genre_text}" if genre_text else title.strip())
   rows = []
-  with open(ratings, encoding=encoding) as fp:
+  with common.open_text(ratings, encoding) as fp:
     for line_no, line in enumerate(fp, 1):
       if not line.strip():
         continue
@@ -56,6 +58,10 @@ def read(ratings: str | os.PathLike, movies: str | os.PathLike | None = None, *,
       common.parse_int(user, ratings, line_no, "UserID")
       common.parse_int(movie, ratings, line_no, "MovieID")
       r = common.parse_float(rating, ratings, line_no, "Rating")
+      if r < 0 and not allow_negative_ratings:
+        raise common.ConversionError(ratings, line_no, "Rating",
+                                     f"negative rating {rating.strip()} (pass "
+                                     "--allow-negative-ratings if the scale has them)")
       t = common.parse_int(ts, ratings, line_no, "Timestamp")
       if min_rating is not None and r < min_rating:
         continue
@@ -76,7 +82,7 @@ def read(ratings: str | os.PathLike, movies: str | os.PathLike | None = None, *,
 
 def convert(input: str | os.PathLike, output: str | os.PathLike, *, split_by: str | None = None,
             num_shards: int = 4, encoding: str = "latin-1", min_rating: float | None = None,
-            **unused: Any) -> dict[str, Any]:
+            allow_negative_ratings: bool = False, **unused: Any) -> dict[str, Any]:
   """`--format movielens`: INPUT is the folder holding ratings.dat (movies.dat used when present)
   or the ratings.dat file itself."""
   common.parse_split_by(split_by, "leave-one-out")
@@ -86,9 +92,11 @@ def convert(input: str | os.PathLike, output: str | os.PathLike, *, split_by: st
   movies = movies if movies.is_file() else None
   source = {"converter": "movielens", "input": str(input), "num_shards": num_shards,
             "encoding": encoding, "min_rating": min_rating,
+            "allow_negative_ratings": allow_negative_ratings,
             "inputs": common.input_digest([ratings] + ([movies] if movies else []))}
   existing = common.existing_if_current(output, source)
   if existing is not None:
     return existing
-  data = read(ratings, movies, encoding=encoding, min_rating=min_rating)
+  data = read(ratings, movies, encoding=encoding, min_rating=min_rating,
+              allow_negative_ratings=allow_negative_ratings)
   return interactions.write_interactions(output, data, source=source, num_shards=num_shards)

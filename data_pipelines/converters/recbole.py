@@ -29,7 +29,7 @@ from data_pipelines.converters import interactions
 def read_atomic(path: str | os.PathLike) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
   """Header field names (types dropped) and (line number, cells) rows of an atomic file."""
   path = common.require_file(path, "a RecBole atomic file")
-  fp = open(path, encoding="utf-8")
+  fp = common.open_text(path, "utf-8")
   header_line = fp.readline().rstrip("\r\n")
   if not header_line:
     fp.close()
@@ -145,7 +145,7 @@ def convert_atomic(input: str | os.PathLike, output: str | os.PathLike, *,
 def _read_index(path: pathlib.Path) -> dict[int, str]:
   """`.item2index` / `.user2index` (no header): `id<TAB>index` → {index: id}."""
   out: dict[int, str] = {}
-  with open(path, encoding="utf-8") as fp:
+  with common.open_text(path, "utf-8") as fp:
     for line_no, line in enumerate(fp, 1):
       line = line.rstrip("\r\n")
       if not line:

@@ -29,7 +29,7 @@ def read(path: str | os.PathLike, attributes: str | os.PathLike | None = None
   path = common.require_file(path, "an S3-Rec one-line-per-user file")
   user_ids, seqs = [], []
   seen = set()
-  with open(path, encoding="utf-8") as fp:
+  with common.open_text(path, "utf-8") as fp:
     for line_no, line in enumerate(fp, 1):
       parts = line.split()
       if not parts:
@@ -55,7 +55,7 @@ def read(path: str | os.PathLike, attributes: str | os.PathLike | None = None
   if attributes is not None or attr_path.is_file():
     common.require_file(attr_path, "an item2attributes JSON file")
     try:
-      table = json.loads(attr_path.read_text(encoding="utf-8"))
+      table = json.loads(common.read_text(attr_path))
     except json.JSONDecodeError as e:
       raise common.ConversionError(attr_path, None, None, f"not valid JSON ({e})") from None
     if not isinstance(table, dict):

@@ -19,7 +19,7 @@ from data_pipelines.converters import interactions
 def read(path: str | os.PathLike) -> interactions.InteractionData:
   path = common.require_file(path, "a SASRec `user item` file")
   users: dict[str, list[int]] = {}
-  with open(path, encoding="utf-8") as fp:
+  with common.open_text(path, "utf-8") as fp:
     for line_no, line in enumerate(fp, 1):
       if not line.strip():
         continue

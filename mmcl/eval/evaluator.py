@@ -10,13 +10,16 @@ state (evaluated steps, best so far), so a restarted watcher never redoes a step
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
-
+from data_pipelines import records
+from mmcl.eval import finite as finite_lib
 from mmcl.eval import report as report_lib
 from mmcl.eval import watch as watch_lib
 from mmcl.eval.atomic import write_json_atomic
@@ -41,23 +44,41 @@ class Evaluator(TrainedWorkdir):
     super().__init__(workdir, overrides)
     self.eval_dir = self.workdir / ("eval" if tag is None else f"eval-{tag}")
 
-  def evaluate(self, step: int) -> dict[str, float]:
-    """Evaluates checkpoint `step`; the task writes its artefacts into eval/<step>/."""
-    params = self.restore_params(step)
+  def evaluate(self, step: int, params: Any = None) -> dict[str, float]:
+    """Evaluates checkpoint `step` (restored unless `params` are given); the task writes its
+    artefacts into eval/<step>/.
+
+    Raises:
+      CorruptCheckpointError: the step fails verification or cannot be restored.
+      NonFiniteError: its parameters, embeddings or scores are not finite (names the step).
+    """
+    if params is None:
+      params = self.restore_params(step)
     out = self.eval_dir / str(step)
-    out.mkdir(parents=True, exist_ok=True)
-    return {k: float(v) for k, v in self.task.evaluate(params, str(out)).items()}
+    skips = self.config.data.skip_bad_records
+    try:
+      finite_lib.require_finite_params(params)
+      out.mkdir(parents=True, exist_ok=True)
+      with tempfile.TemporaryDirectory(prefix="mmcl-skips-") as folder, (
+          records.skip_ledger(folder) if skips else contextlib.nullcontext()) as ledger:
+        metrics = {k: float(v) for k, v in self.task.evaluate(params, str(out)).items()}
+        if ledger is not None:  # records skipped by this evaluation, by split and field
+          metrics.update(records.skip_metrics(ledger.counts()))
+    except finite_lib.NonFiniteError as e:
+      raise finite_lib.NonFiniteError(f"checkpoint step {step}: {e}; not evaluated") from e
+    return metrics
 
   def evaluate_if_present(self, step: int) -> dict[str, float]:
     """`evaluate`, raising `watch.SkipStep` when the step's checkpoint vanished after it was listed
-    (the trainer's retention deleted it), which the watch loop then leaves out."""
+    (the trainer's retention deleted it) or is corrupt (logged as a warning); the watch loop then
+    leaves the step out."""
     try:
       return self.evaluate(step)
-    except Exception as e:
-      if step in self.finished_steps():
-        raise
-      log.warning("checkpoint step %d was deleted before it could be evaluated (%s); skipped",
-                  step, type(e).__name__)
+    except ckpt_lib.CorruptCheckpointError as e:
+      if step not in self.finished_steps():
+        log.warning("checkpoint step %d was deleted before it could be evaluated; skipped", step)
+      else:
+        log.warning("%s; skipped", e)
       raise watch_lib.SkipStep(step) from e
 
   def write_report(self, step: int, metrics: dict[str, float], *, history: dict | None = None,
@@ -123,8 +144,8 @@ def run_evaluator(workdir: str, *, step: int | None = None, watch: bool = False,
                            poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
                            stop_after_step=tc.total_steps, best_metric=ev.task.primary_metric,
                            best_mode="max", after_step=after_step)
-  step = ev.resolve_step(step)
-  metrics = ev.evaluate(step)
+  step, params = ev.restore_usable_params(step)
+  metrics = ev.evaluate(step, params)
   ev.write_report(step, metrics)
   _print_summary(step, metrics, ev.eval_dir / str(step))
   return metrics

@@ -625,11 +625,14 @@ def sampled_ranks(positive_scores: np.ndarray, negative_scores: np.ndarray, *,
   if positive_scores.ndim != 1 or negative_scores.shape[:1] != positive_scores.shape:
     raise ValueError(f"sampled_ranks: expected positive [U] and negatives [U, M], got "
                      f"{positive_scores.shape} and {negative_scores.shape}")
-  if ties == "pessimistic":
-    return (negative_scores >= positive_scores[:, None]).sum(1).astype(np.int64)
-  if ties == "optimistic":
-    return (negative_scores > positive_scores[:, None]).sum(1).astype(np.int64)
-  raise ValueError(f"sampled_ranks: ties must be 'pessimistic' or 'optimistic', got {ties!r}")
+  if ties not in ("pessimistic", "optimistic"):
+    raise ValueError(f"sampled_ranks: ties must be 'pessimistic' or 'optimistic', got {ties!r}")
+  # NaN ranks last: a NaN positive below every negative, a NaN negative below every real score.
+  negative_scores = np.where(np.isnan(negative_scores), -np.inf, negative_scores)
+  above = (negative_scores >= positive_scores[:, None] if ties == "pessimistic"
+           else negative_scores > positive_scores[:, None])
+  ranks = above.sum(1).astype(np.int64)
+  return np.where(np.isnan(positive_scores), negative_scores.shape[1], ranks)
 
 
 def sampled_negative_metrics(query_emb: np.ndarray, item_emb: np.ndarray, positives: np.ndarray,

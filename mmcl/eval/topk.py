@@ -18,7 +18,9 @@ With a `mesh`, the work is split over its "data" axis (`jax.shard_map`) in one o
 Both modes do the same FLOPs and return identical results (same tie-breaking), so the choice only
 moves memory: per device O(N·D + Q·D / S) for "queries", O(N·D / S + Q·D) for "corpus".
 
-Ordering, everywhere: decreasing score, ties broken by **lower corpus index first**. Scores are
+Ordering, everywhere: decreasing score, ties broken by **lower corpus index first**; a NaN score
+ranks last (as -inf): `positive_ranks` ranks a NaN positive below every item, and `exact_topk` never
+returns an item whose score is NaN (its slot stays empty, index -1). Scores are
 inner products accumulated in float32 at `Precision.HIGHEST` (no bf16/tf32 passes on
 accelerators), so the ranking is exact for the given embeddings.
 """
@@ -124,9 +126,14 @@ def _scan_chunks(step: Callable, init, corpus: jax.Array, extras: Sequence[jax.A
 
 
 def _scores(queries: jax.Array, rows: jax.Array) -> jax.Array:
-  """queries [Qc, D], rows [C, D] -> [Qc, C] float32 inner products at full precision."""
-  return jnp.einsum("qd,cd->qc", queries, rows, precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32)
+  """queries [Qc, D], rows [C, D] -> [Qc, C] float32 inner products at full precision.
+
+  NaN scores become -inf, so a NaN ranks last, never first (a comparison with NaN is always
+  false, which would otherwise put it above everything in `positive_ranks`).
+  """
+  s = jnp.einsum("qd,cd->qc", queries, rows, precision=jax.lax.Precision.HIGHEST,
+                 preferred_element_type=jnp.float32)
+  return jnp.where(jnp.isnan(s), -jnp.inf, s)
 
 
 def _over_query_blocks(block_fn: Callable, query_args: Sequence[jax.Array],

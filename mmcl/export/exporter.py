@@ -89,15 +89,20 @@ def _restore(workdir: pathlib.Path, step: int | None):
   """(config, task, step, params on this process's mesh) of a `mmcl train` workdir."""
   # Imported here: the export of a task module pulls in only what it needs.
   from mmcl.workdir import TrainedWorkdir
+  from mmcl.eval import finite as finite_lib
   wd = TrainedWorkdir(workdir)
-  step = wd.resolve_step(step)
-  params = wd.restore_params(step)
-  wd.close()
+  try:
+    step, params = wd.restore_usable_params(step)
+    finite_lib.require_finite_params(params, f"checkpoint step {step}: parameters")
+  finally:
+    wd.close()
   return wd.config, wd.task, step, params
 
 
 def _check_corpus(name: str, corpus: CorpusExport, towers: dict[str, dict]) -> np.ndarray:
+  from mmcl.eval import finite as finite_lib
   emb = np.asarray(corpus.embeddings, np.float32)
+  finite_lib.require_scorable({f"corpus {name!r} ({corpus.tower} tower)": emb})
   if corpus.tower not in towers:
     raise ValueError(f"export_corpus()[{name!r}]: tower {corpus.tower!r} is not among the "
                      f"exported towers {sorted(towers)}")

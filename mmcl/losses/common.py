@@ -119,15 +119,19 @@ def resolve_impl(impl: str, rows: int, cols: int, where: str) -> str:
   """Maps the user's `impl` to "dense", "tiled" or "fused" for an [rows, cols] logit block.
 
   "auto" is "dense" up to AUTO_TILED_MIN_LOGITS entries; above, "fused" (the Pallas kernels of
-  fused.py) on a GPU and "tiled" (plain XLA) on any other backend. An explicit "fused" off a GPU
-  runs the kernels in Pallas interpret mode: exact, but slow (meant for tests).
+  fused.py) on a GPU where they passed a one-time check on the device (`probe.fused_usable`:
+  they compile and agree with the tiled kernel), and "tiled" (plain XLA) otherwise. An explicit
+  "fused" off a GPU runs the kernels in Pallas interpret mode: exact, but slow (meant for tests).
   """
   if impl not in IMPLS:
     raise ValueError(f"{where}: impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
     if rows * cols <= AUTO_TILED_MIN_LOGITS:
       return "dense"
-    return "fused" if jax.default_backend() == "gpu" else "tiled"
+    if jax.default_backend() == "gpu":
+      from mmcl.losses import probe  # pylint: disable=g-import-not-at-top (probe uses infonce)
+      return "fused" if probe.fused_usable() else "tiled"
+    return "tiled"
   return impl
 
 

@@ -48,6 +48,7 @@ from data_pipelines import artists as data_lib
 from data_pipelines import records
 from mmcl.config import Config
 from mmcl.eval import artist_eval
+from mmcl.eval import finite as finite_lib
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models.mlp import MLP
 from mmcl.parallel import mesh as mesh_lib
@@ -175,8 +176,8 @@ class ArtistRetrievalTask(Task):
     t.define("coverage_ks", (10,), "cutoffs of catalogue coverage@k")
     t.define("bias_k", 10, "top-k lists over which modality bias is measured")
     t.define("baselines", True, "also evaluate the raw-embedding baselines")
-    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses)",
-             choices=("auto", "dense", "tiled"))
+    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses): auto, dense, tiled, "
+             "fused (Pallas kernels)", choices=("auto", "dense", "tiled", "fused"))
     t.define("positives", "self", "'self': each artist's own other modality is its positive "
              "(multimodal_infonce); 'neighbours': also its ground-truth similar artists among the "
              "training artists (multi-positive, dense loss)", choices=("self", "neighbours"))
@@ -390,6 +391,8 @@ class ArtistRetrievalTask(Task):
                        f"{cat['has_' + self.modalities[0]].shape[0]} rows, metadata {n}")
     avail = {m: cat[f"has_{m}"] for m in self.modalities}
     proj = self.embed_catalogue(params, cat)
+    finite_lib.require_scorable({f"{m} projector (catalogue rows with {m})": proj[m][avail[m]]
+                                 for m in self.modalities})
     # Mean of the available projected modalities, re-normalised.
     total = sum(proj[m] * avail[m][:, None] for m in self.modalities)
     fused = artist_eval.l2_normalize(total)

@@ -21,6 +21,7 @@ import numpy as np
 
 from data_pipelines import image_text as data_lib
 from mmcl.config import Config
+from mmcl.eval import finite as finite_lib
 from mmcl.eval import image_text as eval_lib
 from mmcl.eval import trec as trec_lib
 from mmcl.losses import sharded as sharded_losses
@@ -45,8 +46,8 @@ class ClipTask(Task):
   def declare_config(cls, c: Config) -> None:
     t = c.task
     t.define("loss", "infonce", "contrastive loss", choices=("infonce", "sigmoid"))
-    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses)",
-             choices=("auto", "dense", "tiled"))
+    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses): auto, dense, tiled, "
+             "fused (Pallas kernels)", choices=("auto", "dense", "tiled", "fused"))
     t.define("init_temperature", 0.07, "initial softmax temperature τ (logit scale s = 1/τ)")
     t.define("max_logit_scale", 100.0, "upper clip of the learnable logit scale s")
     t.define("init_logit_bias", -10.0, "initial bias β of the sigmoid loss")
@@ -171,7 +172,8 @@ class ClipTask(Task):
     bs = max(n_dev, c.task.eval_batch_size // n_dev * n_dev)
     imgs, txts, indices = [], [], []
     for batch in data_lib.eval_batches(self.data_dir, split=split, batch_size=bs,
-                                       max_text_len=c.data.max_text_len):
+                                       max_text_len=c.data.max_text_len,
+                                       skip_bad_records=c.data.skip_bad_records):
       valid = np.asarray(batch["valid"])
       x = jax.device_put(np.asarray(batch["image"]), sharding)
       y = jax.device_put(np.asarray(batch["text"]), sharding)
@@ -183,6 +185,8 @@ class ClipTask(Task):
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
     split = self.config.data.eval_split
     img, txt = self.embed_split(params, split)
+    finite_lib.require_scorable({f"image tower ({split} split)": img,
+                                 f"text tower ({split} split)": txt})
     metrics = eval_lib.image_text_retrieval_metrics(img, txt, ks=tuple(self.config.task.eval_ks),
                                                     mesh=self.mesh)
     metrics["num_pairs"] = float(img.shape[0])

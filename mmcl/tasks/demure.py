@@ -374,6 +374,8 @@ class DemureTask(Task):
              "(needs task.item_scores)", choices=("sequence", "global"))
     t.define("cl_weight", 0.1, "λ: weight of InfoNCE(h_denoised, h_noisy)")
     t.define("cl_temperature", 0.1, "τ of that InfoNCE")
+    t.define("loss_impl", "auto", "kernel of that InfoNCE (see mmcl.losses): auto, dense, tiled, "
+             "fused (Pallas kernels)", choices=("auto", "dense", "tiled", "fused"))
     t.define("cl_positions", "last",
              "where the two views are contrasted: last = the output at the most recent position "
              "(one pair per row; the paper's sequence representation); all = every real position "
@@ -702,12 +704,12 @@ class DemureTask(Task):
       cl = sharded_losses.infonce_over_mesh(
           _unit(h_d.reshape(b * length, d)), _unit(h_n.reshape(b * length, d)), self.mesh,
           logit_scale=1.0 / t.cl_temperature, a_valid=real, b_valid=real,
-          group_ids=jnp.repeat(jnp.arange(b, dtype=jnp.int32), length))
+          group_ids=jnp.repeat(jnp.arange(b, dtype=jnp.int32), length), impl=t.loss_impl)
     else:
       row_ok = inputs[:, -1] != 0
       cl = sharded_losses.infonce_over_mesh(
           _unit(h_d[:, -1]), _unit(h_n[:, -1]), self.mesh, logit_scale=1.0 / t.cl_temperature,
-          a_valid=row_ok, b_valid=row_ok)
+          a_valid=row_ok, b_valid=row_ok, impl=t.loss_impl)
     metrics["cl_loss"] = cl
     return rec + cl_weight * cl, metrics
 
@@ -915,7 +917,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {a.output}: {table.shape}, {int((table < 0).sum())} planted (item, modality) "
           "pairs")
     return
-  params = wd.restore_params(wd.resolve_step(a.step))
+  _, params = wd.restore_usable_params(a.step)
   if a.cmd == "score-auc":
     if not wd.config.task.plant_noise_modality:
       raise ValueError(f"{a.workdir}: task.plant_noise_modality is empty, nothing to detect")

@@ -59,6 +59,7 @@ import numpy as np
 
 from data_pipelines import products as data_lib
 from mmcl.config import Config, ConfigError
+from mmcl.eval import finite as finite_lib
 from mmcl.eval import metrics as metrics_lib
 from mmcl.eval import topk as topk_lib
 from mmcl.eval import trec as trec_lib
@@ -283,8 +284,8 @@ class GCLTask(Task):
     t.define("normalize_weights", True, "normalise the loss weights to mean 1 over the batch")
     t.define("mask_duplicates", True, "duplicate queries / documents inside a batch are not "
              "each other's negatives")
-    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses)",
-             choices=("auto", "dense", "tiled"))
+    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses): auto, dense, tiled, "
+             "fused (Pallas kernels)", choices=("auto", "dense", "tiled", "fused"))
     t.define("init_temperature", 0.07, "initial softmax temperature τ (logit scale s = 1/τ)")
     t.define("max_logit_scale", 100.0, "upper clip of the learnable logit scale s")
     t.define("eval_splits", data_lib.EVAL_SPLITS, "splits the evaluator scores")
@@ -571,6 +572,8 @@ class GCLTask(Task):
     chosen = sample_eval_queries(rel_sum, t.eval_queries, t.eval_seed)
     qrels = table.qrels(chosen, t.eval_top_k)
     q_emb, d_emb = self.embed_split(params, split, source, table)
+    finite_lib.require_scorable({f"query tower ({split} split)": q_emb[chosen],
+                                 f"document tower ({split} split)": d_emb})
     k = min(t.eval_top_k, d_emb.shape[0])
     scores, ranked = topk_lib.exact_topk(q_emb[chosen], d_emb, k, mesh=self.mesh)
     scores, ranked = np.asarray(scores), np.asarray(ranked)

@@ -43,6 +43,7 @@ from data_pipelines import audio_augment
 from data_pipelines import locks
 from data_pipelines import music_synth
 from mmcl.config import Config
+from mmcl.eval import finite as finite_lib
 from mmcl.eval import probes
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models.audio_cnn import AudioCNN, LogMelFrontend, audio_cnn_flops
@@ -71,8 +72,8 @@ class LOEVTask(Task):
     t.define("tracked", ("pitch", "stretch"), "tracked augmentations, one head each "
              f"(subset of {audio_augment.TRACKED})")
     t.define("temperature", 0.1, "SupCon temperature τ")
-    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses)",
-             choices=("auto", "dense", "tiled"))
+    t.define("loss_impl", "auto", "loss implementation (see mmcl.losses): auto, dense, tiled, "
+             "fused (Pallas kernels)", choices=("auto", "dense", "tiled", "fused"))
     t.define("eval_probe_train_fraction", 0.7, "share of the evaluation clips that train the "
              "probes (the rest test them)")
     t.define("eval_knn_k", 10, "neighbours of the kNN retrieval evaluation")
@@ -286,6 +287,8 @@ class LOEVTask(Task):
     t = self.config.task
     views = self.evaluation_views()
     emb = {v: self.embed(params, views[v]) for v in ("clean", "pitch", "stretch")}
+    finite_lib.require_scorable({f"{s} embedding ({v} clips)": x for v, spaces in emb.items()
+                                 for s, x in spaces.items()})
     n = len(views["key"])
     n_train = int(round(t.eval_probe_train_fraction * n))
     tr, te = np.arange(n_train), np.arange(n_train, n)

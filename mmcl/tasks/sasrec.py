@@ -27,6 +27,7 @@ from data_pipelines import records
 from data_pipelines import schemas
 from data_pipelines import sequences as seq_lib
 from mmcl.config import Config
+from mmcl.eval import finite as finite_lib
 from mmcl.eval import metrics as metrics_lib
 from mmcl.eval import topk as topk_lib
 from mmcl.models import seq_transformer
@@ -186,6 +187,8 @@ def next_item_metrics(query_emb: np.ndarray, item_emb: np.ndarray, targets: np.n
   if query_emb.ndim != 2 or item_emb.ndim != 2 or targets.shape != query_emb.shape[:1]:
     raise ValueError(f"next_item_metrics: expected query_emb [U, D], item_emb [N+1, D], targets "
                      f"[U]; got {query_emb.shape}, {item_emb.shape}, {targets.shape}")
+  finite_lib.require_scorable({f"user embeddings ({prefix})": query_emb,
+                               "item embeddings": item_emb[1:]})
   if case_mask is not None:
     idx = np.nonzero(case_mask)[0]
     query_emb, targets, seen = query_emb[idx], targets[idx], [seen[i] for i in idx]

@@ -20,16 +20,18 @@ def base_config() -> Config:
   c.section("model", "the task's towers (keys declared by the task)")
   d = c.section("data", "the task's data (keys declared by the task; these are common)")
   d.define("dir", "data/shapes", "dataset directory (ArrayRecord shards + metadata.json)")
-  d.define("global_batch_size", 256, "examples per optimizer step over all devices and hosts")
-  d.define("num_epochs", None, "epochs to stream; None = repeat forever", type=(int, type(None)))
-  d.define("worker_count", 0, "grain worker processes per host (0 = in-process)")
+  d.define("global_batch_size", 256, "examples per optimizer step over all devices and hosts",
+           bounds=(1, None))
+  d.define("num_epochs", None, "epochs to stream; None = repeat forever", type=(int, type(None)),
+           bounds=(1, None))
+  d.define("worker_count", 0, "grain worker processes per host (0 = in-process)", bounds=(0, None))
   d.define("skip_bad_records", False, "skip (and count) undecodable records instead of failing")
 
   tr = c.section("train", "the training loop")
-  tr.define("total_steps", 1000, "optimizer steps to run")
+  tr.define("total_steps", 1000, "optimizer steps to run", bounds=(1, None))
   tr.define("grad_accum_steps", 1,
             "split each global batch into this many micro-batches and sum their gradients "
-            "(each micro-batch sees only its own in-batch negatives)")
+            "(each micro-batch sees only its own in-batch negatives)", bounds=(1, None))
   tr.define("grad_cache", False,
             "with grad_accum_steps > 1: gradient caching (Gao et al. 2021) — embed every micro-batch "
             "without gradients, take the loss over the whole global batch, then backpropagate each "
@@ -37,19 +39,23 @@ def base_config() -> Config:
             "gradients at the memory of one micro-batch (needs Task.embed/loss_from_embeddings)")
   tr.define("compute_dtype", "float32", "dtype of activations and matmuls in the towers",
             choices=("float32", "bfloat16"))
-  tr.define("log_every", 10, "steps between metric log lines (JSONL, TensorBoard, progress bar)")
-  tr.define("checkpoint_every", 100, "steps between checkpoints (the final step is always saved)")
-  tr.define("keep_checkpoints", 3, "keep the newest N checkpoints")
-  tr.define("keep_best", 1, "also keep the best N checkpoints by train.best_metric (0 = off)")
+  tr.define("log_every", 10, "steps between metric log lines (JSONL, TensorBoard, progress bar)",
+            bounds=(1, None))
+  tr.define("checkpoint_every", 100, "steps between checkpoints (the final step is always saved)",
+            bounds=(1, None))
+  tr.define("keep_checkpoints", 3, "keep the newest N checkpoints", bounds=(1, None))
+  tr.define("keep_best", 1, "also keep the best N checkpoints by train.best_metric (0 = off)",
+            bounds=(0, None))
   tr.define("best_metric", "val/loss", "metric (computed at each checkpoint) ranking checkpoints")
   tr.define("best_mode", "min", "whether a smaller or larger best_metric is better",
             choices=("min", "max"))
   tr.define("val_batches", 4, "held-out batches evaluated at each checkpoint for best_metric "
-            "(0 = none, then only the newest checkpoints are kept)")
+            "(0 = none, then only the newest checkpoints are kept)", bounds=(0, None))
   tr.define("async_checkpointing", True, "write checkpoints in the background")
   tr.define("progress_bar", True, "print a progress line with ETA to stderr")
   tr.define("stop_after_steps", None, "stop early after this many steps of this invocation "
-            "(for tests of resume; the schedule still uses total_steps)", type=(int, type(None)))
+            "(for tests of resume; the schedule still uses total_steps)", type=(int, type(None)),
+            bounds=(1, None))
   tr.define("init_from", None, "fork: WORKDIR or WORKDIR:STEP of another run whose checkpoint "
             "(params, optimizer state, step, data iterator) this run starts from when its own "
             "workdir has none yet (warm-ups, ablations sharing a prefix); STEP defaults to that "
@@ -57,22 +63,22 @@ def base_config() -> Config:
 
   o = c.section("optim", "optimizer and learning-rate schedule (optax)")
   o.define("name", "adamw", "optimizer", choices=("adamw", "adam", "sgd", "lamb"))
-  o.define("lr", 1e-3, "peak learning rate")
+  o.define("lr", 1e-3, "peak learning rate", bounds=(0.0, None))
   o.define("weight_decay", 0.1, "decoupled weight decay (adamw/lamb); not applied to biases, norms, "
-           "embeddings' scale parameters")
-  o.define("b1", 0.9, "Adam beta1 / SGD momentum")
-  o.define("b2", 0.98, "Adam beta2")
-  o.define("eps", 1e-6, "Adam epsilon")
+           "embeddings' scale parameters", bounds=(0.0, None))
+  o.define("b1", 0.9, "Adam beta1 / SGD momentum", bounds=(0.0, 1.0))
+  o.define("b2", 0.98, "Adam beta2", bounds=(0.0, 1.0))
+  o.define("eps", 1e-6, "Adam epsilon", bounds=(0.0, None))
   o.define("schedule", "cosine", "learning-rate schedule after warm-up",
            choices=("cosine", "linear", "constant"))
-  o.define("warmup_steps", 100, "linear warm-up steps from 0 to lr")
-  o.define("end_lr_ratio", 0.0, "final lr as a fraction of lr (cosine/linear)")
+  o.define("warmup_steps", 100, "linear warm-up steps from 0 to lr", bounds=(0, None))
+  o.define("end_lr_ratio", 0.0, "final lr as a fraction of lr (cosine/linear)", bounds=(0.0, None))
   o.define("grad_clip_norm", 1.0, "clip gradients to this global norm (None = off)",
-           type=(float, type(None)))
+           type=(float, type(None)), bounds=(0.0, None))
 
   m = c.section("mesh", "device mesh and parameter sharding")
   m.define("data", -1, "size of the data axis (-1 = all devices / mesh.model)")
-  m.define("model", 1, "size of the model axis")
+  m.define("model", 1, "size of the model axis", bounds=(1, None))
   m.define("param_sharding", "replicate", "how parameters and optimizer state are sharded",
            choices=("replicate", "fsdp"))
 

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import pathlib
 import time
@@ -20,10 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmcl.config import Config
+from data_pipelines import records
+from mmcl.config import Config, ConfigError
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import sharding as sharding_lib
 from mmcl.train import checkpoint as ckpt_lib
+from mmcl.train import preflight
+from mmcl.train.config import base_config
 from mmcl.train.metric_log import MetricLogger
 from mmcl.train.optim import make_optimizer
 from mmcl.train.state import TrainState
@@ -35,6 +40,9 @@ log = logging.getLogger("mmcl.train")
 # Dense bf16 peak FLOP/s by device kind (datasheet), for MFU; other devices report no MFU.
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
               "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12}
+
+
+SKIP_LEDGER_DIR = "data_skips"  # per-process counts of skipped records (data.skip_bad_records)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,40 +122,126 @@ def fork_from(spec: str, abstract, shardings, data_iter) -> tuple[Any, int]:
   log.info("forking from %s at step %d", ckpt_lib.checkpoint_dir(src), step)
   try:
     state = source.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings), data_iter)
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"config key train.init_from = {spec!r}: the checkpoint at step {step} does "
-                     f"not match this run's model/optimizer state: {e}") from e
+  except ckpt_lib.CorruptCheckpointError as e:
+    raise ConfigError(f"config key train.init_from = {spec!r}: the checkpoint at step {step} cannot "
+                      f"be restored as this run's model/optimizer state ({e.reason})") from e
   finally:
     source.close()
   return state, step
 
 
-def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> dict[str, float]:
-  """Trains (or resumes) the job described by `config` in `workdir`; returns the last step's metrics."""
-  workdir = pathlib.Path(workdir)
-  mesh, task = setup(config, task_cls)
-  is_main = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)
-  if is_main:
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(config.to_json())
-    tmp.replace(workdir / "config.json")
+def _params_finite(tree) -> bool:
+  """Whether every floating-point leaf of `tree` is finite (one jitted reduction, one host read)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return True
+  return bool(_all_finite(leaves))
 
+
+@jax.jit
+def _all_finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _read_saved_config(path: pathlib.Path) -> dict | None:
+  if not path.is_file():
+    return None
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path}: not a readable config ({type(e).__name__}: {e}); restore it or "
+                      f"use a new workdir") from e
+
+
+def _resume(config: Config, task_cls: type[Task], workdir: pathlib.Path, ckpt, task, mesh,
+            abstract, shardings, data_iter) -> tuple[Any, int, dict]:
+  """Restores the newest usable checkpoint of `workdir` after checking `config` against it.
+
+  Corrupt newer steps are logged, passed over and moved aside into checkpoints_corrupt/ (never
+  deleted). Returns (state, step, {changed key: (old, new)}).
+  """
+  target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+  steps = ckpt.all_steps()
+  usable = [s for s in steps if ckpt.status(s).status != ckpt_lib.CORRUPT]
+  changes: dict = {}
+  saved = _read_saved_config(workdir / "config.json")
+  if saved is not None and usable:
+    def config_for(d):
+      c = base_config()
+      task_cls.declare_config(c)
+      c.update_from_dict(d)
+      return c
+
+    def abstract_for(c):
+      return build_state(c, task_cls(c, mesh), mesh)[1]
+    changes = preflight.check_resume(workdir, saved, config, ckpt.step_dir(usable[-1]), abstract,
+                                     config_for, abstract_for)
+  start, state, skipped = ckpt.restore_newest(target, data_iter, steps)
+  log.info("resuming from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
+  if skipped:
+    if jax.process_index() == 0:
+      for s in skipped:
+        log.warning("moved corrupt checkpoint step %d to %s", s.step,
+                    ckpt.quarantine(s.step, s.reason))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("mmcl_quarantine")
+    ckpt.manager.reload()
+  return state, start, changes
+
+
+def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> dict[str, float]:
+  """Trains (or resumes) the job described by `config` in `workdir`; returns the last step's metrics.
+
+  Everything that can be checked is checked before the workdir is written: the batch against the
+  mesh, and on resume the config against the saved one and the checkpoint's shapes; config.json is
+  replaced only after the restore succeeded.
+  """
+  workdir = pathlib.Path(workdir)
+  # With data.skip_bad_records, skips (of this process and its grain workers) are counted here.
+  ledger = records.skip_ledger(workdir / SKIP_LEDGER_DIR) if config.data.skip_bad_records else None
+  with ledger or contextlib.nullcontext():
+    return _train(config, workdir, task_cls, ledger)
+
+
+def _train(config: Config, workdir: pathlib.Path, task_cls: type[Task], ledger
+           ) -> dict[str, float]:
   tc = config.train
+  mesh, task = setup(config, task_cls)
+  preflight.check_batch(config, mesh)
+  is_main = jax.process_index() == 0
   state_fn, abstract, shardings, tx, schedule = build_state(config, task, mesh)
   data_iter = task.train_iterator(jax.process_index(), jax.process_count())
+  _read_saved_config(workdir / "config.json")  # an unreadable one stops before anything is written
+  workdir.mkdir(parents=True, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints, keep_best=tc.keep_best,
                                best_metric=tc.best_metric if tc.val_batches else None,
                                best_mode=tc.best_mode, async_save=tc.async_checkpointing)
-  start = ckpt.latest_step()
-  if start is not None:
-    log.info("resuming from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
-    state = ckpt.restore(start, ckpt_lib.abstract_with_shardings(abstract, shardings), data_iter)
-  elif tc.init_from:
-    state, start = fork_from(tc.init_from, abstract, shardings, data_iter)
-  else:
-    state, start = state_fn(), 0
+  try:
+    changes: dict = {}
+    if ckpt.all_steps():
+      state, start, changes = _resume(config, task_cls, workdir, ckpt, task, mesh, abstract,
+                                      shardings, data_iter)
+    elif tc.init_from:
+      state, start = fork_from(tc.init_from, abstract, shardings, data_iter)
+    else:
+      state, start = state_fn(), 0
+    if is_main:
+      tmp = workdir / "config.json.tmp"
+      tmp.write_text(config.to_json())
+      tmp.replace(workdir / "config.json")
+      preflight.record_changes(workdir, start, changes)
+  except BaseException:
+    ckpt.close()
+    raise
+  return _train_loop(config, workdir, task, mesh, ckpt, state, start, shardings, tx, schedule,
+                     data_iter, is_main, ledger)
 
+
+def _train_loop(config: Config, workdir: pathlib.Path, task: Task, mesh, ckpt, state, start: int,
+                shardings, tx, schedule, data_iter, is_main: bool, ledger) -> dict[str, float]:
+  """Runs steps start..total_steps with logging, validation and checkpoints."""
+  tc = config.train
   batch_sharding = mesh_lib.batch_sharding(mesh)
   grad_cache = (task.embed, task.loss_from_embeddings) if tc.grad_cache else None
   step_fn = jax.jit(make_train_step(task.loss, tx, schedule, grad_accum_steps=tc.grad_accum_steps,
@@ -167,6 +261,13 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
   t_last, steps_since = time.perf_counter(), 0
   pending = None
 
+  def last_good() -> str:
+    ckpt.wait()
+    good = ckpt.newest_usable_step()
+    where = ckpt_lib.checkpoint_dir(workdir)
+    return f"Last good checkpoint: step {good} in {where}" if good is not None else (
+        f"No good checkpoint in {where}")
+
   def check_finite(p):
     if p is None or not int(p[1]["nonfinite"]):
       return
@@ -177,8 +278,18 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
     raise NonFiniteLossError(
         f"non-finite loss or gradient at step {done} (loss={float(m['loss'])}, "
         f"grad_norm={float(m['grad_norm'])}){where}. The update was not applied; training "
-        f"stopped. Last good checkpoint: step {ckpt.latest_step()} in "
-        f"{ckpt_lib.checkpoint_dir(workdir)}")
+        f"stopped. {last_good()}")
+
+  def check_savable(done, val):
+    bad = sorted(k for k, v in val.items() if not math.isfinite(v))
+    params_ok = _params_finite((state.params, state.opt_state))
+    if not bad and params_ok:
+      return
+    what = ", ".join([f"{k}={val[k]}" for k in bad] + ([] if params_ok else
+                                                        ["parameters or optimizer state"]))
+    raise NonFiniteLossError(
+        f"non-finite values at step {done} ({what}); its checkpoint was not saved and training "
+        f"stopped. {last_good()}")
 
   try:
     for step in range(start, end):
@@ -210,6 +321,8 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
           last["examples_per_s"] = steps_since * config.data.global_batch_size / dt
         if flops and peak and steps_since:
           last["mfu"] = 3 * flops * last["examples_per_s"] / (peak * jax.device_count())
+        if ledger is not None:
+          last.update(records.skip_metrics(ledger.counts()))
         logger.write(done, last)
         t_last, steps_since = time.perf_counter(), 0
       if done % tc.checkpoint_every == 0 or done == end:
@@ -217,12 +330,15 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
         if val:
           logger.write(done, val)
           last.update(val)
+        check_savable(done, val)
         ckpt.save(done, state, data_iter, metrics=val or None)
         t_last, steps_since = time.perf_counter(), 0  # keep validation/saving out of throughput
     check_finite(pending)
   finally:
     ckpt.close()
     logger.close()
+  if ledger is not None:
+    last.update(records.skip_metrics(ledger.counts()))
   if is_main:
     (workdir / "train_summary.json").write_text(json.dumps({"step": end, **last}, indent=2))
   return last
