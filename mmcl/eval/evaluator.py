@@ -102,6 +102,8 @@ def _print_summary(step: int, metrics: dict[str, Any], report_dir: pathlib.Path)
     print(f"  {k:28s} {metrics[k]:.4f}")
   if "chance_recall@1" in metrics:
     print(f"  {'chance_recall@1':28s} {metrics['chance_recall@1']:.4f}")
+  for k in sorted(k for k in metrics if k.startswith("data/skipped")):
+    print(f"  {k:28s} {metrics[k]:.0f}")
   print(f"report: {report_dir / 'report.md'}")
 
 
