@@ -191,8 +191,11 @@ class Checkpointer:
       try:
         if step_dir.is_dir():
           seal_step(step_dir)
-      except OSError as e:  # deleted by retention meanwhile, or the disk failed
-        log.warning("could not seal checkpoint step %d: %s", step, _one_line(e))
+      except OSError as e:
+        if step_dir.is_dir():  # the disk failed; the step stays unverified
+          log.warning("could not seal checkpoint step %d: %s", step, _one_line(e))
+        else:  # retention deleted it meanwhile
+          log.debug("checkpoint step %d was deleted before it was sealed", step)
 
   def wait(self) -> None:
     """Waits for in-flight saves and their seals."""
