@@ -9,7 +9,23 @@
   report      metrics.json, plots and report.md
   watch       evaluate each finished checkpoint once, resumable
   atomic      atomic file writes
+  finite      the checks that keep non-finite values from becoming scores
+  evaluator   the evaluator process (`mmcl eval`)
 
-Submodules are imported explicitly (`from mmcl.eval import metrics`) so that importing one does
-not pull in JAX or matplotlib for the others.
+Submodules load on first use (`mmcl.eval.topk`, or `from mmcl.eval import metrics`), so that
+importing one does not pull in JAX or matplotlib for the others.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_SUBMODULES = ("artist_eval", "atomic", "evaluator", "finite", "image_text", "metrics", "probes",
+               "report", "retrieval", "topk", "trec", "watch")
+__all__ = list(_SUBMODULES)
+
+
+def __getattr__(name: str) -> Any:
+  if name in _SUBMODULES:
+    return importlib.import_module(f"mmcl.eval.{name}")
+  raise AttributeError(f"module 'mmcl.eval' has no attribute {name!r}")

@@ -1,6 +1,8 @@
 """Tasks (methods) by name, and configs assembled from the trainer's keys plus a task's keys.
 
-A new method is a module here with a `Task` subclass plus a line in `TASKS`; nothing else changes.
+`task.name` is a registered name (`TASKS`) or "package.module:Class", a `Task` subclass in any
+importable module: a method in a user's own package trains, evaluates and exports without editing
+mmcl (the evaluator and exporter import it the same way, so it must be importable there too).
 """
 
 from __future__ import annotations
@@ -25,10 +27,21 @@ TASKS: dict[str, str] = {
 
 
 def get_task_class(name: str) -> type[Task]:
-  if name not in TASKS:
-    raise ConfigError(f"config key 'task.name': unknown task {name!r}; known: {sorted(TASKS)}")
-  module, cls = TASKS[name].split(":")
-  return getattr(importlib.import_module(module), cls)
+  """The `Task` subclass a `task.name` names (a registered name or "package.module:Class")."""
+  if name not in TASKS and ":" not in name:
+    raise ConfigError(f"config key 'task.name': unknown task {name!r}; known: {sorted(TASKS)}, "
+                      "or 'package.module:Class' for a Task subclass of your own")
+  module_name, _, cls_name = TASKS.get(name, name).partition(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ConfigError(f"config key 'task.name' = {name!r}: cannot import module {module_name!r} "
+                      f"({e})") from e
+  cls = getattr(module, cls_name, None)
+  if not (isinstance(cls, type) and issubclass(cls, Task)):
+    raise ConfigError(f"config key 'task.name' = {name!r}: {module_name}.{cls_name} is not a "
+                      f"mmcl.train.task.Task subclass")
+  return cls
 
 
 def make_config(name: str) -> Config:

@@ -15,7 +15,8 @@ def base_config() -> Config:
   c.define("seed", 0, "PRNG seed for parameter init, dropout and the data order")
 
   t = c.section("task", "the method: how a batch becomes embeddings and a loss")
-  t.define("name", "clip", "task module registered in mmcl.tasks (e.g. clip)")
+  t.define("name", "clip", "the method: a name registered in mmcl.tasks (e.g. clip) or "
+           "'package.module:Class', a Task subclass in a package of your own")
 
   c.section("model", "the task's towers (keys declared by the task)")
   d = c.section("data", "the task's data (keys declared by the task; these are common)")
