@@ -74,7 +74,8 @@ class TrainedWorkdir:
     """(step, parameters): of `step` when given (an error if it is corrupt), else of the newest
     step that verifies and restores, each newer corrupt one logged as a warning and passed over."""
     if step is not None:
-      return self.resolve_step(step), self.restore_params(self.resolve_step(step))
+      step = self.resolve_step(step)
+      return step, self.restore_params(step)
     self.resolve_step(None)  # a clear error when there is no checkpoint at all
     step, state, _ = self.ckpt.restore_newest(self._abstract)
     return step, state.params

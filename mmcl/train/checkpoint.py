@@ -6,9 +6,10 @@ process has finished, so a crash or SIGKILL mid-save never leaves a step that re
 steps are never touched by a later failure. Retention: the newest `keep` steps plus the best `keep_best`
 by a metric passed at save time.
 
-Integrity: once a step is committed, a background thread of the writing process (process 0) seals it
-by writing `<step>/mmcl_integrity.json`, the size and SHA-256 of every file of the step. Sealing runs
-after the commit and off the training thread, so it adds nothing to the time a save blocks training.
+Integrity: once a step is committed, a background thread of the writing process (process 0) seals
+it by writing `<step>/mmcl_integrity.json`, the size and SHA-256 of every file of the step. Sealing
+runs after the commit and off the training thread, so it adds nothing to the time a save blocks
+training.
 Every restore verifies the seal first. A step is then
 
   valid       every sealed file is present with its size and digest;
@@ -120,7 +121,8 @@ def verify_step(step_dir: str | pathlib.Path) -> tuple[str, str]:
       return CORRUPT, f"{rel} is missing"
     size = p.stat().st_size
     if size != want["size"]:
-      return CORRUPT, f"{rel} has {size} bytes, {want['size']} when saved (truncated or overwritten)"
+      return CORRUPT, (f"{rel} has {size} bytes, {want['size']} when saved (truncated or "
+                       f"overwritten)")
     if _sha256(p) != want["sha256"]:
       return CORRUPT, f"{rel} changed since it was saved (SHA-256 mismatch)"
   return VALID, ""
@@ -153,6 +155,7 @@ class Checkpointer:
     self._seal_queue: queue.Queue[int | None] = queue.Queue()
     self._seal_thread: threading.Thread | None = None
     self._saves_done = threading.Event()
+    self._verified: dict[int, tuple[str, str]] = {}  # step -> verify_step(), computed once
 
   def _new_manager(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(self.directory, options=self._options,
@@ -213,8 +216,13 @@ class Checkpointer:
 
   # --- verification and restore ------------------------------------------------------------------
   def status(self, step: int) -> StepStatus:
-    status, reason = verify_step(self.step_dir(step))
-    return StepStatus(step, status, reason)
+    """The step's verification (hashed once per Checkpointer: committed steps do not change)."""
+    if step not in self._verified:
+      status, reason = verify_step(self.step_dir(step))
+      if status == UNVERIFIED:  # its seal may still be on its way: ask again next time
+        return StepStatus(step, status, reason)
+      self._verified[step] = (status, reason)
+    return StepStatus(step, *self._verified[step])
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
     """Verifies step `step`, then restores the state into the shardings of `abstract_state` (and
@@ -223,7 +231,7 @@ class Checkpointer:
     Raises:
       CorruptCheckpointError: the step fails verification, or orbax cannot restore it.
     """
-    status, reason = verify_step(self.step_dir(step))
+    _, status, reason = self.status(step)
     if status == CORRUPT:
       raise CorruptCheckpointError(step, reason, self.directory)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -286,6 +294,7 @@ class Checkpointer:
     while target.exists():
       target, n = target_root / f"{step}.{n}", n + 1
     os.replace(self.step_dir(step), target)
+    self._verified.pop(step, None)
     (target / QUARANTINE_NOTE).write_text(json.dumps(
         {"step": step, "reason": reason, "moved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     self.manager.reload()

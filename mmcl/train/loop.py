@@ -123,8 +123,8 @@ def fork_from(spec: str, abstract, shardings, data_iter) -> tuple[Any, int]:
   try:
     state = source.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings), data_iter)
   except ckpt_lib.CorruptCheckpointError as e:
-    raise ConfigError(f"config key train.init_from = {spec!r}: the checkpoint at step {step} cannot "
-                      f"be restored as this run's model/optimizer state ({e.reason})") from e
+    raise ConfigError(f"config key train.init_from = {spec!r}: the checkpoint at step {step} "
+                      f"cannot be restored as this run's model/optimizer state ({e.reason})") from e
   finally:
     source.close()
   return state, step
@@ -162,10 +162,10 @@ def _resume(config: Config, task_cls: type[Task], workdir: pathlib.Path, ckpt, t
   """
   target = ckpt_lib.abstract_with_shardings(abstract, shardings)
   steps = ckpt.all_steps()
-  usable = [s for s in steps if ckpt.status(s).status != ckpt_lib.CORRUPT]
+  usable = ckpt.newest_usable_step()  # verified once; the restore below reuses the result
   changes: dict = {}
   saved = _read_saved_config(workdir / "config.json")
-  if saved is not None and usable:
+  if saved is not None and usable is not None:
     def config_for(d):
       c = base_config()
       task_cls.declare_config(c)
@@ -174,7 +174,7 @@ def _resume(config: Config, task_cls: type[Task], workdir: pathlib.Path, ckpt, t
 
     def abstract_for(c):
       return build_state(c, task_cls(c, mesh), mesh)[1]
-    changes = preflight.check_resume(workdir, saved, config, ckpt.step_dir(usable[-1]), abstract,
+    changes = preflight.check_resume(workdir, saved, config, ckpt.step_dir(usable), abstract,
                                      config_for, abstract_for)
   start, state, skipped = ckpt.restore_newest(target, data_iter, steps)
   log.info("resuming from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)

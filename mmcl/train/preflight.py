@@ -128,7 +128,7 @@ def check_resume(workdir: pathlib.Path, saved_config: dict[str, Any], config: Co
     except Exception:  # noqa: BLE001 — a key that cannot even be tried alone is named too
       structural.append(f"{key}: {old!r} → {new!r}")
   diffs = "; ".join(spec_differences(saved, now))
-  keys = ", ".join(structural) or ", ".join(f"{k}: {o!r} → {n!r}" for k, (o, n) in changes.items())
+  keys = ", ".join(structural or [f"{k}: {o!r} → {n!r}" for k, (o, n) in changes.items()])
   raise ConfigError(
       f"{workdir}: the config changes the shapes of the saved train state ({diffs}), so the run "
       f"cannot resume from {step_dir.name}; changed key(s): {keys or 'none'}. Use a new workdir "

@@ -76,7 +76,8 @@ def test_evaluator_falls_back_to_the_previous_valid_step(workdir, caplog):
     metrics = evaluator_lib.run_evaluator(str(workdir))
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warnings) == 2
-  assert "checkpoint step 8" in warnings[0] and "using the previous checkpoint (step 6)" in warnings[0]
+  assert "checkpoint step 8" in warnings[0]
+  assert "using the previous checkpoint (step 6)" in warnings[0]
   assert "checkpoint step 6" in warnings[1] and "(step 4)" in warnings[1]
   assert json.loads((workdir / "eval/latest.json").read_text())["step"] == 4
   assert 0.0 < metrics["t2i/recall@10"] < 1.0

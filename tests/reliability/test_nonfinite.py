@@ -41,7 +41,8 @@ def test_exact_topk_puts_nan_last():
   scores, idx = topk.exact_topk(q, c, 5)
   # The NaN item is never retrieved: the last slot is empty (index -1, score -inf).
   np.testing.assert_array_equal(np.asarray(idx)[:, -1], -1)
-  assert np.isneginf(np.asarray(scores)[:, -1]).all() and np.isfinite(np.asarray(scores)[:, :-1]).all()
+  assert np.isneginf(np.asarray(scores)[:, -1]).all()
+  assert np.isfinite(np.asarray(scores)[:, :-1]).all()
   assert not (np.asarray(idx) == 0).any()
 
 
