@@ -30,7 +30,7 @@ Variants (`--config experiments/loev.py:VARIANT`):
             of a clip are positives and its transformed views explicit negatives of each other
             (docs/results/loev.md).
   wide      the trunk at twice the channels, (16, 32, 64, 128) instead of (8, 16, 32, 64): the
-            narrow trunk is sized for a shared 2-core CPU; with three heads on it, LOEV loses tempo
+            narrow trunk is sized for a 2-core CPU; with three heads on it, LOEV loses tempo
             against SimCLR in two seeds of three (docs/results/loev.md).
   lin       linear projection heads (model.head_hidden = 0) instead of one hidden layer of 512.
 Variants combine with an underscore: plusplus_long, simclr_long, long_v4, plusplus_long_v4,
