@@ -1,4 +1,4 @@
-"""Audio augmentations for LOEV (METHODS.md §2), on the host with numpy/scipy and librosa.
+"""Audio augmentations for LOEV (arXiv:2412.18955), on the host with numpy/scipy and librosa.
 
 A view of a clip = tracked ("variant") chain, then a crop to the output length, then the base
 chain. Every draw comes from `np.random.default_rng([seed, epoch, clip, view])`, so views are
@@ -36,7 +36,7 @@ RES_TYPES = ("soxr_hq", "soxr_vhq", "soxr_mq", "soxr_lq", "fft", "scipy")
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Probabilities and ranges of the augmentations (defaults: METHODS.md §2)."""
+  """Probabilities and ranges of the augmentations (defaults: LOEV's, see docs/results/loev.md)."""
   sample_rate: int = 16000
   out_samples: int = 32000
   chain_p: float = 0.75

@@ -1,4 +1,4 @@
-"""A procedural music dataset with exact key and tempo labels (for LOEV, METHODS.md §2).
+"""A procedural music dataset with exact key and tempo labels (for LOEV, arXiv:2412.18955).
 
 Clip i of a set is a pure function of (seed, i): no files. Each clip has
   * a key: tonic 0..11 (C..B) and mode (major / natural minor): label = tonic + 12·minor, the

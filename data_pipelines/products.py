@@ -1,4 +1,4 @@
-"""Product search with graded relevance (GCL, METHODS.md §4): a procedural set, the Marqo-GS split
+"""Product search with graded relevance (GCL, arXiv:2404.08535): a procedural set, the Marqo-GS split
 construction shared with the real fashion set, and the multi-field training batches.
 
 Every set here is a `query_document` dataset (`schemas.query_document_schema(with_images=True)`,

@@ -1,4 +1,5 @@
 """Cross-modal artist retrieval (Ferraro et al. 2023) on SAS ⋈ hetrec2011-lastfm-2k.
+Results, evidence and what was rejected: docs/results/artist_retrieval.md.
 
   python -m data_pipelines.artists --sas ../shared/data/artist-similarity-sas \
       --hetrec ../shared/data/hetrec2011-lastfm-2k --output data/artists --drop-fraction 0.2
@@ -12,15 +13,15 @@ writes eval/<step>/artist_retrieval.md with the baselines. Select settings with
 `--set task.eval_queries=validation`, never on the test queries.
 
 Variants (`--config experiments/artist_retrieval.py:VARIANT`):
-  (none)    the RESULTS.md run, chosen on the validation queries: the text projector has a fixed
+  (none)    the recommended run, chosen on the validation queries: the text projector has a fixed
             residual path (the biography embedding's top-128 principal directions on the training
             rows, weight SKIP_WEIGHT); 2,000 steps of batch 512, checkpoints every 500, evaluated
-            at SELECTED_STEP (`mmcl eval --step`), 3–8 minutes on a shared 2-core CPU.
+            at SELECTED_STEP (`mmcl eval --step`), 3–8 minutes on a loaded 2-core CPU.
   first     the first attempt (no residual path; evaluated at step 2,000).
   multipos  the default plus the multi-positive loss: ground-truth neighbours among the training
-            artists are positives too (weight 0.3; RESULTS.md validated it with skip weight 10);
-            add `--set data.single_modality_rows=true` to also train on the training artists that
-            have a single modality.
+            artists are positives too (weight 0.3; measured with skip weight 10, where it did not
+            help); add `--set data.single_modality_rows=true` to also train on the training
+            artists that have a single modality.
   tiny      a few steps of small projectors, for tests.
   d256      the 256-d shared space option.
 """

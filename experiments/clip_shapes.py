@@ -1,4 +1,5 @@
 """CLIP-style image–text dual encoder on the built-in procedural shapes dataset (the quickstart).
+Results, evidence and what was rejected: docs/results/clip.md.
 
   mmcl data build-shapes --output data/shapes
   mmcl train --config experiments/clip_shapes.py --workdir workdirs/clip_shapes

@@ -1,4 +1,5 @@
-"""GCL: graded-relevance, multi-field product search (METHODS.md §4; mmcl/tasks/gcl.py).
+"""GCL: graded-relevance, multi-field product search (arXiv:2404.08535; mmcl/tasks/gcl.py).
+Results, evidence and what was rejected: docs/results/gcl.md.
 
 Procedural product-search set (built-in, Marqo-GS schema; a few seconds to build):
 
@@ -11,6 +12,8 @@ Real product photos (../shared/data/fashion-product-images, see data_pipelines/f
   python -m data_pipelines.fashion_search --input ../shared/data/fashion-product-images \
       --output data/fashion_search
   mmcl train --config experiments/gcl.py:fashion --workdir workdirs/gcl_fashion
+  mmcl train --config experiments/gcl.py:fashion,minilm --workdir workdirs/gcl_fashion_minilm \
+      --set data.max_text_len=16        # the locked MiniLM text tower (docs/results/gcl.md)
 
 Marqo-GS-10M (or any file of its columns), converted by the marqo-gs converter:
 

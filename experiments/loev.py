@@ -1,4 +1,5 @@
 """LOEV / LOEV++ (Guinot et al. 2025) and the SimCLR baseline on the procedural music set.
+Results, evidence and what was rejected: docs/results/loev.md.
 
   mmcl train --config experiments/loev.py --workdir workdirs/loev            # LOEV
   mmcl train --config experiments/loev.py:plusplus --workdir workdirs/loevpp # LOEV++
@@ -20,24 +21,23 @@ Variants (`--config experiments/loev.py:VARIANT`):
             augmented views per training clip (`data.view_bank`: on the fly, the tracked chain
             costs about as much CPU as the training step, so the three runs of the comparison
             augment once and share the bank; 28 view pairs per clip), and checkpoints every 250
-            steps for equivariance curves. The item-7 results in RESULTS.md (LOEV, session 3)
-            come from these three runs: 0.62 s/step alone on a quiet 2-core CPU, about 70 min
-            for the three side by side.
+            steps for equivariance curves. 0.62 s/step alone on a quiet 2-core CPU, about 70 min
+            for the three runs of a comparison side by side.
   v4        4 views per clip and 16 clips per batch (the same 64 views per step as the default
             32 × 2): with two views per clip, a view that received augmentation k leaves its clip
             without positives in head k, so head k never sees a same-clip view as a negative and
             nothing pushes it to tell transformed from clean; with four, the untransformed views
             of a clip are positives and its transformed views explicit negatives of each other
-            (RESULTS.md, LOEV, session 4).
+            (docs/results/loev.md).
   wide      the trunk at twice the channels, (16, 32, 64, 128) instead of (8, 16, 32, 64): the
-            narrow trunk is sized for a shared 2-core CPU; with three heads on it, LOEV loses tempo
-            against SimCLR in two seeds of three (RESULTS.md, LOEV, sessions 5 and 6).
+            narrow trunk is sized for a 2-core CPU; with three heads on it, LOEV loses tempo
+            against SimCLR in two seeds of three (docs/results/loev.md).
   lin       linear projection heads (model.head_hidden = 0) instead of one hidden layer of 512.
 Variants combine with an underscore: plusplus_long, simclr_long, long_v4, plusplus_long_v4,
 long_v4_wide, plusplus_long_v4_lin, tiny_plusplus, tiny_simclr.
 
-The item-7 comparison (RESULTS.md, LOEV, session 6), each method against the baseline at the same
-trunk, views and seed, on the shared view bank:
+The recommended configurations (docs/results/loev.md), each method against the baseline at the
+same trunk, views and seed, on the shared view bank:
   LOEV      long_v4_wide           against simclr_long_v4_wide
   LOEV++    plusplus_long_v4_lin   against simclr_long_v4
   mmcl train --config experiments/loev.py:long_v4_wide --workdir workdirs/loev_wide --set seed=1
@@ -72,7 +72,7 @@ def get_config(arg: str | None = None):
   c.data.dir = "data/music_train"
   c.data.eval_dir = "data/music_eval"
   c.data.global_batch_size = 32
-  # Sized for a shared 2-core CPU (RESULTS.md); the trunk is configurable (model.channels, ...).
+  # Sized for a 2-core CPU (docs/results/loev.md); the trunk is configurable (model.channels, ...).
   c.model.channels = (8, 16, 32, 64)
 
   c.optim.name = "adam"

@@ -1,11 +1,22 @@
 """MMSRec (Song et al., arXiv:2304.13277): ID-free items, one fusion encoder for sequences and items,
 combinatorial contrastive pretraining and cloze fine-tuning with a full softmax over all items.
+Results, evidence and what was rejected: docs/results/mmsrec.md.
 
   (data/scientific and data/features/scientific_minilm.npy as in experiments/demure.py)
   mmcl train --config experiments/mmsrec.py:scientific_pretrain --workdir workdirs/mmsrec_sci_pre
   mmcl train --config experiments/mmsrec.py:scientific --workdir workdirs/mmsrec_sci \
       --set task.init_from=workdirs/mmsrec_sci_pre
   mmcl eval  --workdir workdirs/mmsrec_sci --step BEST   (best = highest val/recall@10 checkpoint)
+
+The CPU-size runs of docs/results/mmsrec.md (cloze from scratch; cold start):
+
+  mmcl train --config experiments/mmsrec.py:scientific_small --workdir workdirs/mmsrec_sci_small \
+      --set train.total_steps=786 --set train.checkpoint_every=131 --set train.val_batches=8
+  mmcl eval  --workdir workdirs/mmsrec_sci_small --step 786
+  mmcl train --config experiments/mmsrec.py:scientific_cold_small \
+      --workdir workdirs/mmsrec_sci_small_cold --set train.total_steps=262 \
+      --set train.checkpoint_every=131 --set train.val_batches=8
+  mmcl eval  --workdir workdirs/mmsrec_sci_small_cold --step 262
 
 Variants:
   scientific / scientific_pretrain   amazon-scientific-unisrec (UniSRec split), the paper's sizes

@@ -1,4 +1,5 @@
 """SASRec (Kang & McAuley, ICDM 2018) with the paper's hyper-parameters and protocol.
+Results, evidence and what was rejected: docs/results/sasrec.md.
 
   mmcl data convert --format sasrec --input ../shared/data/amazon-videogames-sasrec/Video.txt \
       --output data/games

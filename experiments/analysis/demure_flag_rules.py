@@ -1,4 +1,4 @@
-"""How precise Demure's flags would be under other rules for the same item-score table (issue 9).
+"""How precise Demure's flags would be under other rules for the same item-score table.
 
   .venv/bin/python experiments/analysis/demure_flag_rules.py --workdir workdirs/dm_base_sm \
       --table workdirs/dm_base_sm/item_scores_350.npy [--fractions 0.05 0.1 0.2]
@@ -7,14 +7,14 @@ Reads the run's config (planted items, data) and a per-(item, modality) table wr
 `python -m mmcl.tasks.demure item-scores`, and prints, as one JSON object, the precision (share of
 the flagged (position, modality) pairs of the training rows that are planted noise) and recall (share
 of the planted pairs that are flagged) of three rules at each fraction ρ:
-  sequence   the lowest ρ of each training row's real (t, m) pairs (METHODS.md §3; what the
+  sequence   the lowest ρ of each training row's real (t, m) pairs (the paper's rule; what the
              Demure runs use);
   global     one threshold over all the training rows' pairs: the lowest ρ of all of them, so a
              row without noise loses nothing;
   planted_modality_only  the global rule restricted to the planted modality (an oracle on the
              modality, not on the items: it shows what the table ranks within the noisy modality).
 No training: the rules only differ in which pairs they mask, so their precision bounds what the
-denoised view can gain (see RESULTS.md, Demure, for the oracle-flag runs).
+denoised view can gain (see docs/results/demure.md for the oracle-flag runs).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Paired comparison of Demure arms against their backbone on the same users (issue 9).
+"""Paired comparison of Demure arms against their backbone on the same users.
 
   .venv/bin/python experiments/analysis/demure_paired.py --base workdirs/dm_sci_base \
       workdirs/dm_sci_oracle workdirs/dm_sci_cl0:denoised [--splits valid test] [--boot 2000]

@@ -1,4 +1,4 @@
-"""Paired comparisons of LOEV / LOEV++ / SimCLR evaluations (issue 8, item 7), with standard errors.
+"""Paired comparisons of LOEV / LOEV++ / SimCLR evaluations: the three LOEV claims, with standard errors.
 
   .venv/bin/python experiments/analysis/loev_compare.py --loev W1 --plusplus W2 --simclr W3 [--step S]
       [--simclr-plusplus W4]
@@ -8,7 +8,7 @@ at LOEV++'s trunk when the two methods are compared at different trunks).
 
 Reads `<workdir>/eval/<step>/loev_eval_items.npz` (written by `mmcl eval`; every run is evaluated
 on the same held-out clips in the same order, so differences are paired) and prints, as one JSON
-object, each item-7 claim's difference and its bootstrap standard error (1,000 resamples of the
+object, each LOEV claim's difference and its bootstrap standard error (1,000 resamples of the
 test clips / queries, the same resamples for both terms of a difference):
   * head k vs invariant head on the equivariance probe (R², per tracked augmentation; linear, and
     where the evaluation has them, "claim1_cf" / "claim1_rbf_cf": the linear and RBF kernel ridge
@@ -94,8 +94,8 @@ def compare(loev: str, plusplus: str, simclr: str, step: int | None,
         out[f"{tag}/loev++/{aug}: head/{aug} - head/invariant"] = _diff(
             _r2(it["loev++"], aug, f"head/{aug}", probe),
             _r2(it["loev++"], aug, "head/invariant", probe), n_eq)
-  # claim2: the 70/30 split's probes; claim2_cf: cross-fitted over all clips (evaluations from
-  # session 5 on), about half the standard error.
+  # claim2: the 70/30 split's probes; claim2_cf: cross-fitted over all clips (evaluations that
+  # have the cross-fitted probes), about half the standard error.
   probe_keys = {"claim2": ("probe/key_correct", "probe/tempo_target", "probe/tempo_pred"),
                 "claim2_cf": ("probe_cf/key/whole/correct", "probe_cf/tempo/target",
                               "probe_cf/tempo/whole/pred")}

@@ -11,7 +11,7 @@ seed 0: `mmcl.tasks.mmsrec.cold_items(4385, 0.1, 0)`, 438 items).
                     held-out item; and the popularity baseline (counts in the training parts of the
                     cold split, so held-out items have count 0). Writes WORKDIR/cold_eval_STEP.json.
 
-Run from the repository root (RESULTS.md, MMSRec, cold start):
+Run from the repository root (docs/results/mmsrec.md, cold start):
   python experiments/analysis/mmsrec_cold.py prep
   mmcl data convert --format sasrec --input workdirs/mmsrec_tools/scientific_cold.txt \
       --output data/scientific_cold

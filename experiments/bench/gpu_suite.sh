@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues #4 (fused loss) and #11 (CLIP step vs open_clip) in one device
-# call, results as JSON under $OUT. Run `bash experiments/bench/gpu_wheels.sh` here first, then
-# through the device tool (carry [".whl"], timeout 600):
+# Every GPU measurement (the fused loss kernels; the CLIP step against open_clip's) in one command,
+# results as JSON under $OUT. Run `bash experiments/bench/gpu_wheels.sh` on a machine with network
+# access first, copy the repository with its `.whl/` folder to the GPU machine, then there:
 #   bash experiments/bench/gpu_suite.sh [STAGE ...]     # stages: tests loss clip openclip fed accum profile
 # Each stage writes $OUT/<stage>.json (or .log) and a failing stage does not stop the others.
 set -uo pipefail

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Downloads, here, the wheels the lent GPU machine lacks for the benchmarks in gpu_suite.sh
-# (its image has jax/flax/optax/orbax/chex/torch/torchvision/timm but not these), into .whl/,
-# which git ignores and the device tool carries (`carry: [".whl"]`). Pure-Python or manylinux
-# cp312 wheels: the device runs Python 3.12 on x86-64. (soundfile: data_pipelines.audio, imported
+# Downloads, on a machine with network access, the wheels an offline GPU machine lacks for the
+# benchmarks in gpu_suite.sh (an image with jax/flax/optax/orbax/chex/torch/torchvision/timm but
+# not these), into .whl/, which git ignores; copy it to the GPU machine with the repository.
+# Pure-Python or manylinux cp312 wheels: the GPU machine runs Python 3.12 on x86-64. (soundfile: data_pipelines.audio, imported
 # by the grain pipelines.)
 #   bash experiments/bench/gpu_wheels.sh
 set -euo pipefail

@@ -12,11 +12,11 @@ matmuls only, backward = 2× forward), so the two MFU columns are comparable: Vi
 a 77-token text tower ≈ 41 GFLOPs forward per pair. MFU is against the datasheet dense bf16 peak
 (H100/H200 SXM: 989 TFLOP/s) and, beside it, against a bf16 matmul peak measured in the same run.
 
-On the lent GPU (its image has torch, torchvision, timm, huggingface_hub, regex; not open_clip,
-ftfy, wcwidth): `bash experiments/bench/gpu_wheels.sh` here, then through the device tool
-`bash experiments/bench/gpu_suite.sh openclip clip` (carry .whl), which runs
+On a GPU machine whose image has torch, torchvision, timm, huggingface_hub, regex but not
+open_clip, ftfy, wcwidth: `bash experiments/bench/gpu_wheels.sh` where there is network access,
+then on the GPU machine `bash experiments/bench/gpu_suite.sh openclip clip` (with `.whl/`), which runs
   python3 experiments/bench/open_clip_step.py --batch 256 [--compile] --json $OUT/....json
-beside `train_step.py --preset vit-b16 --batch 256` in the same lease.
+beside `train_step.py --preset vit-b16 --batch 256` on the same machine.
 On the CPU, at toy size (checks the script, says nothing about speed; needs a torchvision that
 imports beside the installed torch — the PyPI wheel is a CUDA build):
   python experiments/bench/open_clip_step.py --preset tiny --batch 8 --steps 2 --warmup 1 \

@@ -1,6 +1,6 @@
 """Similar-artist retrieval with missing modalities: rankings, metrics, buckets, modality bias.
 
-Protocol (Ferraro et al. 2023, METHODS.md §1, adapted to the SAS ground truth): each query artist
+Protocol (Ferraro et al. 2023, arXiv:2308.06556, adapted to the SAS ground truth): each query artist
 ranks every other catalogue artist by cosine similarity of their embeddings; the relevant items
 are its ground-truth similar artists (binary). A query that has no embedding under a system (e.g.
 a single-modality baseline for an artist lacking that modality) retrieves nothing, so it scores 0

@@ -1,6 +1,6 @@
 """Probes on frozen features (numpy + scipy): ridge regression, RBF kernel ridge regression (a
 nonlinear probe), multinomial logistic regression, R², and kNN retrieval with transformed labels
-(LOEV's evaluation, METHODS.md §2).
+(LOEV's evaluation, Guinot et al., arXiv:2412.18955).
 
 Regularisation strengths are chosen by k-fold cross-validation on the probe's training rows only,
 never on its test rows. Features are standardised with the training rows' statistics.

@@ -28,7 +28,7 @@ def multimodal_infonce(embeddings: Mapping[str, jax.Array],
     c_mn = [|V_mn| ≥ 2]                                        (|V_mn| over the global batch)
     L = Σ_mn c_mn L_mn / Σ_mn c_mn                              (0 when no pair contributes)
 
-  (Ferraro et al. 2023, METHODS.md §1: an absent modality is never zero-filled into the loss.)
+  (Ferraro et al. 2023, arXiv:2308.06556: an absent modality is never zero-filled into the loss.)
 
   Args:
     embeddings: modality name → [B, D] float, all of one shape and dtype (projected, normalised).

@@ -21,7 +21,7 @@ def supcon(z: jax.Array, *, logit_scale: jax.Array | float, clip_ids: jax.Array,
     ℓ_i = (1 / max(1, |P_i|)) Σ_j P_ij · −log( exp(s_ij) / Σ_{m ≠ i} exp(s_im) )
     L = mean_i ℓ_i
 
-  (METHODS.md §2; LOEV head k passes exclude = "augmentation k was applied", head 0 passes none.)
+  (LOEV, arXiv:2412.18955: head k passes exclude = "augmentation k was applied"; head 0, none.)
   An anchor without positives contributes 0 but still counts in the mean. Views with valid = false
   take no part at all (not anchors, not in any denominator, not counted). When no view is valid the
   loss is 0 with zero gradients. `z` is used as given: L2-normalise it first for cosine similarity.

@@ -1,4 +1,4 @@
-"""Audio encoder for LOEV (METHODS.md §2): a librosa-compatible log-mel front end and a small CNN
+"""Audio encoder for LOEV (arXiv:2412.18955): a librosa-compatible log-mel front end and a small CNN
 trunk whose last stage can be replicated into parallel branches (LOEV++).
 
 Front end (`LogMelFrontend`), the definition of `librosa.feature.melspectrogram` followed by

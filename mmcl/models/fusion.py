@@ -1,4 +1,4 @@
-"""MMSRec's fusion encoder (Song et al., arXiv:2304.13277, METHODS.md §5), shared by the sequence
+"""MMSRec's fusion encoder (Song et al., arXiv:2304.13277), shared by the sequence
 tower and the item tower.
 
 For a sequence of L positions with M modalities each:

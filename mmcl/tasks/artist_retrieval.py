@@ -1,4 +1,4 @@
-"""Cross-modal artist retrieval with missing modalities (Ferraro et al. 2023, METHODS.md §1).
+"""Cross-modal artist retrieval with missing modalities (Ferraro et al. 2023, arXiv:2308.06556).
 
 Data: an artist dataset from `data_pipelines.artists` (SAS ⋈ hetrec: `cf`, `tags`, `text` with
 availability bits; splits train / validation / catalogue, ground truth in the metadata).
@@ -9,7 +9,7 @@ the encoders are frozen (the inputs are precomputed embeddings), so only the pro
 Loss: for every modality pair (m, n), symmetric InfoNCE between g_m(e^m) and g_n(e^n) over the
 rows with both modalities, negatives the whole global batch, τ = 0.1; a pair with < 2 valid rows
 contributes nothing; the mean over contributing pairs (`mmcl.losses.multimodal_infonce`).
-Options (METHODS.md §1's design choice and the remedies for a small modality; all off by default):
+Options (the paper's multi-positive option, remedies for a small modality; all off by default):
   * `task.positives="neighbours"`: the multi-positive loss (`multi_positive_infonce`). For each
     pair (m, n), anchor row i (has m) has as positives its own n vector (weight 1) and the n
     vectors of its ground-truth similar artists in the batch (weight `task.neighbour_weight`),
@@ -26,7 +26,7 @@ Options (METHODS.md §1's design choice and the remedies for a small modality; a
   * `model.modality_dropout` ("text=0.5"): per-modality dropout; `task.modality_l2`
     ("text=1e-4"): coefficient·Σ‖kernel‖² of that projector added to the loss.
   * earlier stopping: checkpoints every `train.checkpoint_every`, evaluated on the validation
-    queries (`task.eval_queries=validation`), pick the step (see RESULTS.md).
+    queries (`task.eval_queries=validation`), pick the step (see docs/results/artist_retrieval.md).
 Artist embedding: mean of the available projected modalities, re-normalised; cross-modal retrieval
 (query modality m, corpus modality n) uses g_m and g_n directly.
 Evaluation (`evaluate`): the test (or validation) queries rank the whole catalogue; the trained
@@ -187,7 +187,7 @@ class ArtistRetrievalTask(Task):
              "projector is added to the loss")
 
     m = c.model
-    m.define("embed_dim", 128, "dimension D of the shared space (METHODS.md: 128, option 256)")
+    m.define("embed_dim", 128, "dimension D of the shared space (the paper: 128, option 256)")
     m.define("hidden_dim", 512, "hidden width of each projector")
     m.define("dropout", 0.3, "dropout after the projector's hidden ReLU")
     m.define("layer_norm", "output", "projector LayerNorm placement (see mmcl.models.mlp)",

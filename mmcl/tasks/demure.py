@@ -1,6 +1,6 @@
 """Demure: denoising multi-modal sequential recommendation (Yao et al., arXiv:2305.01915).
 
-No public code exists; this is our reading of the paper (METHODS.md §3), every piece a config key.
+No public code exists; this is our reading of arXiv:2305.01915, every piece a config key.
 Items are represented by frozen modality features x^m (`task.modalities`):
   text     sentence embeddings of the item text by the pretrained text tower (all-MiniLM-L6-v2,
            precomputed with `mmcl features`, path in `data.text_features`); when that path is
@@ -368,7 +368,7 @@ class DemureTask(Task):
              "'' = the paper)")
     t.define("noise_fraction", 0.2, "ρ: lowest-contribution fraction of (t, m) pairs flagged noise")
     t.define("flag_scope", "sequence",
-             "sequence = the lowest ρ of each row's real (t, m) pairs (METHODS.md §3); global = "
+             "sequence = the lowest ρ of each row's real (t, m) pairs (the paper's rule); global = "
              "one threshold, the ρ-quantile of the table's scores over all the training rows' "
              "real pairs, so a row without noise loses nothing and a short row is not spared "
              "(needs task.item_scores)", choices=("sequence", "global"))

@@ -1,4 +1,4 @@
-"""GCL — Generalized Contrastive Learning (Zhu, Jung, Clark, arXiv:2404.08535; METHODS.md §4).
+"""GCL — Generalized Contrastive Learning (Zhu, Jung, Clark, arXiv:2404.08535).
 
 Retrieval and ranking trained on (query, document, score) triples with graded relevance.
 
@@ -100,7 +100,7 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 def fuse_fields(embeddings: jax.Array, present: jax.Array, weights: jax.Array
                 ) -> tuple[jax.Array, jax.Array]:
-  """Multi-field fusion with missing fields (METHODS.md §4).
+  """Multi-field fusion with missing fields (GCL, arXiv:2404.08535).
 
   Args:
     embeddings: [F, B, D] float, one embedding per field and row (normalised here).

@@ -1,5 +1,5 @@
 """LOEV / LOEV++ — Leave-One-EquiVariant contrastive music representations (Guinot et al. 2025,
-METHODS.md §2), and the SimCLR-style all-invariant baseline.
+arXiv:2412.18955), and the SimCLR-style all-invariant baseline.
 
 Batch: audio [B, V, S] float32 (V views of each clip, `data_pipelines.music_synth.train_iterator`),
 applied [B, V, K] bool (tracked augmentation k applied to the view: pitch shift, time stretch),

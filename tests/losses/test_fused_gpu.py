@@ -1,4 +1,4 @@
-"""GPU checks of impl="fused" (issue 4, item 2): the compiled Triton kernels against float32 dense.
+"""GPU checks of impl="fused": the compiled Triton kernels against float32 dense.
 
 Skipped off a GPU: test_fused.py checks the same kernels on CPU in Pallas interpret mode (exact
 parity with the dense kernel) and their Triton lowering. Here, on fresh random unit embeddings

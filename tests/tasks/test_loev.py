@@ -82,7 +82,7 @@ def test_variants_heads_and_branches(tmp_path):
   for bad in ("plusplus_simclr", "long_wide_wide", "long_v4_narrow"):
     with pytest.raises(ValueError, match="unknown variant"):
       _config(bad)
-  # The item-7 configurations (RESULTS.md, LOEV, session 6): LOEV on the wider trunk, LOEV++ with
+  # The recommended configurations (docs/results/loev.md): LOEV on the wider trunk, LOEV++ with
   # linear heads, both with four views per clip; the flags change only what they name.
   wide = _config("long_v4_wide")
   narrow = _config("long_v4")
