@@ -24,6 +24,8 @@ from mmcl.config import Config
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import sharding as sharding_lib
 from mmcl.train import checkpoint as ckpt_lib
+from mmcl.train import finished as finished_lib
+from mmcl.train import preemption
 from mmcl.train.metric_log import MetricLogger
 from mmcl.train.optim import make_optimizer
 from mmcl.train.state import TrainState
@@ -126,9 +128,11 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
   """Trains (or resumes) the job described by `config` in `workdir`; returns the last step's metrics."""
   workdir = pathlib.Path(workdir)
   mesh, task = setup(config, task_cls)
+  preempt = preemption.PreemptionGuard()  # SIGTERM from here on: stop at an agreed step, saved
   is_main = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
   if is_main:
+    finished_lib.clear(workdir)
     tmp = workdir / "config.json.tmp"
     tmp.write_text(config.to_json())
     tmp.replace(workdir / "config.json")
@@ -219,10 +223,17 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
           last.update(val)
         ckpt.save(done, state, data_iter, metrics=val or None)
         t_last, steps_since = time.perf_counter(), 0  # keep validation/saving out of throughput
+      if done != end and preempt.reached(done):
+        check_finite(pending)
+        if done % tc.checkpoint_every:
+          ckpt.save(done, state, data_iter)
+        raise preemption.Preempted(done, str(ckpt_lib.checkpoint_dir(workdir)))
     check_finite(pending)
   finally:
     ckpt.close()
     logger.close()
+    preempt.close()
   if is_main:
     (workdir / "train_summary.json").write_text(json.dumps({"step": end, **last}, indent=2))
+    finished_lib.mark(workdir, step=end, checkpoint=ckpt.latest_step(), total_steps=tc.total_steps)
   return last
