@@ -30,7 +30,11 @@ def _configure_logging() -> None:
 
 def _load_config(spec: str, overrides: list[str]):
   from mmcl.config import load_config_file
-  config = load_config_file(spec)
+  if spec.endswith(".json"):  # a resolved config: a workdir's config.json, a launch script's copy
+    from mmcl.launch.common import load_config_json
+    config = load_config_json(spec)
+  else:
+    config = load_config_file(spec)
   for o in overrides or []:
     config.override(o)
   return config
@@ -43,7 +47,12 @@ def cmd_train(args) -> int:
     return 0
   from mmcl.tasks import get_task_class
   from mmcl.train.loop import train
-  train(config, args.workdir, get_task_class(config.task.name))
+  from mmcl.train.preemption import EXIT_CODE, Preempted
+  try:
+    train(config, args.workdir, get_task_class(config.task.name))
+  except Preempted as e:
+    print(f"mmcl train: {e}", file=sys.stderr)
+    return EXIT_CODE
   return 0
 
 
