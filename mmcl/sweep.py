@@ -145,12 +145,13 @@ def _run_element(config_spec: str, element: dict[str, Any], evaluate: bool,
   sets = [a for o in element["overrides"] for a in ("--set", o)]
   with open(log_path, "a") as log:
     r = subprocess.run([sys.executable, "-m", "mmcl.cli", "train", "--config", config_spec,
-                        "--workdir", element["workdir"], *sets], stdout=log, stderr=subprocess.STDOUT)
+                        "--workdir", element["workdir"], *sets],
+                       stdout=log, stderr=subprocess.STDOUT)
     if r.returncode != 0:
       return f"train failed ({r.returncode})"
     if evaluate:
-      r = subprocess.run([sys.executable, "-m", "mmcl.cli", "eval", "--workdir", element["workdir"]],
-                         stdout=log, stderr=subprocess.STDOUT)
+      r = subprocess.run([sys.executable, "-m", "mmcl.cli", "eval", "--workdir",
+                          element["workdir"]], stdout=log, stderr=subprocess.STDOUT)
       if r.returncode != 0:
         return f"eval failed ({r.returncode})"
   return "ok"
@@ -250,7 +251,8 @@ def collect(root: str | os.PathLike) -> list[dict[str, Any]]:
   for point, elements in points.items():
     done = [e["metrics"] for e in elements if e["metrics"] is not None]
     failed = [e for e in elements if e["metrics"] is None]
-    row: dict[str, Any] = {"run": point, **dict(a.split("=", 1) for a in elements[0]["assignments"])}
+    row: dict[str, Any] = {"run": point,
+                           **dict(a.split("=", 1) for a in elements[0]["assignments"])}
     row["status"] = "ok" if not failed else f"{len(failed)} of {len(elements)} not finished"
     row["seeds"] = len(done)
     names: list[str] = []

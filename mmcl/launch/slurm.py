@@ -1,13 +1,15 @@
-"""SLURM: self-contained sbatch scripts for training, the evaluator and sweeps, and their submission.
+"""SLURM: self-contained sbatch scripts for training, the evaluator and sweeps; their submission.
 
 Every script is written into the run's workdir (`WORKDIR/slurm/*.sbatch`) before it is submitted and
-holds everything the job needs: the resources, the working directory, the environment variables that
-decide where the code is and how JAX runs (`common.captured_env`), the resolved config (training) and
-the exact commands; `sbatch` on the file alone reruns it. Logs go to `WORKDIR/logs/`.
+holds everything the job needs: the resources, the working directory, the environment variables
+that decide where the code is and how JAX runs (`common.captured_env`), the resolved config
+(training) and the exact commands; `sbatch` on the file alone reruns it. Logs go to
+`WORKDIR/logs/`.
 
 Inside a job, `srun` starts the same `mmcl train` in every task; JAX reads the process count and
 ranks from SLURM, and the script points it at the first node of the job by the address SLURM knows
-it by (its NodeAddr), on the port JAX itself derives from the job id, so node names need not resolve.
+it by (its NodeAddr), on the port JAX itself derives from the job id, so node names need not
+resolve.
 
 Preemption and time limits: the training script asks SLURM for SIGTERM to the batch shell
 `signal_seconds` before the time limit (`--signal=B:TERM@S`) and is requeueable (`--requeue`). The
@@ -68,7 +70,8 @@ class Resources:
   def validate(self) -> None:
     for name in ("nodes", "tasks_per_node"):
       if getattr(self, name) < 1:
-        raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, "
+                          f"got {getattr(self, name)}")
     if self.gpus_per_node < 0:
       raise ConfigError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
     if self.gpus_per_node and self.gpus_per_node % self.tasks_per_node:
@@ -79,7 +82,8 @@ class Resources:
       raise ConfigError(f"--signal-seconds must be >= 0, got {self.signal_seconds}")
     for a in self.sbatch_args:
       if not a.startswith("-"):
-        raise ConfigError(f"--sbatch-arg {a!r} is not an sbatch option (e.g. --sbatch-arg=--exclusive)")
+        raise ConfigError(f"--sbatch-arg {a!r} is not an sbatch option "
+                          "(e.g. --sbatch-arg=--exclusive)")
 
   @property
   def gpus_per_task(self) -> int:
@@ -108,18 +112,19 @@ def _header(*, job_name: str, output: pathlib.Path, res: Resources, chdir: str, 
 def _prelude(res: Resources, chdir: str, dirs: Sequence[pathlib.Path]) -> list[str]:
   lines = ["set -uo pipefail", f"cd {quote([chdir])}"]
   if res.env:
-    lines.append("# The environment of `mmcl launch` that decides where the code is and how JAX runs:")
+    lines.append("# From the environment of `mmcl launch`: where the code is, how JAX runs.")
     lines += [f"export {k}={quote([v])}" for k, v in res.env.items()]
   lines += list(res.setup)
   lines.append(f"mkdir -p {quote(dirs)}")
   lines += [
-      "# JAX reads the process count and ranks from srun. Its coordinator is the job's first node,",
-      "# named by the address SLURM has for it (node names need not resolve), on the port JAX itself",
-      "# derives from the job id.",
+      "# JAX reads the process count and ranks from srun. Its coordinator is the job's first",
+      "# node, named by the address SLURM has for it (node names need not resolve), on the port",
+      "# JAX itself derives from the job id.",
       'first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
       "first_addr=$(scontrol show node \"$first_node\" 2>/dev/null"
       " | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')",
-      'export JAX_COORDINATOR_ADDRESS="${first_addr:-$first_node}:$((61440 + SLURM_JOB_ID % 4096))"',
+      'export JAX_COORDINATOR_ADDRESS="${first_addr:-$first_node}:'
+      '$((61440 + SLURM_JOB_ID % 4096))"',
   ]
   return lines
 
@@ -186,9 +191,10 @@ def train_script(*, workdir: pathlib.Path, config_json: str, res: Resources, chd
   lines += _stamp(invocation)
   lines += _prelude(res, chdir, [sdir, logs])
   lines += ["# The resolved config of this run (--config file and every --set applied).",
-            f"cat > {quote([cfg])} <<'MMCL_CONFIG_EOF'", config_json.rstrip("\n"), "MMCL_CONFIG_EOF",
-            'echo "mmcl: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
-            ' ${SLURM_NTASKS:-1} task(s)"']
+            f"cat > {quote([cfg])} <<'MMCL_CONFIG_EOF'", config_json.rstrip("\n"),
+            "MMCL_CONFIG_EOF",
+            'echo "mmcl: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on '
+            '$SLURM_JOB_NODELIST, ${SLURM_NTASKS:-1} task(s)"']
   lines += _run_forwarding_sigterm(
       _srun(res, python_command("train", "--config", str(cfg), "--workdir", str(workdir))))
   lines += _requeue_on_preemption()
@@ -230,7 +236,8 @@ def array_script(*, root: pathlib.Path, elements: Sequence[dict], indices: Seque
   for e in elements:
     sets = [a for o in e["overrides"] for a in ("--set", o)]
     lines.append(f"  {e['index']}) workdir={quote([e['workdir']])}; sets=({quote(sets)}) ;;")
-  lines += ['  *) echo "mmcl: this sweep has no element $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac",
+  lines += ['  *) echo "mmcl: this sweep has no element $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;',
+            "esac",
             'echo "mmcl: element $SLURM_ARRAY_TASK_ID (job $SLURM_JOB_ID, restart '
             '${SLURM_RESTART_COUNT:-0}): $workdir"']
   lines += _run_forwarding_sigterm(

@@ -23,7 +23,8 @@ def launch_run(config_spec: str, workdir: str, *, overrides: Sequence[str],
   The evaluator job starts once the training job has started (`--dependency=after:`), watches the
   workdir and ends after evaluating the final checkpoint; training never waits for it.
 
-  Returns {"train": {"script", "job", "log"}, "eval": {...} or None}; job ids are None for a dry run.
+  Returns {"train": {"script", "job", "log"}, "eval": {...} or None}; job ids are None for a dry
+  run.
   """
   res.validate()
   if eval_gpus < 0:

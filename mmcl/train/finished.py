@@ -1,4 +1,4 @@
-"""The `FINISHED` marker: a training run says, in its workdir, that it has ended and nothing follows.
+"""The `FINISHED` marker: a training run says in its workdir that it has ended, nothing follows.
 
 `mmcl train` removes `WORKDIR/FINISHED` when it starts and writes it, atomically, after its final
 checkpoint has been committed:
@@ -37,8 +37,9 @@ def mark(workdir: str | os.PathLike, *, step: int, checkpoint: int | None,
   """Writes the marker atomically (temporary file, then rename)."""
   path = marker_path(workdir)
   tmp = path.with_name(f".{MARKER}.tmp")
-  tmp.write_text(json.dumps({"step": int(step), "checkpoint": checkpoint,
-                             "total_steps": int(total_steps), "time": time.time()}, indent=2) + "\n")
+  record = {"step": int(step), "checkpoint": checkpoint, "total_steps": int(total_steps),
+            "time": time.time()}
+  tmp.write_text(json.dumps(record, indent=2) + "\n")
   os.replace(tmp, path)
   return path
 
