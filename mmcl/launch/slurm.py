@@ -34,7 +34,6 @@ from collections.abc import Mapping, Sequence
 
 from mmcl.config import ConfigError
 from mmcl.launch.common import quote
-from mmcl.train.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 
 
 class SubmitError(RuntimeError):
@@ -156,8 +155,9 @@ def _run_forwarding_sigterm(srun_line: str) -> list[str]:
 
 
 def _requeue_on_preemption(rc_var: str = "rc") -> list[str]:
+  from mmcl.train.preemption import EXIT_CODE  # imports jax: only when a script is written
   return [
-      f'if [ "${rc_var}" -eq {PREEMPTED_EXIT_CODE} ]; then',
+      f'if [ "${rc_var}" -eq {EXIT_CODE} ]; then',
       '  echo "mmcl: training stopped on SIGTERM after committing a checkpoint; requeueing job '
       '$SLURM_JOB_ID (it resumes from that checkpoint)"',
       '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
