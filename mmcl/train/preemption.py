@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import weakref
 
 import jax
 import numpy as np
@@ -48,18 +49,17 @@ class PreemptionGuard:
 
   def __init__(self):
     self._flag = False
-    self._previous = None
+    self._restore = None
     # jax.distributed.initialize starts the preemption sync manager when this option is on.
     self._sync_manager = (jax.distributed.is_initialized()
                           and bool(jax.config.jax_enable_preemption_service))
     self._allreduce = jax.process_count() > 1 and not self._sync_manager
     if not self._sync_manager and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-
-  def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
-    if not self._flag:
-      log.warning("SIGTERM: stopping after the step in flight, with a checkpoint")
-    self._flag = True
+      # The handler holds the guard weakly, and the previous handler comes back when the guard is
+      # closed or garbage-collected (e.g. train() raised before its `finally`).
+      ref = weakref.ref(self)
+      previous = signal.signal(signal.SIGTERM, lambda signum, frame: _on_signal(ref))
+      self._restore = weakref.finalize(self, _restore_handler, previous)
 
   def reached(self, step: int) -> bool:
     """True when every process stops after `step` (call with every step, on every process)."""
@@ -77,6 +77,21 @@ class PreemptionGuard:
 
   def close(self) -> None:
     """Restores the SIGTERM handler that was installed before."""
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    if self._restore is not None:
+      self._restore()
+
+
+def _on_signal(ref) -> None:
+  guard = ref()
+  if guard is None:
+    return
+  if not guard._flag:  # pylint: disable=protected-access
+    log.warning("SIGTERM: stopping after the step in flight, with a checkpoint")
+  guard._flag = True  # pylint: disable=protected-access
+
+
+def _restore_handler(previous) -> None:
+  try:
+    signal.signal(signal.SIGTERM, previous)
+  except ValueError:  # not in the main thread: leave it
+    pass
