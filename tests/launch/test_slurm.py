@@ -122,15 +122,11 @@ def _submit_all(sigterm_reference):
     out: dict = {"root": str(root), "sets": ref["sets"]}
     sets = ref["sets"]
     launch = ["launch", "--launcher", "slurm", "--config", shared_runs.TINY, "--nodes", "2"]
-    # (c) first: it must be signalled mid-run; the other submissions run meanwhile.
+    # (c) first: it must be signalled mid-run; the sweep and (d) are submitted meanwhile.
     wd = root / "slurm-sigterm"
     (out["sigterm_job"],) = _job_ids(_submit([*launch, "--workdir", str(wd), *sets], root=root,
                                              devices=1))
     out["sigterm_workdir"] = str(wd)
-    # (a) 2 nodes × 1 task with its evaluator job.
-    out["launch_workdir"] = str(root / "slurm-launch")
-    launching = _start([*launch, "--workdir", out["launch_workdir"], "--tasks-per-node", "1",
-                        "--eval", "--eval-poll", "1", *sets], root=root, devices=1)
     # (b) 2 grid points × 2 seeds as one job array, then the table job.
     out["sweep_workdir"] = str(root / "slurm-sweep")
     sweeping = _start(["sweep", "--launcher", "slurm", "--config", shared_runs.TINY,
@@ -146,6 +142,11 @@ def _submit_all(sigterm_reference):
                        env=shared_runs.env(root, 2), capture_output=True, text=True, check=True)
     out["wrap_job"], out["wrap_workdir"] = r.stdout.strip().split(";")[0], str(wd)
     out["sigterm_stopped"] = _preempt(out["sigterm_job"], pathlib.Path(out["sigterm_workdir"]))
+    # (a) 2 nodes × 1 task with its evaluator job; submitted once (c) has compiled the 2-process
+    # step into the shared cache, which (a) then reuses.
+    out["launch_workdir"] = str(root / "slurm-launch")
+    launching = _start([*launch, "--workdir", out["launch_workdir"], "--tasks-per-node", "1",
+                        "--eval", "--eval-poll", "1", *sets], root=root, devices=1)
     out["launch_train"], out["launch_eval"] = _job_ids(_finish(launching))
     out["sweep_array"], out["sweep_collect"] = re.findall(r"job (?:array )?(\d+) ",
                                                           _finish(sweeping))[:2]
