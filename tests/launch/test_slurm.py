@@ -92,8 +92,13 @@ SWEEP_GRID = ["--grid", "data.augment=true,false"]
 
 
 @pytest.fixture(scope="module")
-def jobs(sigterm_reference):
-  return _submit_all(sigterm_reference)
+def jobs(request):
+  problem = _cluster_problem()  # before the reference run: a skip costs nothing
+  if problem:
+    if CI:
+      pytest.fail(f"CI=true but {problem}")
+    pytest.skip(problem)
+  return _submit_all(request.getfixturevalue("sigterm_reference"))
 
 
 @contextlib.contextmanager
@@ -108,18 +113,13 @@ def _cancelled_on_failure(*job_ids):
 
 def _submit_all(sigterm_reference):
   """Submits every job of this module once per session; returns what each test needs."""
-  problem = _cluster_problem()
-  if problem:
-    if CI:
-      pytest.fail(f"CI=true but {problem}")
-    pytest.skip(problem)
   ref = sigterm_reference
   root = ref["root"]
   record = root / "slurm_jobs.json"
   with shared_runs.locked(root / ".slurm.lock"):
     if record.exists():
       return json.loads(record.read_text())
-    out: dict = {"root": str(root), "sets": ref["sets"]}
+    out: dict = {"root": str(root), "sets": ref["sets"], "reference": str(ref["workdir"])}
     sets = ref["sets"]
     launch = ["launch", "--launcher", "slurm", "--config", shared_runs.TINY, "--nodes", "2"]
     # (c) first: it must be signalled mid-run; the sweep and (d) are submitted meanwhile.
@@ -154,7 +154,7 @@ def _submit_all(sigterm_reference):
     return out
 
 
-def test_launch_two_nodes_matches_one_process_and_evaluator_job_ends(jobs, sigterm_reference):
+def test_launch_two_nodes_matches_one_process_and_evaluator_job_ends(jobs):
   with _cancelled_on_failure(jobs["launch_train"], jobs["launch_eval"]):
     wd = pathlib.Path(jobs["launch_workdir"])
     train = _wait(jobs["launch_train"], next(iter((wd / "logs").glob("train-*.out")), None))
@@ -162,7 +162,7 @@ def test_launch_two_nodes_matches_one_process_and_evaluator_job_ends(jobs, sigte
     log = (wd / "logs" / f"train-{jobs['launch_train']}.out").read_text()
     assert "2 task(s)" in log and "resuming" not in log
     # Per-step losses of 2 processes on 2 nodes = those of 1 process.
-    got, want = shared_runs.losses(wd), shared_runs.losses(sigterm_reference["workdir"])
+    got, want = shared_runs.losses(wd), shared_runs.losses(jobs["reference"])
     assert sorted(got) == sorted(want) == list(range(1, shared_runs.TOTAL_STEPS + 1))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                                rtol=1e-6)
@@ -214,7 +214,7 @@ def _preempt(jid: str, wd: pathlib.Path) -> dict:
   return stopped
 
 
-def test_sigterm_requeues_and_resumes_bit_identical(jobs, sigterm_reference):
+def test_sigterm_requeues_and_resumes_bit_identical(jobs):
   with _cancelled_on_failure(jobs["sigterm_job"]):
     wd, jid = pathlib.Path(jobs["sigterm_workdir"]), jobs["sigterm_job"]
     log = wd / "logs" / f"train-{jid}.out"
@@ -228,16 +228,16 @@ def test_sigterm_requeues_and_resumes_bit_identical(jobs, sigterm_reference):
     text = log.read_text()
     assert "requeueing job" in text and "(restart 1)" in text
     assert f"resuming from {wd / 'checkpoints'} at step {stopped['last_logged']}" in text
-    shared_runs.assert_same_run(wd, sigterm_reference["workdir"])
+    shared_runs.assert_same_run(wd, jobs["reference"])
 
 
-def test_train_in_sbatch_script_without_srun_runs_as_one_process(jobs, sigterm_reference):
+def test_train_in_sbatch_script_without_srun_runs_as_one_process(jobs):
   with _cancelled_on_failure(jobs["wrap_job"]):
     wd = pathlib.Path(jobs["wrap_workdir"])
     job = _wait(jobs["wrap_job"], wd / "job.out")
     assert job["JobState"] == "COMPLETED", (job, (wd / "job.out").read_text()[-3000:])
     assert "coordinator_address" not in (wd / "job.out").read_text()
-    got, want = shared_runs.losses(wd), shared_runs.losses(sigterm_reference["workdir"])
+    got, want = shared_runs.losses(wd), shared_runs.losses(jobs["reference"])
     assert got == want
 
 
