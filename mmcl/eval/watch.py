@@ -94,7 +94,8 @@ def _improves(value: float, best: Mapping[str, Any] | None, mode: str) -> bool:
 def watch(list_finished_steps: Callable[[], Iterable[int]],
           evaluate: Callable[[int], Mapping[str, Any]], *, state_path: str | os.PathLike,
           poll_seconds: float, timeout_seconds: float | None = None,
-          stop_after_step: int | None = None, best_metric: str | None = None,
+          stop_after_step: int | Callable[[], int | None] | None = None,
+          best_metric: str | None = None,
           best_mode: str = "max",
           after_step: Callable[[int, Mapping[str, Any], WatchState], None] | None = None,
           clock: Callable[[], float] = time.monotonic,
@@ -115,7 +116,8 @@ def watch(list_finished_steps: Callable[[], Iterable[int]],
     poll_seconds: wait between listings when nothing new is found.
     timeout_seconds: stop after this long without a new step to evaluate (counted from the start
       or the last evaluation); None waits forever.
-    stop_after_step: stop once a step >= this one has been evaluated (e.g. the final step).
+    stop_after_step: stop once a step >= this one has been evaluated (e.g. the final step); a
+      callable is asked again each time (e.g. the trainer's final checkpoint once it is known).
     best_metric: metric whose best value (per `best_mode`) is tracked in `state.best`.
     best_mode: "max" or "min".
     after_step: called as after_step(step, metrics, state) with the step already in `state`
@@ -132,11 +134,14 @@ def watch(list_finished_steps: Callable[[], Iterable[int]],
     raise ValueError(f"watch: poll_seconds must be >= 0, got {poll_seconds}")
   state = load_state(state_path)
 
+  skipped: set[int] = set()
+
   def finished() -> bool:
-    return stop_after_step is not None and any(s >= stop_after_step for s in state.done)
+    # A final step that had to be skipped (corrupt, or deleted) ends the watch as well.
+    last = stop_after_step() if callable(stop_after_step) else stop_after_step
+    return last is not None and any(s >= last for s in set(state.done) | skipped)
 
   last_progress = clock()
-  skipped: set[int] = set()
   while not finished():
     pending = sorted({int(s) for s in list_finished_steps()} - set(state.done) - skipped)
     for step in pending:

@@ -21,8 +21,10 @@ def maybe_initialize_distributed(coordinator_address: str | None, num_processes:
   """Calls `jax.distributed.initialize` when this is one process of several.
 
   Explicit arguments (config `distributed.*`) win; otherwise a cluster environment that JAX detects
-  itself (SLURM, Open MPI, Cloud TPU, or `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` +
-  `JAX_PROCESS_ID`) triggers a bare `initialize()`. A single plain process does nothing.
+  itself (a SLURM job step, Open MPI, Cloud TPU, or `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES`
+  + `JAX_PROCESS_ID`) triggers a bare `initialize()`. A single plain process does nothing, and so
+  does a process started inside a SLURM allocation without `srun` (an sbatch script or salloc
+  shell): there SLURM describes the allocation but no job step, and the process runs on its own.
   """
   if jax.distributed.is_initialized():
     return
@@ -32,8 +34,18 @@ def maybe_initialize_distributed(coordinator_address: str | None, num_processes:
                        "and distributed.process_id must be set too")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
-  elif any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
+  elif launched_by_cluster(os.environ):
     jax.distributed.initialize()
+
+
+def launched_by_cluster(env) -> bool:
+  """Whether `env` describes one process of a multi-process launch that `jax.distributed.initialize()`
+  understands without arguments."""
+  if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" not in env and "JAX_NUM_PROCESSES" not in env:
+    # An sbatch script or salloc shell: SLURM describes the allocation but no job step (only srun
+    # sets SLURM_STEP_NODELIST, which JAX needs), so this is one process on its own.
+    return False
+  return any(v in env for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"))
 
 
 def make_mesh(data: int = -1, model: int = 1, devices: list | None = None) -> Mesh:

@@ -27,6 +27,8 @@ from mmcl.config import Config, ConfigError
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import sharding as sharding_lib
 from mmcl.train import checkpoint as ckpt_lib
+from mmcl.train import finished as finished_lib
+from mmcl.train import preemption
 from mmcl.train import preflight
 from mmcl.train.config import base_config
 from mmcl.train.metric_log import MetricLogger
@@ -198,17 +200,21 @@ def train(config: Config, workdir: str | os.PathLike, task_cls: type[Task]) -> d
   replaced only after the restore succeeded.
   """
   workdir = pathlib.Path(workdir)
-  # With data.skip_bad_records, skips (of this process and its grain workers) are counted here.
-  ledger = records.skip_ledger(workdir / SKIP_LEDGER_DIR) if config.data.skip_bad_records else None
-  with ledger or contextlib.nullcontext():
-    return _train(config, workdir, task_cls, ledger)
-
-
-def _train(config: Config, workdir: pathlib.Path, task_cls: type[Task], ledger
-           ) -> dict[str, float]:
-  tc = config.train
   mesh, task = setup(config, task_cls)
   preflight.check_batch(config, mesh)
+  with contextlib.ExitStack() as stack:
+    # With data.skip_bad_records, skips (of this process and its grain workers) are counted here.
+    ledger = (stack.enter_context(records.skip_ledger(workdir / SKIP_LEDGER_DIR))
+              if config.data.skip_bad_records else None)
+    preempt = preemption.PreemptionGuard()  # SIGTERM from here on: stop at an agreed step, saved
+    stack.callback(preempt.close)
+    return _start(config, workdir, task_cls, ledger, mesh, task, preempt)
+
+
+def _start(config: Config, workdir: pathlib.Path, task_cls: type[Task], ledger, mesh, task,
+           preempt) -> dict[str, float]:
+  """Builds the state, restores or forks it, records the config, then runs the loop."""
+  tc = config.train
   is_main = jax.process_index() == 0
   state_fn, abstract, shardings, tx, schedule = build_state(config, task, mesh)
   data_iter = task.train_iterator(jax.process_index(), jax.process_count())
@@ -227,6 +233,7 @@ def _train(config: Config, workdir: pathlib.Path, task_cls: type[Task], ledger
     else:
       state, start = state_fn(), 0
     if is_main:
+      finished_lib.clear(workdir)
       tmp = workdir / "config.json.tmp"
       tmp.write_text(config.to_json())
       tmp.replace(workdir / "config.json")
@@ -235,11 +242,12 @@ def _train(config: Config, workdir: pathlib.Path, task_cls: type[Task], ledger
     ckpt.close()
     raise
   return _train_loop(config, workdir, task, mesh, ckpt, state, start, shardings, tx, schedule,
-                     data_iter, is_main, ledger)
+                     data_iter, is_main, ledger, preempt)
 
 
 def _train_loop(config: Config, workdir: pathlib.Path, task: Task, mesh, ckpt, state, start: int,
-                shardings, tx, schedule, data_iter, is_main: bool, ledger) -> dict[str, float]:
+                shardings, tx, schedule, data_iter, is_main: bool, ledger,
+                preempt) -> dict[str, float]:
   """Runs steps start..total_steps with logging, validation and checkpoints."""
   tc = config.train
   batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -333,6 +341,12 @@ def _train_loop(config: Config, workdir: pathlib.Path, task: Task, mesh, ckpt, s
         check_savable(done, val)
         ckpt.save(done, state, data_iter, metrics=val or None)
         t_last, steps_since = time.perf_counter(), 0  # keep validation/saving out of throughput
+      if done != end and preempt.reached(done):
+        check_finite(pending)
+        if done % tc.checkpoint_every:
+          check_savable(done, {})
+          ckpt.save(done, state, data_iter)
+        raise preemption.Preempted(done, str(ckpt_lib.checkpoint_dir(workdir)))
     check_finite(pending)
   finally:
     ckpt.close()
@@ -341,4 +355,5 @@ def _train_loop(config: Config, workdir: pathlib.Path, task: Task, mesh, ckpt, s
     last.update(records.skip_metrics(ledger.counts()))
   if is_main:
     (workdir / "train_summary.json").write_text(json.dumps({"step": end, **last}, indent=2))
+    finished_lib.mark(workdir, step=end, checkpoint=ckpt.latest_step(), total_steps=tc.total_steps)
   return last
