@@ -7,8 +7,30 @@ if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+# One persistent XLA compilation cache for the whole run: the pytest-xdist workers and every
+# `python -m mmcl.cli` subprocess the tests start inherit it through the environment, so a program
+# that several tests (or processes) compile identically — the tiny CLIP train/init/eval steps are
+# ~20 s of CPU per process — is compiled once. The cache is fresh for every run and removed at the
+# end; a JAX_COMPILATION_CACHE_DIR set by the caller is used as it is (and kept).
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="mmcl-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  try:  # a size bound makes JAX lock the cache directory, so concurrent processes never see
+    import filelock  # noqa: F401  a half-written entry
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+  except ImportError:
+    pass
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,12 +1,10 @@
 """`mmcl sweep`: every grid combination trained (and evaluated), one row each in results.csv/.md."""
 import csv
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
+from mmcl import cli
 from mmcl.config import ConfigError
 from mmcl.sweep import parse_grid, run_sweep
 
@@ -27,14 +25,16 @@ def test_bad_grid_value_fails_before_any_training(tmp_path):
   assert not any(tmp_path.iterdir())
 
 
-def test_sweep_runs_every_combination(shapes_dir, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  r = subprocess.run(
-      [sys.executable, "-m", "mmcl.cli", "sweep", "--config", "experiments/clip_shapes.py:tiny",
-       "--workdir", str(tmp_path), "--grid", "optim.lr=0.001,0.003",
-       "--set", f"data.dir={shapes_dir}", "--set", "train.total_steps=4",
-       "--set", "train.checkpoint_every=2"], cwd=REPO, env=env, capture_output=True, text=True)
-  assert r.returncode == 0, r.stderr[-3000:]
+def test_sweep_runs_every_combination(shapes_dir, tmp_path, monkeypatch, capfd):
+  # `mmcl sweep` itself runs in this process (it only starts the runs); every run's train and
+  # eval are still their own `python -m mmcl.cli` subprocesses, with 2 devices each.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.chdir(REPO)
+  rc = cli.main(["sweep", "--config", "experiments/clip_shapes.py:tiny",
+                 "--workdir", str(tmp_path), "--grid", "optim.lr=0.001,0.003",
+                 "--set", f"data.dir={shapes_dir}", "--set", "train.total_steps=4",
+                 "--set", "train.checkpoint_every=2"])
+  assert rc == 0, capfd.readouterr().err[-3000:]
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
   assert [row["optim.lr"] for row in rows] == ["0.001", "0.003"]
   for row in rows:

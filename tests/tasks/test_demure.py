@@ -295,12 +295,20 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   params = jax.jit(task0.init_params)(jax.random.PRNGKey(0))
   targets = jnp.concatenate([rows[:, 1:], rows[:, :1]], 1)
   batch = {"inputs": rows, "targets": targets}
-  loss, metrics = task0.loss(params, batch, jax.random.PRNGKey(1), train=False)
+
+  # Each task's loss is evaluated once, jitted (eager dispatch of these losses costs more CPU
+  # than compiling them), together with its gradient where the gradient is checked below.
+  def loss_fn(t):
+    return lambda p: t.loss(p, batch, jax.random.PRNGKey(1), train=False)
+
+  def loss_and_grad(t):
+    return jax.jit(jax.value_and_grad(loss_fn(t), has_aux=True))(params)
+  (loss, metrics), grad0 = loss_and_grad(task0)
   assert "cl_loss" not in metrics
   # λ = 0.5 adds λ·InfoNCE to the same L_rec(denoised): the rest of the step is unchanged.
   c1 = _config(text_seq_dir, **oracle_flags, **{"task.cl_weight": 0.5})
   _, task1 = loop_lib.setup(c1, get_task_class("demure"))
-  loss1, m1 = task1.loss(params, batch, jax.random.PRNGKey(1), train=False)
+  (loss1, m1), grad1 = loss_and_grad(task1)
   np.testing.assert_allclose(float(m1["rec_loss"]), float(metrics["rec_loss"]), rtol=1e-6)
   np.testing.assert_allclose(float(loss1), float(loss) + 0.5 * float(m1["cl_loss"]), rtol=1e-5)
   # task.cl_stop_gradient: the same value; the InfoNCE's gradient through the denoised view
@@ -308,12 +316,10 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   c_sg = _config(text_seq_dir, **oracle_flags, **{"task.cl_weight": 0.5,
                                                   "task.cl_stop_gradient": True})
   _, task_sg = loop_lib.setup(c_sg, get_task_class("demure"))
-  loss_sg, _ = task_sg.loss(params, batch, jax.random.PRNGKey(1), train=False)
+  (loss_sg, _), grad_sg = loss_and_grad(task_sg)
   np.testing.assert_allclose(float(loss_sg), float(loss1), rtol=1e-6)
-  grads = [jax.jit(jax.grad(lambda p, t=t: t.loss(p, batch, jax.random.PRNGKey(1),
-                                                   train=False)[0]))(params)
-           for t in (task0, task1, task_sg)]
-  flat = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)]) for g in grads]
+  flat = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)])
+          for g in (grad0, grad1, grad_sg)]
   cl_full, cl_sg = flat[1] - flat[0], flat[2] - flat[0]  # λ·∂InfoNCE/∂θ, both paths / noisy only
   assert np.linalg.norm(cl_sg) > 1e-6 and np.linalg.norm(cl_full - cl_sg) > 1e-6
   # task.cl_positions = all: one pair per real position, the other rows' prefixes as negatives
@@ -322,7 +328,7 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
                    "task.cl_temperature": 0.2}
   c2 = _config(text_seq_dir, **all_positions)
   _, task2 = loop_lib.setup(c2, get_task_class("demure"))
-  loss2, m2 = task2.loss(params, batch, jax.random.PRNGKey(1), train=False)
+  loss2, m2 = jax.jit(loss_fn(task2))(params)
   np.testing.assert_allclose(float(m2["rec_loss"]), float(metrics["rec_loss"]), rtol=1e-6)
   k_noise = jax.random.split(jax.random.PRNGKey(1), 4)[3]  # the loss's planted-noise draw
   xt = task2._apply(params, demure.DemureModel.modality_tokens, task2._input_feats(rows, k_noise))
@@ -346,7 +352,7 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   # task.cl_window: only the newest positions are contrasted.
   c3 = _config(text_seq_dir, **all_positions, **{"task.cl_window": 3})
   _, task3 = loop_lib.setup(c3, get_task_class("demure"))
-  _, m3 = task3.loss(params, batch, jax.random.PRNGKey(1), train=False)
+  _, m3 = jax.jit(loss_fn(task3))(params)
   ref3 = reference(3)
   assert abs(ref3 - ref) > 1e-3
   np.testing.assert_allclose(float(m3["cl_loss"]), ref3, rtol=1e-4)
