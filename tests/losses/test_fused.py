@@ -21,7 +21,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from loss_reference import assert_close, random_embeddings
 from mmcl import losses
-from mmcl.losses import common, dense, fused, sharded
+from mmcl.losses import common, dense, fused, probe, sharded
 from mmcl.losses.common import DIAGONAL, SideMeta
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "bench" / "loss.py"
@@ -219,7 +219,12 @@ def test_impl_choice_and_tile_checks(monkeypatch):
   assert common.resolve_impl("fused", 8, 8, "t") == "fused"
   assert common.resolve_impl("auto", 4096, 4097, "t") == "tiled"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  # On a GPU "auto" picks the fused kernels once their one-time check passed (probe.py; its failing
+  # and disagreeing cases are tested in tests/reliability/test_nonfinite.py).
+  monkeypatch.setattr(probe, "fused_usable", lambda: True)
   assert common.resolve_impl("auto", 4096, 4097, "t") == "fused"
+  monkeypatch.setattr(probe, "fused_usable", lambda: False)
+  assert common.resolve_impl("auto", 4096, 4097, "t") == "tiled"
   assert common.resolve_impl("auto", 4096, 4096, "t") == "dense"
   monkeypatch.undo()
   a, b = random_embeddings(23, 8, 16)
