@@ -46,6 +46,7 @@ def get_config(arg: str | None = None):
 
   if arg == "tiny":
     c.data.global_batch_size = 32
+    c.data.image_size = 32  # webdataset/tfds/parquet sources (shapes datasets fix their own)
     c.model.embed_dim = 32
     c.model.image.patch_size = 8
     c.model.image.width = 32

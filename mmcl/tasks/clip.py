@@ -7,6 +7,12 @@ followed by L2 normalisation. Loss (config `task.loss`):
   sigmoid: L = −(1/B) Σ_ij log σ(z_ij (s·a_i·b_j + β)), z_ij = ±1 (Zhai et al. 2023);
 computed with the negatives of the whole global batch by the sharded loss core (`mmcl.losses`).
 Evaluation: image→text and text→image Recall@{1,5,10} over the held-out split (pair i is the positive).
+
+Data (config `data.source`): an ArrayRecord dataset directory (`arrayrecord:DIR`, the default
+`data.dir`; images at the size its metadata gives, its own tokenizer and splits), or pairs streamed
+from webdataset shards, a tfds build or parquet files (`data_pipelines.sources.pairs`: images at
+`data.image_size`, a tokenizer trained from the source unless `data.tokenizer` names one, a hashed
+hold-out of `data.holdout_fraction` for validation and evaluation unless `data.eval_source` is set).
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import image_text as data_lib
-from mmcl.config import Config
+from data_pipelines import sources as sources_lib
+from data_pipelines import tokenizer as tokenizer_lib
+from data_pipelines.sources import pairs as pairs_lib
+from mmcl.config import Config, ConfigError
 from mmcl.eval import finite as finite_lib
 from mmcl.eval import image_text as eval_lib
 from mmcl.eval import trec as trec_lib
@@ -62,15 +71,38 @@ class ClipTask(Task):
     d = c.data
     d.define("max_text_len", 24, "text tokens per caption (BOS + tokens + EOS, padded with 0)")
     d.define("augment", True, "light image augmentation (seeded per record and epoch)")
-    d.define("eval_split", "test", "held-out split used by validation and the evaluator")
+    d.define("eval_split", "test", "held-out split used by validation and the evaluator "
+             "(arrayrecord sources)")
+    sources_lib.define_config(d)
 
   def __init__(self, config: Config, mesh):
     super().__init__(config, mesh)
-    self.data_dir = pathlib.Path(config.data.dir)
-    self.metadata = data_lib.load_metadata(self.data_dir)
-    image_shape = next(tuple(f["shape"]) for f in self.metadata["schema"] if f["name"] == "image")
-    self.image_size, self.channels = image_shape[0], image_shape[2]
-    self.vocab_size = int(self.metadata["vocab_size"])
+    try:
+      spec = sources_lib.parse(config.data.source or f"arrayrecord:{config.data.dir}")
+      self.pairs = None if spec.scheme == "arrayrecord" else pairs_lib.ImageTextData.from_config(
+          config.data, seed=config.seed)
+    except sources_lib.SourceConfigError as e:
+      raise ConfigError(f"config key 'data.source' = {config.data.source!r}: {e}") from None
+    if self.pairs is None:
+      self.data_dir = pathlib.Path(spec.location)
+      self.metadata = data_lib.load_metadata(self.data_dir)
+      image_shape = next(tuple(f["shape"]) for f in self.metadata["schema"]
+                         if f["name"] == "image")
+      self.image_size, self.channels = image_shape[0], image_shape[2]
+      self.vocab_size = int(self.metadata["vocab_size"])
+      self.tokenizer_path = self.data_dir / self.metadata.get("tokenizer", data_lib.TOKENIZER_FILE)
+      self.data_name = str(self.data_dir)
+    else:
+      self.data_dir = None
+      self.metadata = {
+          "image_normalization": {"mean": list(pairs_lib.IMAGE_MEAN),
+                                  "std": list(pairs_lib.IMAGE_STD)},
+          "special_token_ids": {"pad": tokenizer_lib.PAD_ID, "unk": tokenizer_lib.UNK_ID,
+                                "bos": tokenizer_lib.BOS_ID, "eos": tokenizer_lib.EOS_ID}}
+      self.image_size, self.channels = self.pairs.image_size, 3
+      self.vocab_size = self.pairs.vocab_size
+      self.tokenizer_path = self.pairs.tokenizer_path
+      self.data_name = str(self.pairs.eval.spec)
     dtype = tower_config.compute_dtype(config)
     m = config.model
     self.image_tower = tower_config.vit_from_config(m.image, embed_dim=m.embed_dim, dtype=dtype)
@@ -81,6 +113,10 @@ class ClipTask(Task):
   # --- data ---------------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):
     c = self.config
+    if self.pairs is not None:
+      return self.pairs.train_iterator(global_batch_size=c.data.global_batch_size,
+                                       process_index=process_index, process_count=process_count,
+                                       num_epochs=c.data.num_epochs)
     return data_lib.train_iterator(
         self.data_dir, split="train", global_batch_size=c.data.global_batch_size,
         process_index=process_index, process_count=process_count, seed=c.seed,
@@ -89,6 +125,9 @@ class ClipTask(Task):
 
   def val_iterator(self, process_index: int, process_count: int):
     c = self.config
+    if self.pairs is not None:
+      return self.pairs.val_iterator(global_batch_size=c.data.global_batch_size,
+                                     process_index=process_index, process_count=process_count)
     return data_lib.train_iterator(
         self.data_dir, split=c.data.eval_split, global_batch_size=c.data.global_batch_size,
         process_index=process_index, process_count=process_count, seed=c.seed, num_epochs=1,
@@ -155,7 +194,10 @@ class ClipTask(Task):
 
   # --- evaluation ---------------------------------------------------------------------------------
   def embed_split(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Embeds every pair of `split` with the mesh → (image_emb [N, D], text_emb [N, D]) numpy."""
+    """Embeds every pair of `split` with the mesh → (image_emb [N, D], text_emb [N, D]) numpy.
+
+    With a webdataset/tfds/parquet source, `split` is ignored: the held-out samples are embedded.
+    """
     img, txt, _ = self.embed_split_indexed(params, split)
     return img, txt
 
@@ -171,9 +213,13 @@ class ClipTask(Task):
     n_dev = self.mesh.shape[mesh_lib.DATA_AXIS]
     bs = max(n_dev, c.task.eval_batch_size // n_dev * n_dev)
     imgs, txts, indices = [], [], []
-    for batch in data_lib.eval_batches(self.data_dir, split=split, batch_size=bs,
-                                       max_text_len=c.data.max_text_len,
-                                       skip_bad_records=c.data.skip_bad_records):
+    if self.pairs is not None:
+      batches = self.pairs.eval_batches(batch_size=bs)
+    else:
+      batches = data_lib.eval_batches(self.data_dir, split=split, batch_size=bs,
+                                      max_text_len=c.data.max_text_len,
+                                      skip_bad_records=c.data.skip_bad_records)
+    for batch in batches:
       valid = np.asarray(batch["valid"])
       x = jax.device_put(np.asarray(batch["image"]), sharding)
       y = jax.device_put(np.asarray(batch["text"]), sharding)
@@ -204,9 +250,9 @@ class ClipTask(Task):
     norm = self.metadata.get("image_normalization",
                              {"mean": list(data_lib.IMAGE_MEAN), "std": list(data_lib.IMAGE_STD)})
     special = self.metadata.get("special_token_ids", {})
-    tokenizer = self.data_dir / self.metadata.get("tokenizer", data_lib.TOKENIZER_FILE)
+    tokenizer = self.tokenizer_path
     if not tokenizer.is_file():
-      raise FileNotFoundError(f"{tokenizer} (named by {self.data_dir / 'metadata.json'}) not found:"
+      raise FileNotFoundError(f"{tokenizer} (the tokenizer of {self.data_name}) not found:"
                               " the text tower cannot be exported without its tokenizer")
     length = c.data.max_text_len
     image = TowerExport(
@@ -244,6 +290,7 @@ class ClipTask(Task):
     split = self.config.data.eval_split
     img, txt, index = self.embed_split_indexed(params, split)
     ids = [str(int(i)) for i in index]
-    what = f"record index in split {split!r} of {self.data_dir}"
+    what = (f"record index in split {split!r} of {self.data_dir}" if self.pairs is None else
+            f"index (key hash, or tfds record index) of a held-out sample of {self.data_name}")
     return {"images": CorpusExport("image", img, ids, f"images; id = {what}"),
             "captions": CorpusExport("text", txt, ids, f"captions; id = {what}")}

@@ -1,0 +1,60 @@
+"""Data sources users already hold, streamed into grain without a conversion step.
+
+`data.source` specs (`spec`): `arrayrecord:DIR` (datasets of `data_pipelines.records`, read by
+`data_pipelines.image_text`), `webdataset:PATTERN` (tar shards, `webdataset`), `tfds:NAME[/CONFIG]
+[:SPLIT]@DATA_DIR` (an ArrayRecord tfds build, `tfds`), `parquet:GLOB` (`parquet`). Image–text
+pipelines over the last three: `pairs`; the streaming order contract and exact resume: `stream`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data_pipelines.sources.spec import BadRecordError
+from data_pipelines.sources.spec import SCHEMES
+from data_pipelines.sources.spec import SourceConfigError
+from data_pipelines.sources.spec import SourceSpec
+from data_pipelines.sources.spec import parse
+
+# key -> (default, doc): the config keys of a task that reads image–text pairs from a source.
+CONFIG_KEYS: dict[str, tuple[Any, str]] = {
+    "source": ("", "where the pairs come from: arrayrecord:DIR | webdataset:PATTERN (brace "
+                   "ranges, e.g. /d/{00000..00099}.tar) | tfds:NAME[/CONFIG][:SPLIT]@DATA_DIR | "
+                   "parquet:GLOB; '' = arrayrecord:<data.dir>"),
+    "image_field": ("", "image member/column/feature ('' = webdataset jpg;jpeg;png;webp, "
+                        "parquet and tfds 'image')"),
+    "caption_field": ("", "caption member/column/feature ('' = webdataset txt, parquet and tfds "
+                          "'caption')"),
+    "key_field": ("", "parquet column identifying a row ('' = 'key' if the files have it, else "
+                      "<file name>/<row>); webdataset "
+                      "keys are member names, tfds keys <split>/<index>"),
+    "image_size": (224, "image side S of the batches of webdataset/tfds/parquet sources "
+                        "(arrayrecord datasets fix it in their metadata)"),
+    "tokenizer": ("", "caption tokenizer.json for webdataset/tfds/parquet sources ('' = train "
+                      "a BPE tokenizer on the training captions and cache it in data.cache_dir)"),
+    "vocab_size": (8192, "vocabulary budget of a tokenizer trained from the source"),
+    "tokenizer_captions": (100_000, "training captions (natural order) a tokenizer is "
+                                    "trained on"),
+    "holdout_fraction": (0.02, "fraction of samples (by a stable hash of their key) held out "
+                               "of training for validation and evaluation, when "
+                               "data.eval_source is empty"),
+    "eval_source": ("", "a separate source for validation and evaluation ('' = the held-out "
+                        "part of data.source)"),
+    "eval_examples": (5000, "held-out samples the evaluator and validation read (natural "
+                            "order; 0 = all)"),
+    "shuffle_buffer": (1000, "streamed sources: window of consecutive samples shuffled together "
+                             "(besides the per-epoch shard order)"),
+    "cache_dir": ("", "where tokenizers trained from a source are kept ('' = "
+                      "$XDG_CACHE_HOME/mmcl or ~/.cache/mmcl)"),
+}
+
+
+def define_config(section: Any) -> None:
+  """Declares CONFIG_KEYS on an `mmcl.config` section (keys already there are kept)."""
+  for key, (default, doc) in CONFIG_KEYS.items():
+    if key not in section:
+      section.define(key, default, doc)
+
+
+__all__ = ["BadRecordError", "CONFIG_KEYS", "SCHEMES", "SourceConfigError", "SourceSpec",
+           "define_config", "parse"]
