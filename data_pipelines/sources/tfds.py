@@ -40,7 +40,7 @@ class TfdsRecords:
     if spec.split not in info.splits:
       raise spec_lib.SourceConfigError(f"data source {spec}: no split {spec.split!r} (splits: "
                                        f"{sorted(info.splits)})")
-    names = list(info.features.keys())
+    names = sorted(info.features.keys())
     for what, name in (("data.image_field", image_field), ("data.caption_field", caption_field)):
       if name not in names:
         raise spec_lib.SourceConfigError(f"data source {spec}: no feature {name!r} (config key "
