@@ -133,12 +133,15 @@ class _StreamIterator(grain.DatasetIterator):
     self._cursor = (0, 0, 0)  # (epoch, shard, offset) of the next sample to read
     self._gen = None
     self._gen_at: tuple[int, int] | None = None
+    self._shards_of: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
 
   # --- reading ------------------------------------------------------------------------------------
   def _host_shards(self, epoch: int) -> np.ndarray:
-    s = len(self._reader.files)
-    perm = permutation.permute(np.arange(s), s, epoch_key(self._o.seed, epoch))
-    return perm[self._o.process_index::self._o.process_count]
+    if self._shards_of[0] != epoch:
+      s = len(self._reader.files)
+      perm = permutation.permute(np.arange(s), s, epoch_key(self._o.seed, epoch))
+      self._shards_of = (epoch, perm[self._o.process_index::self._o.process_count])
+    return self._shards_of[1]
 
   def _next_sample(self, epoch: int) -> dict | None:
     """The next good training sample of `epoch` from the cursor on; None at the epoch's end."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import tarfile
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from data_pipelines.sources import spec as spec_lib
 
@@ -71,17 +71,13 @@ class WebDatasetShards:
     wanted = set(self.image_fields) | set(self.caption_fields)
     position, key, members = -1, None, {}
     try:
-      with tarfile.open(path, "r:*") as tar:
-        while True:
-          try:
-            info = tar.next()
-          except tarfile.TarError as e:
-            raise _Damaged(f"tar damaged after sample {key!r} ({type(e).__name__}: {e})") from None
-          if info is None:
-            break
-          if not info.isfile():
-            continue
-          parts = split_name(info.name)
+      with open(path, "rb") as f:
+        head = f.read(6)
+        f.seek(0)
+        compressed = head[:2] in (b"\x1f\x8b", b"BZ") or head == b"\xfd7zXZ\x00"
+        entries = _tarfile_members(path) if compressed else _plain_tar_members(f)
+        for name, read_data in entries:
+          parts = split_name(name)
           if parts is None or parts[0].rsplit("/", 1)[-1].startswith("__"):
             continue
           k, ext = parts
@@ -90,21 +86,109 @@ class WebDatasetShards:
               yield position, self._sample(path, key, position, members)
             position, key, members = position + 1, k, {}
           if position >= start and ext in wanted:
-            f = tar.extractfile(info)
-            data = f.read() if f is not None else b""
-            if len(data) != info.size:
-              raise _Damaged(f"member {info.name!r} holds {len(data)} of {info.size} bytes "
-                             "(truncated file)")
-            members[ext] = data
+            members[ext] = read_data()
         if key is not None and position >= start:
           yield position, self._sample(path, key, position, members)
-    except _Damaged as e:
+    except Exception as e:  # pylint: disable=broad-except  (sorted below; GeneratorExit passes)
+      if isinstance(e, _Damaged):
+        reason = f"tar damaged after sample {key!r}: {e}"
+      elif isinstance(e, (OSError, tarfile.TarError, EOFError)):
+        reason = f"cannot read as a tar file ({type(e).__name__}: {e})"
+      else:
+        raise
       yield max(position, start), spec_lib.BadRecordError(
-          path=path, key=str(key), position=max(position, 0), field="<file>", reason=str(e))
-    except (OSError, tarfile.TarError, EOFError) as e:
-      yield max(position, start), spec_lib.BadRecordError(
-          path=path, key=str(key), position=max(position, 0), field="<file>",
-          reason=f"cannot read as a tar file ({type(e).__name__}: {e})")
+          path=path, key=str(key), position=max(position, 0), field="<file>", reason=reason)
+
+
+def _octal(field: bytes) -> int:
+  if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
+    return int.from_bytes(field[1:], "big")
+  text = field.split(b"\0", 1)[0].strip()
+  return int(text, 8) if text else 0
+
+
+def _plain_tar_members(f) -> Iterator[tuple[str, Callable[[], bytes]]]:
+  """(name, read the data) of each regular file in an uncompressed tar, headers parsed here
+  (ustar, pax path/size records, GNU long names): members not read are skipped by seeking."""
+  pax: dict[str, str] = {}
+  long_name: str | None = None
+  while True:
+    header = f.read(512)
+    if not header or header == b"\0" * 512:
+      return
+    if len(header) < 512:
+      raise _Damaged(f"a member header is cut off ({len(header)} of 512 bytes)")
+    expected = _octal(header[148:156])
+    if sum(header) - sum(header[148:156]) + 256 != expected:
+      raise _Damaged(f"member header at byte {f.tell() - 512} fails its checksum")
+    size, kind = _octal(header[124:136]), header[156:157]
+    start = f.tell()
+    padded = (size + 511) // 512 * 512
+    if kind in (b"x", b"g", b"L"):
+      data = f.read(padded)[:size]
+      if len(data) != size:
+        raise _Damaged("an extended header is cut off")
+      if kind == b"L":
+        long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+      elif kind == b"x":
+        pax = _pax_records(data)
+      continue
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+      prefix = header[345:500].split(b"\0", 1)[0]
+      if prefix:
+        name = prefix + b"/" + name
+    name_str = pax.get("path") or long_name or name.decode("utf-8", "replace")
+    if "size" in pax:
+      size = int(pax["size"])
+      padded = (size + 511) // 512 * 512
+    pax, long_name = {}, None
+    if kind in (b"0", b"\0", b"7"):
+
+      def read_data(size=size, start=start, name=name_str) -> bytes:
+        f.seek(start)
+        data = f.read(size)
+        if len(data) != size:
+          raise _Damaged(f"member {name!r} holds {len(data)} of {size} bytes (truncated file)")
+        return data
+
+      yield name_str, read_data
+    f.seek(start + padded)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+  out, pos = {}, 0
+  while pos < len(data):
+    space = data.index(b" ", pos)
+    length = int(data[pos:space])
+    key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+    out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    pos += length
+  return out
+
+
+def _tarfile_members(path: str) -> Iterator[tuple[str, Callable[[], bytes]]]:
+  """The same for compressed tars, through the standard library's tarfile."""
+  with tarfile.open(path, "r:*") as tar:
+    while True:
+      try:
+        info = tar.next()
+      except tarfile.TarError as e:
+        raise _Damaged(f"{type(e).__name__}: {e}") from None
+      if info is None:
+        return
+      if not info.isfile():
+        continue
+
+      def read_data(info=info) -> bytes:
+        f = tar.extractfile(info)
+        data = f.read() if f is not None else b""
+        if len(data) != info.size:
+          raise _Damaged(f"member {info.name!r} holds {len(data)} of {info.size} bytes "
+                         "(truncated file)")
+        return data
+
+      yield info.name, read_data
 
 
 class _Damaged(Exception):

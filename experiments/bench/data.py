@@ -8,7 +8,10 @@ examples/s is per CPU core. Measured:
     (fashion-product-images, converted with `--format image-captions`);
   * interactions: SASRec next-item rows and BERT4Rec masked rows (amazon-videogames-sasrec);
   * audio log-mel of [32, 10 s at 16 kHz]: host numpy vs the jitted JAX function (CPU backend);
-  * the quickstart pipeline (shapes, 32 px, batch 256): time per batch.
+  * the quickstart pipeline (shapes, 32 px, batch 256): time per batch;
+  * with `--sources`: the same fashion pairs streamed from webdataset shards, a tfds ArrayRecord
+    build and parquet files (`data.source`), 224 px, decode + random-resized-crop + flip +
+    normalise + tokenise (captions tokenised on the fly), beside the ArrayRecord path above.
 Prints one JSON line per measurement.
 """
 
@@ -29,6 +32,8 @@ from data_pipelines import audio  # noqa: E402
 from data_pipelines import convert  # noqa: E402
 from data_pipelines import image_text  # noqa: E402
 from data_pipelines import pipelines  # noqa: E402
+from data_pipelines.sources import pairs as pairs_lib  # noqa: E402
+from data_pipelines.sources import write as write_lib  # noqa: E402
 
 
 def _rate(fn, n_examples: int, repeats: int) -> float:
@@ -46,6 +51,10 @@ def main() -> None:
   p.add_argument("--work", default="/tmp/mmcl_bench")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--repeats", type=int, default=8)
+  p.add_argument("--sources", action="store_true",
+                 help="also measure the webdataset, tfds and parquet sources (image_text only)")
+  p.add_argument("--only-image-text", action="store_true",
+                 help="skip the interactions, audio and shapes measurements")
   args = p.parse_args()
   shared, work = pathlib.Path(args.shared), pathlib.Path(args.work)
   results = []
@@ -64,6 +73,10 @@ def main() -> None:
     ds, _ = pipelines.build_train_dataset(cfg)
     report(kind="image_text", what="decode+rrc+flip+normalize+tokens @224px, 1 thread",
            examples_per_s_per_core=round(_rate(lambda t: ds[t], args.batch, args.repeats), 1))
+    if args.sources:
+      _streamed_sources(fashion, work, ds, args.batch, args.repeats, report)
+  if args.only_image_text:
+    return _machine()
   video = shared / "amazon-videogames-sasrec" / "Video.txt"
   if video.is_file():
     convert.convert("sasrec", video, work / "video")
@@ -87,10 +100,63 @@ def main() -> None:
   rate = _rate(lambda t: ds[t], 256, args.repeats)
   report(kind="image_text (quickstart shapes 32 px)", what="batch 256, augment, 1 thread",
          examples_per_s_per_core=round(rate, 1), ms_per_batch=round(256 / rate * 1e3, 2))
+  _machine()
+
+
+def _machine() -> None:
   cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
               if l.startswith("model name")), "?")
   print(json.dumps({"cpu": cpu, "cores": os.cpu_count(),
                     "loadavg": open("/proc/loadavg").read().split()[:3]}))
+
+
+def _cpu_rate(fn, n_examples: int, repeats: int) -> float:
+  """Examples per CPU-second of this thread (robust to other processes on a loaded machine)."""
+  fn(0)
+  t0 = time.thread_time()
+  for r in range(1, repeats + 1):
+    fn(r)
+  return n_examples * repeats / (time.thread_time() - t0)
+
+
+def _streamed_sources(fashion: pathlib.Path, work: pathlib.Path, arrayrecord_ds, batch: int,
+                      repeats: int, report) -> None:
+  """The fashion pairs (original 224 px JPEGs, as stored) written once in each format with its
+  own writer, then read through `data.source` pipelines in this one thread, each beside the
+  ArrayRecord path (`arrayrecord_ds`) measured again right before it, in CPU time."""
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(fashion / "styles.csv", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  prs = [(r["id"], (fashion / "images" / r["image"]).read_bytes(), r["productDisplayName"])
+         for r in rows]
+  out = work / "sources"
+  specs = {}
+  if not (out / "wds").is_dir():
+    write_lib.write_webdataset(prs, out / "wds", per_shard=500)
+  specs["webdataset"] = f"webdataset:{out}/wds/*.tar"
+  if not (out / "pq").is_dir():
+    write_lib.write_parquet(prs, out / "pq", per_file=500, row_group_size=100)
+  specs["parquet"] = f"parquet:{out}/pq/*.parquet"
+  if not (out / "tfds").is_dir():
+    write_lib.write_tfds({"train": prs}, out / "tfds", name="fashion_pairs")
+  specs["tfds"] = f"tfds:fashion_pairs:train@{out}/tfds"
+  for name, spec in specs.items():
+    data = pairs_lib.ImageTextData(spec, seed=0, image_size=224, max_text_len=32,
+                                   holdout_fraction=0.1, shuffle_buffer=1000,
+                                   cache_dir=str(out / "cache"))
+    ds = data.train_dataset(global_batch_size=batch)
+    if name == "tfds":
+      fn = lambda t, ds=ds: ds[t]  # noqa: E731
+    else:
+      it = iter(ds)
+      fn = lambda t, it=it: next(it)  # noqa: E731
+    base = _cpu_rate(lambda t: arrayrecord_ds[1000 + t], batch, repeats)
+    rate = _cpu_rate(fn, batch, repeats)
+    report(kind=f"image_text source {name}",
+           what="read+decode+rrc+flip+normalize+tokenize @224px, 1 thread, per CPU-second",
+           examples_per_s_per_core=round(rate, 1),
+           arrayrecord_examples_per_s_per_core=round(base, 1),
+           ratio_to_arrayrecord=round(rate / base, 3))
 
 
 if __name__ == "__main__":
