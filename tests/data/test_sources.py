@@ -317,3 +317,14 @@ def test_clip_tiny_trains_checkpoints_and_evaluates_on_each_source(trained_runs,
     assert metrics == trained_runs["webdataset"][1]
     other = (trained_runs["webdataset"][0] / "metrics.jsonl").read_text().splitlines()
     assert losses == [json.loads(r)["loss"] for r in other if '"loss"' in r]
+
+
+def test_compressed_shards_read_the_same_samples(fashion_sources, tmp_path):
+  import gzip
+  plain = fashion_sources["root"] / "wds" / "00002.tar"
+  (tmp_path / "00002.tar.gz").write_bytes(gzip.compress(plain.read_bytes(), compresslevel=1))
+  read = lambda p: [(pos, r["key"], r["caption"], r["image"])  # noqa: E731
+                    for pos, r in pairs.PairSource(f"webdataset:{p}").reader.read(0, 5)]
+  a, b = read(plain), read(tmp_path / "00002.tar.gz")
+  assert a == b and len(a) == PER_SHARD - 5 and a[0][0] == 5
+  assert a[0][1:3] == fashion_sources["pairs"][2 * PER_SHARD + 5][:3:2]
