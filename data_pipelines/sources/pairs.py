@@ -103,7 +103,7 @@ class ImageTextTransform:
     indices = np.asarray([records[r]["index"] for r in ok], np.int64)
     epochs = np.asarray([records[r].get("epoch", 0) for r in ok], np.int64)
     boxes, flips = self._boxes(sizes, indices, epochs)
-    images = np.zeros((b, s, s, 3), np.uint8)
+    images = np.empty((b, s, s, 3), np.uint8)
     good = np.zeros(b, bool)
     for j, r in enumerate(ok):
       try:
@@ -121,7 +121,7 @@ class ImageTextTransform:
       while not good[k]:
         k = (k + 1) % b
       source_row[r] = k
-    images = images[source_row]
+      images[r] = images[k]
     captions = [records[k]["caption"] for k in source_row.tolist()]
     index = np.asarray([records[k]["index"] for k in source_row.tolist()], np.int64)
     return {"image": image_ops.normalize(images),

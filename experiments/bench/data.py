@@ -110,20 +110,25 @@ def _machine() -> None:
                     "loadavg": open("/proc/loadavg").read().split()[:3]}))
 
 
-def _cpu_rate(fn, n_examples: int, repeats: int) -> float:
-  """Examples per CPU-second of this thread (robust to other processes on a loaded machine)."""
-  fn(0)
-  t0 = time.thread_time()
+def _paired_cpu_rates(fn_a, fn_b, n_examples: int, repeats: int) -> tuple[float, float]:
+  """Examples per CPU-second of this thread of two batch functions, timed alternately batch by
+  batch so that a loaded machine's drift (memory bandwidth, other processes) hits both alike."""
+  fn_a(0)
+  fn_b(0)
+  spent = [0.0, 0.0]
   for r in range(1, repeats + 1):
-    fn(r)
-  return n_examples * repeats / (time.thread_time() - t0)
+    for k, fn in enumerate((fn_a, fn_b)):
+      t0 = time.thread_time()
+      fn(r)
+      spent[k] += time.thread_time() - t0
+  return n_examples * repeats / spent[0], n_examples * repeats / spent[1]
 
 
 def _streamed_sources(fashion: pathlib.Path, work: pathlib.Path, arrayrecord_ds, batch: int,
                       repeats: int, report) -> None:
   """The fashion pairs (original 224 px JPEGs, as stored) written once in each format with its
   own writer, then read through `data.source` pipelines in this one thread, each beside the
-  ArrayRecord path (`arrayrecord_ds`) measured again right before it, in CPU time."""
+  ArrayRecord path (`arrayrecord_ds`), timed alternately with it in CPU time."""
   import csv  # pylint: disable=g-import-not-at-top
   with open(fashion / "styles.csv", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
@@ -150,8 +155,7 @@ def _streamed_sources(fashion: pathlib.Path, work: pathlib.Path, arrayrecord_ds,
     else:
       it = iter(ds)
       fn = lambda t, it=it: next(it)  # noqa: E731
-    base = _cpu_rate(lambda t: arrayrecord_ds[1000 + t], batch, repeats)
-    rate = _cpu_rate(fn, batch, repeats)
+    base, rate = _paired_cpu_rates(lambda t: arrayrecord_ds[1000 + t], fn, batch, repeats)
     report(kind=f"image_text source {name}",
            what="read+decode+rrc+flip+normalize+tokenize @224px, 1 thread, per CPU-second",
            examples_per_s_per_core=round(rate, 1),
