@@ -112,8 +112,8 @@ class ImageTextTransform:
       except ValueError as e:  # pixel data corrupt although the header parsed
         self._bad(records[r], "image", str(e))
     if not good.any():
-      raise ValueError(f"every sample of a batch is bad (first: {records[0]['path']}, "
-                       f"sample {records[0]['key']!r})")
+      raise spec_lib.SourceConfigError(f"every sample of a batch is bad (first: "
+                                       f"{records[0]['path']}, sample {records[0]['key']!r})")
     # A skipped row takes the next good row of the batch (cyclically).
     source_row = np.arange(b)
     for r in np.flatnonzero(~good).tolist():
@@ -237,11 +237,12 @@ class PairSource:
     limit = max_examples if max_examples > 0 else sys.maxsize
     if self.streamed:
       rows = []
-      for rec in stream.natural_records(self.reader, skip_bad_records=skip_bad_records):
-        if stream.is_held_out(rec["key"], holdout_fraction):
-          rows.append(dict(rec, epoch=0, split="heldout"))
-          if len(rows) >= limit:
-            break
+      keep = lambda key: stream.is_held_out(key, holdout_fraction)  # noqa: E731
+      for rec in stream.natural_records(self.reader, skip_bad_records=skip_bad_records,
+                                        keep=keep):
+        rows.append(dict(rec, epoch=0, split="heldout"))
+        if len(rows) >= limit:
+          break
       return ListTable(rows, str(self.spec))
     _, held = self._split_indices(holdout_fraction)
     return TfdsTable(self, held[:limit], skip_bad_records)
@@ -408,7 +409,8 @@ def source_tokenizer(source: PairSource, *, vocab_size: int, num_captions: int,
     return tokenizer_lib.TextTokenizer.load(path), path
   captions = source.training_captions(num_captions, holdout_fraction)
   if not captions:
-    raise ValueError(f"data source {source.spec}: no training captions to train a tokenizer on")
+    raise spec_lib.SourceConfigError(f"data source {source.spec}: no training captions to train a "
+                                     "tokenizer on")
   tok = tokenizer_lib.TextTokenizer.train(captions, vocab_size=vocab_size)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -482,10 +484,16 @@ class ImageTextData:
       self._held_out = self.eval.held_out(holdout_fraction=self._eval_fraction,
                                           max_examples=self.eval_examples,
                                           skip_bad_records=self.skip_bad_records)
-      if not len(self._held_out):
-        raise ValueError(f"data source {self.eval.spec}: no held-out samples (config keys "
-                         f"data.holdout_fraction={self.holdout_fraction}, data.eval_source)")
     return self._held_out
+
+  def _check_held_out(self, batch_size: int) -> RecordTable:
+    table = self.held_out()
+    if len(table) < batch_size:
+      raise spec_lib.SourceConfigError(
+          f"data source {self.eval.spec}: {len(table)} held-out samples, fewer than one batch "
+          f"of {batch_size}; raise data.holdout_fraction (now {self.holdout_fraction}) or "
+          f"data.eval_examples (now {self.eval_examples}), or set data.eval_source")
+    return table
 
   def train_dataset(self, *, global_batch_size: int, process_index: int = 0,
                     process_count: int = 1, num_epochs: int | None = None):
@@ -507,7 +515,7 @@ class ImageTextData:
   def val_iterator(self, *, global_batch_size: int, process_index: int = 0,
                    process_count: int = 1) -> grain.DatasetIterator:
     """Full training-layout batches of the held-out samples, in order, unaugmented."""
-    ds = table_batches(self.held_out(), self.transform(train=False),
+    ds = table_batches(self._check_held_out(global_batch_size), self.transform(train=False),
                        batch_size=global_batch_size,
                        process_index=process_index, process_count=process_count, pad=False)
     return to_iterator(ds, num_threads=2, prefetch_buffer_size=2)
@@ -515,7 +523,7 @@ class ImageTextData:
   def eval_batches(self, *, batch_size: int, process_index: int = 0, process_count: int = 1
                    ) -> grain.DatasetIterator:
     """One padded pass over the held-out samples (`valid` flags real rows)."""
-    return to_iterator(table_batches(self.held_out(), self.transform(train=False),
+    return to_iterator(table_batches(self._check_held_out(1), self.transform(train=False),
                                      batch_size=batch_size, process_index=process_index,
                                      process_count=process_count, pad=True),
                        num_threads=2, prefetch_buffer_size=2)

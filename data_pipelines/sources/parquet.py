@@ -10,7 +10,7 @@ reported with the file and the columns it has.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from data_pipelines.sources import spec as spec_lib
 
@@ -68,8 +68,10 @@ class ParquetShards:
         raise spec_lib.SourceConfigError(f"{path}: no column {column!r} (config key {what}); "
                                          f"the file has columns {names}")
 
-  def read(self, shard: int, start: int = 0) -> Iterator[tuple[int, dict | spec_lib.BadRecordError]]:
-    """(row, sample or BadRecordError) for the rows of file `shard` from row `start` on."""
+  def read(self, shard: int, start: int = 0, keep: Callable[[str], bool] | None = None
+           ) -> Iterator[tuple[int, dict | spec_lib.BadRecordError]]:
+    """(row, sample or BadRecordError) for the rows of file `shard` from row `start` on (only
+    the rows whose key `keep` accepts, when given)."""
     path = self.files[shard]
     base = os.path.basename(path)
     try:
@@ -103,6 +105,8 @@ class ParquetShards:
       for i in range(max(0, start - first), len(images)):
         row = first + i
         key = str(keys[i]) if keys is not None and keys[i] is not None else f"{base}/{row}"
+        if keep is not None and not keep(key):
+          continue
         image = images[i]
         if isinstance(image, dict):
           image = image.get("bytes")

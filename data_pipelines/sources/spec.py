@@ -24,8 +24,9 @@ from data_pipelines import records
 SCHEMES = ("arrayrecord", "webdataset", "tfds", "parquet")
 
 
-class SourceConfigError(ValueError):
-  """A source spec or a column/field name that does not fit the data (the message names them)."""
+class SourceConfigError(records.MetadataError):
+  """A source spec, a column/field name or a setting that does not fit the data (the message
+  names them). A `MetadataError`, so the command line reports it in one line (exit code 2)."""
 
 
 class BadRecordError(records.CorruptRecordError):

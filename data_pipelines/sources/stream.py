@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import grain
 import numpy as np
@@ -42,7 +42,8 @@ _WINDOW_STREAM = 0x57696E64  # separates window-shuffle randomness from other us
 class ShardReader(Protocol):
   files: list[str]
 
-  def read(self, shard: int, start: int = 0) -> Iterator[tuple[int, Any]]:
+  def read(self, shard: int, start: int = 0, keep: Callable[[str], bool] | None = None
+           ) -> Iterator[tuple[int, Any]]:
     ...
 
 
@@ -77,12 +78,12 @@ def handle_bad(error: spec_lib.BadRecordError, skip: bool) -> None:
   _LOG.warning("skipping bad sample: %s", error)
 
 
-def natural_records(reader: ShardReader, *, skip_bad_records: bool
-                    ) -> Iterator[dict[str, Any]]:
-  """Every good sample in the source's natural order (files sorted, then file order), with
-  `path`, `position` and `index` added."""
+def natural_records(reader: ShardReader, *, skip_bad_records: bool,
+                    keep: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+  """Every good sample (whose key `keep` accepts) in the source's natural order (files sorted,
+  then file order), with `path`, `position` and `index` added."""
   for shard, path in enumerate(reader.files):
-    for position, raw in reader.read(shard):
+    for position, raw in reader.read(shard, 0, keep):
       if isinstance(raw, spec_lib.BadRecordError):
         handle_bad(raw, skip_bad_records)
         continue
@@ -185,7 +186,7 @@ class _StreamIterator(grain.DatasetIterator):
         break
       empty_epochs += 1
       if empty_epochs > 1 or (shard == 0 and offset == 0):
-        raise ValueError(f"{self._reader!r}: process {self._o.process_index} of "
+        raise spec_lib.SourceConfigError(f"{self._reader!r}: process {self._o.process_index} of "
                          f"{self._o.process_count} found no training samples in its shards "
                          f"of epoch {epoch}")
       epoch, shard, offset, window_index = epoch + 1, 0, 0, 0

@@ -62,14 +62,16 @@ class WebDatasetShards:
                                      field=self.caption_fields[0], reason=f"not UTF-8 ({e})")
     return {"image": image, "caption": text, "key": key}
 
-  def read(self, shard: int, start: int = 0) -> Iterator[tuple[int, dict | spec_lib.BadRecordError]]:
+  def read(self, shard: int, start: int = 0, keep: Callable[[str], bool] | None = None
+           ) -> Iterator[tuple[int, dict | spec_lib.BadRecordError]]:
     """(position, sample or BadRecordError) for the samples of shard `shard` from `start` on.
 
-    Positions count samples from 0 in the file. Members of samples before `start` are skipped
-    without reading their data. A damaged tar ends the shard with one BadRecordError."""
+    Positions count samples from 0 in the file. Members of samples before `start`, and of
+    samples whose key `keep` rejects, are skipped without reading their data. A damaged tar
+    ends the shard with one BadRecordError."""
     path = self.files[shard]
     wanted = set(self.image_fields) | set(self.caption_fields)
-    position, key, members = -1, None, {}
+    position, key, members, kept = -1, None, {}, True
     try:
       with open(path, "rb") as f:
         head = f.read(6)
@@ -82,12 +84,13 @@ class WebDatasetShards:
             continue
           k, ext = parts
           if k != key:
-            if key is not None and position >= start:
+            if key is not None and position >= start and kept:
               yield position, self._sample(path, key, position, members)
             position, key, members = position + 1, k, {}
-          if position >= start and ext in wanted:
+            kept = keep is None or keep(k)
+          if position >= start and kept and ext in wanted:
             members[ext] = read_data()
-        if key is not None and position >= start:
+        if key is not None and position >= start and kept:
           yield position, self._sample(path, key, position, members)
     except Exception as e:  # pylint: disable=broad-except  (sorted below; GeneratorExit passes)
       if isinstance(e, _Damaged):
