@@ -9,7 +9,9 @@ Order contract of a streamed training source (S shards, P processes, b = B / P r
     whose state is three integers, since random access inside a tar or parquet file is impossible;
   * batches are consecutive runs of b emitted samples; a batch may span two epochs (the remainder
     of an epoch is carried over, never dropped); with `num_epochs` the stream ends after that many
-    epochs (a last partial batch is dropped).
+    epochs (a last partial batch is dropped). Hosts whose shards hold different numbers of
+    samples then stop at different steps, so multi-host runs stream without `num_epochs` (the
+    trainer's default: it stops at train.total_steps).
 The iterator's state is (epoch, shard, offset, window, taken): the start of the current window
 (the host's shard list index and the sample position inside that file) and how many of its
 samples were emitted. Restoring seeks the file to that sample (skipping members unread), re-reads

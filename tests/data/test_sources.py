@@ -114,6 +114,18 @@ def test_unknown_scheme_is_a_config_error_naming_the_key(tmp_path):
     loop_lib.setup(c, get_task_class("clip"))
 
 
+def test_too_few_held_out_samples_is_one_line_exit_code_2(fashion_sources, tmp_path):
+  from mmcl.cli import _exit_code
+  d = _data(fashion_sources["parquet"], tmp_path, holdout_fraction=0.01)
+  with pytest.raises(sources.SourceConfigError,
+                     match=r"\d held-out samples, fewer than one batch of 32; raise "
+                           r"data\.holdout_fraction \(now 0\.01\)") as e:
+    d.val_iterator(global_batch_size=B)
+  assert _exit_code(e.value) == 2 and "\n" not in str(e.value)
+  with pytest.raises(sources.SourceConfigError, match="nothing is held out"):
+    _data(fashion_sources["parquet"], tmp_path, holdout_fraction=0.0)
+
+
 def test_same_pairs_through_webdataset_and_parquet_give_the_same_batches(fashion_sources,
                                                                           tmp_path):
   wds = _data(fashion_sources["webdataset"], tmp_path)
