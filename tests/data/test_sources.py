@@ -42,6 +42,9 @@ def fashion_sources(tmp_path_factory):
   """{"pairs": [(key, jpeg, caption)], "webdataset"/"parquet"/"tfds": spec, "root": folder}."""
   if not FASHION.is_dir():
     pytest.skip(f"shared datasets not found at {FASHION} (the photos the sources are built from)")
+  pytest.importorskip("webdataset", reason="the webdataset package writes the shards: "
+                                           "pip install 'webdataset>=1.0.2' (test extra)")
+  pytest.importorskip("pyarrow", reason="pyarrow writes the parquet files (test extra)")
   with open(FASHION / "styles.csv", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))[:N]
   prs = [(r["id"], _small_jpeg(FASHION / "images" / r["image"]), r["productDisplayName"])
