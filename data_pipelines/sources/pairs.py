@@ -94,6 +94,8 @@ class ImageTextTransform:
     b, s = len(records), self.image_size
     opened: list[Any] = [None] * b
     for r, rec in enumerate(records):
+      if rec.get("reported"):
+        continue
       try:
         opened[r] = image_ops.open_image(rec["image"])
       except ValueError as e:
@@ -135,8 +137,9 @@ class ImageTextTransform:
 @dataclasses.dataclass(frozen=True)
 class Fields:
   """Where image, caption and key live: '' = the source's default (webdataset jpg/jpeg/png/webp
-  and txt; parquet columns image and caption, key `<file>/<row>`; tfds features image and
-  caption). For webdataset a field may list alternatives separated by ';'."""
+  and txt; parquet columns image and caption, key column `key` if present, else `<file>/<row>`;
+  tfds features image and caption). For webdataset a field may list alternatives separated by
+  ';'."""
   image: str = ""
   caption: str = ""
   key: str = ""
@@ -205,7 +208,8 @@ class PairSource:
     for i, raw in zip(indices.tolist(), rows):
       if isinstance(raw, spec_lib.BadRecordError):
         stream.handle_bad(raw, skip)
-        raw = {"image": b"", "caption": "", "key": self.reader.key(i)}  # the transform skips it
+        # Already reported: the transform replaces the row without reporting it again.
+        raw = {"image": b"", "caption": "", "key": self.reader.key(i), "reported": True}
       out.append(dict(raw, path=self.reader.path, position=i, index=i, epoch=epoch,
                       split=self.spec.split))
     return out

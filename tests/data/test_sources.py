@@ -6,6 +6,7 @@ same 320 real photos and product titles of ../shared/data/fashion-product-images
 64 px so decoding is cheap).
 """
 import csv
+import dataclasses
 import io
 import json
 import pathlib
@@ -343,3 +344,22 @@ def test_compressed_shards_read_the_same_samples(fashion_sources, tmp_path):
   a, b = read(plain), read(tmp_path / "00002.tar.gz")
   assert a == b and len(a) == PER_SHARD - 5 and a[0][0] == 5
   assert a[0][1:3] == fashion_sources["pairs"][2 * PER_SHARD + 5][:3:2]
+
+
+def test_corrupt_tfds_record_is_named_or_counted_once(fashion_sources, tmp_path, rewrite_record):
+  shutil.copytree(fashion_sources["root"] / "tfds", tmp_path / "tfds")
+  build = tmp_path / "tfds" / "fashion_pairs" / "1.0.0"
+  shard = next(build.glob("*-train.array_record-*")).name
+  rewrite_record(build, shard, 5, b"\xc1garbage")
+  spec = f"tfds:fashion_pairs:train@{tmp_path}/tfds"
+  tok = str(_data(fashion_sources["parquet"], tmp_path).tokenizer_path)
+  d = _data(spec, tmp_path, tokenizer=tok)
+  with pytest.raises(records.CorruptRecordError,
+                     match=r"1\.0\.0: sample 'train/5' \(record 5 of that file\), field '<record>'"):
+    d.source._read_indexed(np.asarray([4, 5]), epoch=0, skip=False)  # pylint: disable=protected-access
+  with records.skip_ledger(tmp_path / "ledger") as ledger:
+    rows = d.source._read_indexed(np.asarray([5, 6]), epoch=0, skip=True)  # pylint: disable=protected-access
+    batch = dataclasses.replace(d.transform(train=False), skip_bad_records=True)(rows)
+  assert ledger.counts() == {"train/<record>": 1}
+  np.testing.assert_array_equal(batch["index"], [6, 6])  # the bad row takes the next good one
+  np.testing.assert_array_equal(batch["image"][0], batch["image"][1])
