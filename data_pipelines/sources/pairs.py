@@ -27,6 +27,7 @@ batch, so batches keep their shape and stay deterministic.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -61,6 +62,8 @@ class ImageTextTransform:
   """Raw records → {image [b, S, S, 3] float32, text [b, L] int32, index [b] int64}.
 
   Each record carries image (bytes), caption, key, index (int), epoch, path, position.
+  `decode_threads` > 1 decodes the rows of a batch in that many threads (PIL releases the GIL
+  while decoding and resizing); the result does not depend on it.
   """
   image_size: int
   max_text_len: int
@@ -69,6 +72,7 @@ class ImageTextTransform:
   crop_scale: tuple[float, float] = (0.08, 1.0)
   seed: int = 0
   skip_bad_records: bool = False
+  decode_threads: int = 1
 
   def _bad(self, record: dict, field: str, reason: str) -> None:
     stream.handle_bad(spec_lib.BadRecordError(
@@ -107,12 +111,25 @@ class ImageTextTransform:
     boxes, flips = self._boxes(sizes, indices, epochs)
     images = np.empty((b, s, s, 3), np.uint8)
     good = np.zeros(b, bool)
-    for j, r in enumerate(ok):
+
+    def decode(j: int) -> str:
+      r = ok[j]
       try:
         images[r] = image_ops.decode_crop_resize(opened[r], boxes[j], s, flip=bool(flips[j]))
-        good[r] = True
+        return ""
       except ValueError as e:  # pixel data corrupt although the header parsed
-        self._bad(records[r], "image", str(e))
+        return str(e)
+
+    if self.decode_threads > 1 and len(ok) > 1:
+      with concurrent.futures.ThreadPoolExecutor(min(self.decode_threads, len(ok))) as pool:
+        reasons = list(pool.map(decode, range(len(ok))))
+    else:
+      reasons = [decode(j) for j in range(len(ok))]
+    for j, r in enumerate(ok):  # reported in row order, whatever the threads did
+      if reasons[j]:
+        self._bad(records[r], "image", reasons[j])
+      else:
+        good[r] = True
     if not good.any():
       raise spec_lib.SourceConfigError(f"every sample of a batch is bad (first: "
                                        f"{records[0]['path']}, sample {records[0]['key']!r})")
@@ -440,7 +457,8 @@ class ImageTextData:
                fields: Fields = Fields(), tokenizer: str = "", vocab_size: int = 8192,
                tokenizer_captions: int = 100_000, holdout_fraction: float = 0.02,
                eval_source: str = "", eval_examples: int = 5000, shuffle_buffer: int = 1000,
-               cache_dir: str = "", augment: bool = True, skip_bad_records: bool = False):
+               cache_dir: str = "", augment: bool = True, skip_bad_records: bool = False,
+               decode_threads: int = 0):
     if not 0.0 <= holdout_fraction < 1.0:
       raise spec_lib.SourceConfigError(f"config key data.holdout_fraction must be in [0, 1), "
                                        f"got {holdout_fraction}")
@@ -455,6 +473,7 @@ class ImageTextData:
     self.eval_examples, self.shuffle_buffer = eval_examples, shuffle_buffer
     self.seed, self.image_size, self.max_text_len = seed, image_size, max_text_len
     self.augment, self.skip_bad_records = augment, skip_bad_records
+    self.decode_threads = decode_threads or min(os.cpu_count() or 1, 16)
     if tokenizer:
       self.tokenizer_path = pathlib.Path(tokenizer)
       self.tokenizer = tokenizer_lib.TextTokenizer.load(self.tokenizer_path)
@@ -476,12 +495,14 @@ class ImageTextData:
                holdout_fraction=float(g("holdout_fraction")), eval_source=g("eval_source"),
                eval_examples=int(g("eval_examples")), shuffle_buffer=int(g("shuffle_buffer")),
                cache_dir=g("cache_dir"), augment=bool(g("augment")),
-               skip_bad_records=bool(g("skip_bad_records")))
+               skip_bad_records=bool(g("skip_bad_records")),
+               decode_threads=int(g("decode_threads")))
 
   def transform(self, *, train: bool) -> ImageTextTransform:
     return ImageTextTransform(image_size=self.image_size, max_text_len=self.max_text_len,
                               tokenizer=self.tokenizer, augment=train and self.augment,
-                              seed=self.seed, skip_bad_records=self.skip_bad_records)
+                              seed=self.seed, skip_bad_records=self.skip_bad_records,
+                              decode_threads=self.decode_threads)
 
   def held_out(self) -> RecordTable:
     if self._held_out is None:

@@ -148,7 +148,7 @@ def _streamed_sources(fashion: pathlib.Path, work: pathlib.Path, arrayrecord_ds,
   for name, spec in specs.items():
     data = pairs_lib.ImageTextData(spec, seed=0, image_size=224, max_text_len=32,
                                    holdout_fraction=0.1, shuffle_buffer=1000,
-                                   cache_dir=str(out / "cache"))
+                                   cache_dir=str(out / "cache"), decode_threads=1)
     ds = data.train_dataset(global_batch_size=batch)
     if name == "tfds":
       fn = lambda t, ds=ds: ds[t]  # noqa: E731

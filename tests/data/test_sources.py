@@ -63,7 +63,8 @@ def fashion_sources(tmp_path_factory):
 
 def _data(spec, tmp_path, **kw):
   args = dict(seed=1, image_size=32, max_text_len=L, vocab_size=256, holdout_fraction=HOLDOUT,
-              eval_examples=0, shuffle_buffer=24, cache_dir=str(tmp_path / "cache"))
+              eval_examples=0, shuffle_buffer=24, cache_dir=str(tmp_path / "cache"),
+              decode_threads=3)
   args.update(kw)
   return pairs.ImageTextData(spec, **args)
 
@@ -144,6 +145,10 @@ def test_same_pairs_through_webdataset_and_parquet_give_the_same_batches(fashion
   np.testing.assert_array_equal(a[0]["text"], wds.tokenizer.encode(captions, L))
   # The image normalisation is the ArrayRecord path's (CLIP mean/std).
   assert a[0]["image"].min() >= -1.8 and a[0]["image"].max() <= 2.2
+  # Decoding threads change nothing.
+  one = _take(_data(fashion_sources["webdataset"], tmp_path, decode_threads=1).train_iterator(
+      global_batch_size=B, num_threads=0, prefetch_buffer_size=0), 2)
+  _assert_batches_equal(one, a[:2])
   # Another seed gives another order.
   c = _take(_data(fashion_sources["parquet"], tmp_path, seed=2).train_iterator(
       global_batch_size=B, num_threads=0, prefetch_buffer_size=0), 1)
