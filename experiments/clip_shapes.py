@@ -5,6 +5,12 @@ Results, evidence and what was rejected: docs/results/clip.md.
   mmcl train --config experiments/clip_shapes.py --workdir workdirs/clip_shapes
   mmcl eval  --workdir workdirs/clip_shapes
 
+The same recipe on pairs you hold (webdataset shards, a tfds ArrayRecord build, parquet files;
+streamed, see BUILD.md "Streamed sources"):
+
+  mmcl train --config experiments/clip_shapes.py:tiny --workdir workdirs/clip_wds \
+             --set data.source='webdataset:/data/shards/{00000..00099}.tar'
+
 Variants (`--config experiments/clip_shapes.py:VARIANT`):
   (none)   the quickstart: ~2 minutes on a 2-core CPU, text→image Recall@1 far above chance.
   tiny     a few steps of a very small model, for tests.
