@@ -1,7 +1,7 @@
 """webdataset / tfds / parquet sources: parsing and errors, order rules, exact resume, hold-out,
 tokenizer, bad samples, and the CLIP recipe trained and evaluated on each.
 
-The three sources are written once per test session, with each format's own writer, from the
+The three sources are written once per test run, with each format's own writer, from the
 same 320 real photos and product titles of ../shared/data/fashion-product-images (re-encoded at
 64 px so decoding is cheap).
 """
