@@ -1,8 +1,9 @@
 """One uninterrupted reference run shared by the preemption and SLURM tests (and by pytest-xdist
 workers: the first worker to need it trains it under a file lock, the others read it).
 
-The run is experiments/clip_shapes.py:tiny for 24 steps, one loss row per step, checkpoints every 8,
-in one process on 2 simulated devices. Runs that must match it use 2 devices in total too (one
+The run is experiments/clip_shapes.py:tiny for 24 steps, one loss row per step, checkpoints every 8
+(the newest 2 kept, so a resumed run crosses a retention deletion), in one process on 2 simulated
+devices. Runs that must match it use 2 devices in total too (one
 process with 2, or two processes with 1 each): the mesh is then the same and the numbers are
 bit-identical. All processes share one JAX compilation cache, so only the first compiles.
 """
@@ -22,7 +23,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = "experiments/clip_shapes.py:tiny"
 TOTAL_STEPS = 24
 SETS = ["--set", f"train.total_steps={TOTAL_STEPS}", "--set", "train.log_every=1",
-        "--set", "train.checkpoint_every=8", "--set", "train.val_batches=0"]
+        "--set", "train.checkpoint_every=8", "--set", "train.keep_checkpoints=2",
+        "--set", "train.val_batches=0"]
 
 
 def shared_root(tmp_path_factory) -> pathlib.Path:
@@ -44,11 +46,12 @@ def locked(path: pathlib.Path):
 
 
 def env(root: pathlib.Path, devices: int) -> dict[str, str]:
-  """Environment of an `mmcl` subprocess: `devices` CPU devices, the shared compilation cache."""
+  """Environment of an `mmcl` subprocess: `devices` CPU devices and the test run's compilation
+  cache (tests/conftest.py), or one under `root` when none is set."""
   e = dict(os.environ)
   e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   e["JAX_PLATFORMS"] = "cpu"
-  e["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax-cache")
+  e.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax-cache"))
   e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return e
 

@@ -9,6 +9,7 @@ workers through a file), so they run side by side; each test then waits for its 
 """
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 
 import shared_runs
+from mmcl import cli
 from mmcl.train import finished as finished_lib
 
 pytestmark = pytest.mark.slow
@@ -67,20 +69,22 @@ def _wait(jid: str, log: pathlib.Path | None = None, timeout: float = JOB_TIMEOU
   raise AssertionError(f"job {jid} did not end within {timeout} s: {_job(jid)}\n{tail}")
 
 
-def _start(args, *, root, devices) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", "mmcl.cli", *args], cwd=shared_runs.REPO,
-                          env=shared_runs.env(root, devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-
-
-def _finish(p: subprocess.Popen) -> str:
-  out, err = p.communicate(timeout=300)
-  assert p.returncode == 0, err[-3000:]
-  return out
-
-
 def _submit(args, *, root, devices) -> str:
-  return _finish(_start(args, root=root, devices=devices))
+  """Runs an `mmcl launch` / `mmcl sweep --launcher slurm` command in this process (it only writes
+  scripts and calls sbatch) with the environment its jobs must inherit; returns what it printed."""
+  saved, cwd = dict(os.environ), os.getcwd()
+  os.environ.update(shared_runs.env(root, devices))
+  os.chdir(shared_runs.REPO)
+  out, err = io.StringIO(), io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      rc = cli.main(list(args))
+  finally:
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(saved)
+  assert rc == 0, err.getvalue()[-3000:]
+  return out.getvalue()
 
 
 def _job_ids(stdout: str) -> list[str]:
@@ -129,9 +133,9 @@ def _submit_all(sigterm_reference):
     out["sigterm_workdir"] = str(wd)
     # (b) 2 grid points × 2 seeds as one job array, then the table job.
     out["sweep_workdir"] = str(root / "slurm-sweep")
-    sweeping = _start(["sweep", "--launcher", "slurm", "--config", shared_runs.TINY,
-                       "--workdir", out["sweep_workdir"], *SWEEP_GRID, "--seeds", "0,1",
-                       "--max-parallel", "2", *sets], root=root, devices=2)
+    sweeping = _submit(["sweep", "--launcher", "slurm", "--config", shared_runs.TINY,
+                        "--workdir", out["sweep_workdir"], *SWEEP_GRID, "--seeds", "0,1",
+                        "--max-parallel", "2", *sets], root=root, devices=2)
     # (d) mmcl train in an sbatch script, no srun: one process on 2 devices.
     wd = root / "slurm-wrap"
     wd.mkdir()
@@ -145,11 +149,10 @@ def _submit_all(sigterm_reference):
     # (a) 2 nodes × 1 task with its evaluator job; submitted once (c) has compiled the 2-process
     # step into the shared cache, which (a) then reuses.
     out["launch_workdir"] = str(root / "slurm-launch")
-    launching = _start([*launch, "--workdir", out["launch_workdir"], "--tasks-per-node", "1",
-                        "--eval", "--eval-poll", "1", *sets], root=root, devices=1)
-    out["launch_train"], out["launch_eval"] = _job_ids(_finish(launching))
-    out["sweep_array"], out["sweep_collect"] = re.findall(r"job (?:array )?(\d+) ",
-                                                          _finish(sweeping))[:2]
+    launching = _submit([*launch, "--workdir", out["launch_workdir"], "--tasks-per-node", "1",
+                         "--eval", "--eval-poll", "1", *sets], root=root, devices=1)
+    out["launch_train"], out["launch_eval"] = _job_ids(launching)
+    out["sweep_array"], out["sweep_collect"] = re.findall(r"job (?:array )?(\d+) ", sweeping)[:2]
     record.write_text(json.dumps(out))
     return out
 

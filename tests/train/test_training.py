@@ -1,17 +1,16 @@
-"""End-to-end trainer behaviour on the tiny CLIP config: learning, resume after SIGKILL, multi-host,
+"""End-to-end trainer behaviour on the tiny CLIP config: learning, resume after SIGKILL,
 NaN handling, retention, and clear errors for bad input."""
 import json
 import os
 import pathlib
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+
+import shared_runs
 
 from mmcl.config import load_config_file
 from mmcl.tasks import get_task_class
@@ -29,14 +28,6 @@ def _config(shapes_dir, **overrides):
   for k, v in overrides.items():
     c.set(k.replace("__", "."), v)
   return c
-
-
-def _cli(args, devices=8, env=None, **kw):
-  e = dict(os.environ)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  e["JAX_PLATFORMS"] = "cpu"
-  e.update(env or {})
-  return subprocess.Popen([sys.executable, "-m", "mmcl.cli", *args], cwd=REPO, env=e, **kw)
 
 
 def _final_params(workdir, shapes_dir):
@@ -63,56 +54,27 @@ def test_training_learns_on_procedural_data(shapes_dir, tmp_path):
   assert 0 < rows[-1]["temperature"] < 1
 
 
-def test_resume_after_sigkill_is_bit_identical(shapes_dir, tmp_path):
-  # Killed once step 8 is saved, half-way: 8 more steps (seconds) to the end, while the test
-  # polls every 10 ms; resuming still crosses a retention deletion (keep 2 of 4, 8, 12, 16).
-  sets = ["--set", f"data.dir={shapes_dir}", "--set", "train.total_steps=16",
-          "--set", "train.checkpoint_every=4", "--set", "train.keep_checkpoints=2"]
-  full = tmp_path / "full"
-  assert _cli(["train", "--config", TINY, "--workdir", str(full), *sets]).wait() == 0
-  killed = tmp_path / "killed"
-  p = _cli(["train", "--config", TINY, "--workdir", str(killed), *sets])
-  ckdir = killed / "checkpoints"
-  deadline = time.time() + 120
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(sigterm_reference, tmp_path):
+  # Killed once step 8 is saved (of 24; the test polls every 10 ms); the rerun resumes, crosses a
+  # retention deletion (the newest 2 of 8, 16, 24 are kept) and must end exactly where the shared
+  # uninterrupted reference run (tests/shared_runs.py) ended. Two processes against one: see
+  # tests/train/test_preemption.py and tests/launch/test_slurm.py.
+  ref = sigterm_reference
+  args = ["train", "--config", shared_runs.TINY, "--workdir", str(tmp_path), *ref["sets"]]
+  p = shared_runs.cli(args, root=ref["root"], devices=2)
+  ckdir = tmp_path / "checkpoints"
+  deadline = time.time() + 300
   while time.time() < deadline and p.poll() is None:
     if ckdir.is_dir() and any(d.name.isdigit() and int(d.name) >= 8 for d in ckdir.iterdir()):
       break
     time.sleep(0.01)
   os.kill(p.pid, signal.SIGKILL)
   assert p.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-  steps = ckpt_lib.Checkpointer(killed, read_only=True).all_steps()
-  assert steps and max(steps) < 16
-  assert _cli(["train", "--config", TINY, "--workdir", str(killed), *sets]).wait() == 0
-  s1, p1 = _final_params(full, shapes_dir)
-  s2, p2 = _final_params(killed, shapes_dir)
-  assert s1 == s2 == 16
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-    np.testing.assert_array_equal(a, b)
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process(shapes_dir, tmp_path):
-  sets = ["--set", f"data.dir={shapes_dir}", "--set", "train.total_steps=6",
-          "--set", "train.log_every=1", "--set", "train.checkpoint_every=6",
-          "--set", "train.val_batches=0"]
-  one = tmp_path / "one"
-  assert _cli(["train", "--config", TINY, "--workdir", str(one), *sets], devices=4).wait() == 0
-  two = tmp_path / "two"
-  port = _free_port()
-  procs = [_cli(["train", "--config", TINY, "--workdir", str(two), *sets,
-                 "--set", f"distributed.coordinator_address=127.0.0.1:{port}",
-                 "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}"],
-                devices=2) for i in range(2)]
-  assert [p.wait(timeout=300) for p in procs] == [0, 0]
-  l1 = [r["loss"] for r in read_metrics(one) if "loss" in r]
-  l2 = [r["loss"] for r in read_metrics(two) if "loss" in r]
-  assert len(l1) == len(l2) == 6
-  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  steps = ckpt_lib.Checkpointer(tmp_path, read_only=True).all_steps()
+  assert steps and max(steps) < shared_runs.TOTAL_STEPS
+  assert shared_runs.cli(args, root=ref["root"], devices=2).wait(timeout=300) == 0
+  shared_runs.assert_same_run(tmp_path, ref["workdir"])
 
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(shapes_dir, tmp_path):
@@ -135,13 +97,15 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(shapes_dir, tmp_path):
   assert ckpt_lib.Checkpointer(tmp_path, read_only=True).all_steps() == [4]
 
 
-def test_missing_dataset_is_a_clear_error(tmp_path):
-  p = _cli(["train", "--config", TINY, "--workdir", str(tmp_path / "w"),
-            "--set", f"data.dir={tmp_path / 'nope'}"], stderr=subprocess.PIPE, text=True)
-  _, err = p.communicate(timeout=120)
-  assert p.returncode != 0
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys, monkeypatch):
+  from mmcl import cli
+  monkeypatch.chdir(REPO)
+  rc = cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"),
+                 "--set", f"data.dir={tmp_path / 'nope'}"])
+  err = capsys.readouterr().err
+  assert rc == 2, err
   assert str(tmp_path / "nope") in err and "build-shapes" in err
-  assert "Traceback" not in err
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_retention_keeps_latest_and_best(shapes_dir, tmp_path):
