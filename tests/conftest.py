@@ -1,6 +1,13 @@
 """Test setup: every test runs on the CPU with 8 simulated devices, so sharding is exercised."""
 import os
 
+# One BLAS thread per process: the suite runs one pytest worker per core, and OpenBLAS's own
+# threads on small matrices (probe fits, L-BFGS steps) spin against the other worker and every
+# subprocess; scipy's L-BFGS-B runs ~30x slower per iteration that way on 2 cores. Set before
+# numpy is imported; workers and subprocesses inherit it.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+  os.environ.setdefault(_var, "1")
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
