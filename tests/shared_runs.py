@@ -22,9 +22,9 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = "experiments/clip_shapes.py:tiny"
 TOTAL_STEPS = 24
-SETS = ["--set", f"train.total_steps={TOTAL_STEPS}", "--set", "train.log_every=1",
-        "--set", "train.checkpoint_every=8", "--set", "train.keep_checkpoints=2",
-        "--set", "train.val_batches=0"]
+SCHEDULE = ["--set", f"train.total_steps={TOTAL_STEPS}", "--set", "train.log_every=1",
+            "--set", "train.checkpoint_every=8", "--set", "train.keep_checkpoints=2"]
+SETS = [*SCHEDULE, "--set", "train.val_batches=0"]
 
 
 def shared_root(tmp_path_factory) -> pathlib.Path:
