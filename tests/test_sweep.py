@@ -28,14 +28,15 @@ def test_bad_grid_value_fails_before_any_training(tmp_path):
 
 
 def test_sweep_runs_every_combination(shapes_dir, tmp_path, monkeypatch, capfd):
-  # `mmcl sweep` itself runs in this process (it only starts the runs, both at once); every run's train and
-  # eval are still their own `python -m mmcl.cli` subprocesses, with 2 devices each. The grid is
+  # `mmcl sweep` itself runs in this process (it only starts the runs, both at once); every
+  # run's train and eval are their own `python -m mmcl.cli` subprocesses, 2 devices each. The grid is
   # a host-side data option and the schedule is the shared reference run's (tests/shared_runs.py),
   # so both runs execute the train step that the test run's compilation cache already holds.
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   monkeypatch.chdir(REPO)
   rc = cli.main(["sweep", "--config", "experiments/clip_shapes.py:tiny",
-                 "--workdir", str(tmp_path), "--grid", "data.augment=true,false", "--parallel", "2",
+                 "--workdir", str(tmp_path), "--grid", "data.augment=true,false",
+                 "--parallel", "2",
                  "--set", f"data.dir={shapes_dir}", *shared_runs.SCHEDULE])
   assert rc == 0, capfd.readouterr().err[-3000:]
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
