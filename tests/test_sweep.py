@@ -29,9 +29,9 @@ def test_bad_grid_value_fails_before_any_training(tmp_path):
 
 def test_sweep_runs_every_combination(shapes_dir, tmp_path, monkeypatch, capfd):
   # `mmcl sweep` itself runs in this process (it only starts the runs, both at once); every
-  # run's train and eval are their own `python -m mmcl.cli` subprocesses, 2 devices each. The grid is
-  # a host-side data option and the schedule is the shared reference run's (tests/shared_runs.py),
-  # so both runs execute the train step that the test run's compilation cache already holds.
+  # run's train and eval are their own `python -m mmcl.cli` subprocesses, 2 devices each. The
+  # grid is a host-side data option and the schedule is the shared reference run's
+  # (tests/shared_runs.py), so both runs execute the train step the compilation cache holds.
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   monkeypatch.chdir(REPO)
   rc = cli.main(["sweep", "--config", "experiments/clip_shapes.py:tiny",
