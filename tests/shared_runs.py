@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -45,11 +46,18 @@ def locked(path: pathlib.Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def xla_flags(devices: int) -> str:
+  """The test run's XLA_FLAGS (tests/conftest.py: compile options) with `devices` CPU devices."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  return f"--xla_force_host_platform_device_count={devices} {flags.strip()}".strip()
+
+
 def env(root: pathlib.Path, devices: int) -> dict[str, str]:
   """Environment of an `mmcl` subprocess: `devices` CPU devices and the test run's compilation
   cache (tests/conftest.py), or one under `root` when none is set."""
   e = dict(os.environ)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["XLA_FLAGS"] = xla_flags(devices)
   e["JAX_PLATFORMS"] = "cpu"
   e.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax-cache"))
   e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

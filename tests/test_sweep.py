@@ -32,7 +32,7 @@ def test_sweep_runs_every_combination(shapes_dir, tmp_path, monkeypatch, capfd):
   # run's train and eval are their own `python -m mmcl.cli` subprocesses, 2 devices each. The
   # grid is a host-side data option and the schedule is the shared reference run's
   # (tests/shared_runs.py), so both runs execute the train step the compilation cache holds.
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.setenv("XLA_FLAGS", shared_runs.xla_flags(2))
   monkeypatch.chdir(REPO)
   rc = cli.main(["sweep", "--config", "experiments/clip_shapes.py:tiny",
                  "--workdir", str(tmp_path), "--grid", "data.augment=true,false",

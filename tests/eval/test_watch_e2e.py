@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+import shared_runs
+
 from mmcl.eval import evaluator as evaluator_lib
 from mmcl.eval import watch as watch_lib
 
@@ -30,7 +32,7 @@ def _cli(args, log_path):
   # 2 devices (as the other multi-process tests): smaller programs, and the eval step compiled by
   # one process is the test run's compilation cache entry for the next.
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=shared_runs.xla_flags(2))
   log = open(log_path, "w")
   return subprocess.Popen([sys.executable, "-m", "mmcl.cli", *args], cwd=REPO, env=env,
                           stdout=log, stderr=subprocess.STDOUT)
