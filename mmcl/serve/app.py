@@ -168,6 +168,11 @@ async def metadata(request: web.Request) -> web.Response:
                                                 for m in list(sys.modules))},
       "batching": {"max_batch_size": state.config.max_batch_size,
                    "max_wait_ms": state.config.max_wait_ms},
+      # Model calls and rows so far (rows / calls: the mean batch size request batching reached).
+      "stats": {**{name: {"calls": b.calls, "rows": b.rows}
+                   for name, b in state.embedders.items()},
+                **{f"search:{name}": {"calls": b.calls, "rows": b.rows}
+                   for name, b in state.searchers.items()}},
       "limits": {"max_k": state.config.max_k, "max_inputs_per_request": MAX_INPUTS_PER_REQUEST,
                  "max_request_bytes": state.config.max_request_bytes}})
 
