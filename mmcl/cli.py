@@ -4,7 +4,8 @@
   mmcl eval  --workdir DIR [--step N] [--watch [--poll S] [--timeout S]] [--set key=value --tag T]
   mmcl export --workdir DIR [--step N] --out DIR [--format onnx] [--corpus [--index faiss[:KIND]]]
               [--overwrite]
-  mmcl serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 64] [--max-wait-ms 2]
+  mmcl serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--runtime auto|onnx|jax]
+             [--max-batch-size 64] [--max-wait-ms 0]
   mmcl export --tower FOLDER --out DIR [--max-length N] [--dtype bfloat16]   (pretrained tower)
   mmcl sweep --config F --workdir DIR --grid key=v1,v2 [--grid key2=...] [--set key=value ...]
              [--seeds 0,1,2] [--parallel K]                       (here, K elements at a time)
@@ -243,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--max-batch-size", type=int, default=64,
                  help="inputs of concurrent requests run together, up to this many (1: no "
                       "request batching)")
-  v.add_argument("--max-wait-ms", type=float, default=2.0,
-                 help="how long the first waiting request waits for others to join its batch")
+  v.add_argument("--max-wait-ms", type=float, default=0.0,
+                 help="how long the first request of a batch waits for others to join it (0: "
+                      "batch only the requests that queued while the previous call ran)")
   v.add_argument("--max-k", type=int, default=1000, help="largest k a /search may ask for")
   v.add_argument("--max-request-bytes", type=int, default=16 << 20,
                  help="largest request body accepted")

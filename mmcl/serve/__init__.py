@@ -1,7 +1,7 @@
 """`mmcl serve`: an HTTP retrieval service over an `mmcl export` directory.
 
   mmcl serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--runtime auto|onnx|jax]
-                        [--max-batch-size 64] [--max-wait-ms 2]
+                        [--max-batch-size 64] [--max-wait-ms 0]
 
   model.py     the export's towers (ONNX Runtime or jax) with their preprocessing, its corpora
   batching.py  concurrent requests batched into one model call

@@ -56,7 +56,7 @@ class ServeConfig:
   port: int = 8000
   runtime: str = "auto"
   max_batch_size: int = 64
-  max_wait_ms: float = 2.0
+  max_wait_ms: float = 0.0
   max_k: int = 1000
   max_request_bytes: int = 16 << 20
   threads: int = max(2, min(8, os.cpu_count() or 2))

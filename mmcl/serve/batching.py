@@ -1,10 +1,12 @@
 """Request batching: inputs of concurrent requests run through a model together.
 
 A `Batcher` owns one model call (a tower, or an index search). Requests put their rows on its
-queue and await a future; one worker task takes the first waiting request, lets others join for
-up to `max_wait_ms` or until `max_batch_size` rows are collected, runs the call once on the
-concatenated rows in a worker thread (the event loop keeps accepting requests meanwhile) and
-hands each request its slice of the result. A request with more rows than `max_batch_size` runs
+queue and await a future; one worker task takes every request waiting (up to `max_batch_size`
+rows), runs the call once on the concatenated rows in a worker thread (the event loop keeps
+accepting requests meanwhile) and hands each request its slice of the result. Requests that
+arrive while a call runs form the next batch, so under load batches grow by themselves and an
+idle server adds no delay; `max_wait_ms` > 0 also lets the first request of a batch wait that
+long for company. A request with more rows than `max_batch_size` runs
 alone. With `max_batch_size` 1 there is no queue: each request calls the model in its own thread.
 """
 
@@ -25,7 +27,7 @@ class BatchingConfig:
   """max_batch_size: rows per model call (1 disables batching); max_wait_ms: how long the first
   request of a batch waits for others."""
   max_batch_size: int = 64
-  max_wait_ms: float = 2.0
+  max_wait_ms: float = 0.0
 
   def __post_init__(self):
     if self.max_batch_size < 1 or self.max_wait_ms < 0:

@@ -170,6 +170,9 @@ def _onnx_runner(path: pathlib.Path, input_name: str) -> Callable[[np.ndarray], 
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
   options = ort.SessionOptions()
   options.log_severity_level = 3
+  # Idle intra-op threads sleep instead of spinning: the cores stay free for request handling
+  # and the other towers' calls.
+  options.add_session_config_entry("session.intra_op.allow_spinning", "0")
   session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
   return lambda x: session.run(None, {input_name: x})[0]
 
