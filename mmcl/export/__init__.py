@@ -2,6 +2,7 @@
 
   export_workdir(workdir, out, step=None, corpus=False, fmt="jax", index=None)
                                                           `mmcl export --workdir DIR`
+  export_task(task, params, out, ...)                       the same for parameters in memory
   export_pretrained(folder, out, max_length=256)          `mmcl export --tower FOLDER`
   verify_export(out)                                      checks files against the manifest
   export_tower(tower, params)                             one Task.export_towers() entry
@@ -13,8 +14,8 @@ queries from an export directory. See `mmcl.export.exporter` for the output layo
 """
 import importlib
 
-__all__ = ["FORMAT", "MANIFEST", "ExportError", "export_pretrained", "export_tower",
-           "export_workdir", "sha256_file", "verify_export"]
+__all__ = ["FORMAT", "MANIFEST", "ExportError", "export_pretrained", "export_task",
+           "export_tower", "export_workdir", "sha256_file", "verify_export"]
 
 
 def __getattr__(name: str):

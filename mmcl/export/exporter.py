@@ -181,6 +181,35 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
     raise FileExistsError(f"{out} exists; pass overwrite=True (mmcl export --overwrite) to "
                           "replace it")
   config, task, step, params = _restore(workdir, step)
+  return export_task(task, params, out, step=step, corpus=corpus, platforms=platforms,
+                     overwrite=overwrite, fmt=fmt, index=index,
+                     source={"source_workdir": str(workdir.absolute())})
+
+
+def export_task(task: Task, params: Any, out: str | os.PathLike, *, step: int | None = None,
+                corpus: bool = False, platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                overwrite: bool = False, fmt: str = "jax", index: str | None = None,
+                source: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Exports a task's towers (and corpus) for given parameters: what `export_workdir` writes after
+  restoring the checkpoint, also callable on parameters held in memory.
+
+  Args:
+    task: the task (its config is recorded in the manifest).
+    params: its parameters (device or host arrays).
+    out, corpus, platforms, overwrite, fmt, index: as in `export_workdir`.
+    step: the checkpoint step recorded in the manifest (None: not from a checkpoint).
+    source: extra manifest fields naming where the parameters came from.
+
+  Returns:
+    The manifest (also written to out/manifest.json).
+  """
+  from mmcl.export import index as index_lib  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(out)
+  _check_format(fmt)
+  index_kind = index_lib.parse_index_spec(index)
+  if index_kind is not None and not corpus:
+    raise ExportError("--index builds an index of the exported corpus: pass --corpus with it")
+  config = task.config
   host_params = jax.device_get(params)
   towers = task.export_towers(host_params)
   if not towers:
@@ -192,8 +221,8 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
     corpus_entries = (_write_corpus(stage, task, params, entries, index_kind=index_kind,
                                     seed=int(config.seed)) if corpus else {})
     return _write_manifest(stage, {
-        "task": config.task.name, "step": int(step),
-        "source_workdir": str(workdir.absolute()), "towers": entries,
+        "task": config.task.name, "step": None if step is None else int(step),
+        **(source or {}), "towers": entries,
         "corpus": corpus_entries, "config": json.loads(config.to_json())})
 
   return _staged(out, overwrite, write)

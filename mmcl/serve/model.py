@@ -9,6 +9,9 @@ Raw inputs by the tower's `preprocessing["input"]`:
                width; RGB; normalised with the manifest's float32 scale / shift.
   "token_ids"  a string, tokenized with the export's tokenizer.json, truncated and padded as the
                manifest says.
+  "item_history"  a list of item ids (strings of the export's item_ids.txt), oldest first; the
+               most recent max_len are kept, left-padded with index 0.
+  "item_id"    one item id (a string of item_ids.txt).
   any other    the tower's input itself as a nested list of numbers of the manifest's shape
                (without the batch axis).
 """
@@ -126,6 +129,40 @@ class TokenIdsInput:
     return row
 
 
+class ItemIdsInput:
+  """item ids (strings) → indices 1..N of the export's item_ids.txt: one id ("item_id") → [1], a
+  history ("item_history") → [max_len], the most recent last, left-padded with 0."""
+
+  MAX_HISTORY = 10_000
+
+  def __init__(self, pre: dict, shape: list, export_dir: pathlib.Path):
+    lines = (export_dir / pre["item_ids"]).read_text(encoding="utf-8").splitlines()
+    self.index = {item: j + 1 for j, item in enumerate(lines)}
+    self.history = pre["input"] == "item_history"
+    self.max_len = int(pre.get("max_len", 1))
+    self.kind = "a list of item ids (strings), oldest first" if self.history else \
+        "an item id (string)"
+
+  def _lookup(self, item: Any, field: str) -> int:
+    if not isinstance(item, str):
+      raise RequestError(field, f"expected an item id string, got {type(item).__name__}")
+    if item not in self.index:
+      raise RequestError(field, f"unknown item id {item[:80]!r} ({len(self.index)} items known)")
+    return self.index[item]
+
+  def __call__(self, value: Any, field: str) -> np.ndarray:
+    if not self.history:
+      return np.asarray([self._lookup(value, field)], np.int32)
+    if not isinstance(value, list) or not value:
+      raise RequestError(field, f"expected {self.kind}, non-empty")
+    if len(value) > self.MAX_HISTORY:
+      raise RequestError(field, f"history of {len(value)} items; at most {self.MAX_HISTORY}", 413)
+    recent = [self._lookup(v, f"{field}[{i}]") for i, v in enumerate(value)][-self.max_len:]
+    row = np.zeros((self.max_len,), np.int32)
+    row[self.max_len - len(recent):] = recent
+    return row
+
+
 class ArrayInput:
   """The tower's input row itself: a nested list of numbers of the manifest's shape."""
 
@@ -162,6 +199,8 @@ def make_preprocessor(entry: dict, export_dir: pathlib.Path):
     return ImageInput(pre, inp["shape"])
   if kind == "token_ids" and "tokenizer" in pre:
     return TokenIdsInput(pre, inp["shape"], export_dir)
+  if kind in ("item_history", "item_id") and "item_ids" in pre:
+    return ItemIdsInput(pre, inp["shape"], export_dir)
   return ArrayInput(pre, inp["shape"], inp["dtype"])
 
 
