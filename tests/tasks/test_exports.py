@@ -40,7 +40,7 @@ def rows(pre, shape, dtype, export_dir, raw):
   return np.asarray(raw, dtype)  # the input array itself
 
 root = pathlib.Path(sys.argv[1])
-for case in sorted(p for p in root.iterdir() if p.is_dir()):
+for case in sorted(p for p in root.iterdir() if (p / "raw.json").is_file()):
   export_dir = case / "export"
   manifest = json.loads((export_dir / "manifest.json").read_text())
   raw = json.loads((case / "raw.json").read_text())
@@ -80,13 +80,21 @@ def _sasrec(planted_seq_dir, **_):
   return (task, params) + _sasrec_like(task, params)
 
 
-RECIPES = {"sasrec": _sasrec}
+def _demure(text_seq_dir, **_):
+  task, params = _task("demure.py:tiny", **{"data.dir": str(text_seq_dir)})
+  return (task, params) + _sasrec_like(task, params)
+
+
+RECIPES = {"sasrec": _sasrec, "demure": _demure}
 
 
 @pytest.fixture(scope="module")
 def served(request, tmp_path_factory):
   root = tmp_path_factory.mktemp("recipes")
+  data = tmp_path_factory.mktemp("recipe_data")
   fixtures = {name: request.getfixturevalue(name) for name in ("planted_seq_dir",)}
+  write_planted = request.getfixturevalue("write_planted")
+  fixtures["text_seq_dir"] = write_planted(data / "text_seq", with_text=True)
   cases = {}
   for name, build in RECIPES.items():
     task, params, raw, expected = build(**fixtures)
