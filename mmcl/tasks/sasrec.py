@@ -368,11 +368,12 @@ def item_vocabulary_file(data_dir: str, num_items: int) -> str:
   return str(path)
 
 
-def sequence_export_towers(user_fn: Callable[[Any, jax.Array], jax.Array], item_table: np.ndarray,
-                           *, max_len: int, vocabulary: str, example: np.ndarray
-                           ) -> dict[str, TowerExport]:
-  """"user" (a history of item ids → [b, d]) and "item" (one item id → its row of `item_table`
-  [N + 1, d], embedded as a constant), scored by inner product as in training and evaluation."""
+def sequence_export_towers(user_fn: Callable[[Any, jax.Array], jax.Array],
+                           item_table: np.ndarray | None, *, max_len: int, vocabulary: str,
+                           example: np.ndarray) -> dict[str, TowerExport]:
+  """"user" (a history of item ids → [b, d]) and, unless `item_table` is None, "item" (one item id
+  → its row of `item_table` [N + 1, d], embedded as a constant), scored by inner product as in
+  training and evaluation."""
   ids = {"item_ids": pathlib.Path(vocabulary).name, "padding_index": 0,
          "id_map": "item index j (1..N) is line j of item_ids; index 0 is padding"}
   user = TowerExport(
@@ -382,6 +383,8 @@ def sequence_export_towers(user_fn: Callable[[Any, jax.Array], jax.Array], item_
                      "truncation": "keep the most recent max_len items",
                      "padding": "left-pad with index 0 to max_len"},
       files=(vocabulary,), l2_normalized=False, example=example)
+  if item_table is None:
+    return {"user": user}
   table = np.asarray(item_table, np.float32)
   item = TowerExport(
       fn=lambda p, x: jnp.asarray(table)[x[:, 0]],

@@ -85,14 +85,28 @@ def _demure(text_seq_dir, **_):
   return (task, params) + _sasrec_like(task, params)
 
 
-RECIPES = {"sasrec": _sasrec, "demure": _demure}
+def _mmsrec(group_seq_dir, **_):
+  from mmcl.tasks import sasrec
+  task, params = _task("mmsrec.py:tiny", **{"data.dir": str(group_seq_dir)})
+  user_items, _ = sasrec.load_interactions(task.config.data.dir)
+  _, history, _ = sasrec.eval_cases(user_items, "test", task.config.data.max_len)
+  items = np.arange(1, 10)
+  content = np.concatenate([f[items] for f in task.features_np], axis=1)  # ID-free item input
+  raw = {"user": [[f"i{j}" for j in row if j] for row in history[:9]], "item": content.tolist()}
+  expected = {"user": np.asarray(jax.jit(task._query)(params, history[:9])),
+              "item": np.asarray(jax.jit(task.item_tower)(params, items))}
+  return task, params, raw, expected
+
+
+RECIPES = {"sasrec": _sasrec, "demure": _demure, "mmsrec": _mmsrec}
 
 
 @pytest.fixture(scope="module")
 def served(request, tmp_path_factory):
   root = tmp_path_factory.mktemp("recipes")
   data = tmp_path_factory.mktemp("recipe_data")
-  fixtures = {name: request.getfixturevalue(name) for name in ("planted_seq_dir",)}
+  fixtures = {name: request.getfixturevalue(name) for name in ("planted_seq_dir",
+                                                               "group_seq_dir")}
   write_planted = request.getfixturevalue("write_planted")
   fixtures["text_seq_dir"] = write_planted(data / "text_seq", with_text=True)
   cases = {}
