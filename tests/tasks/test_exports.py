@@ -98,7 +98,26 @@ def _mmsrec(group_seq_dir, **_):
   return task, params, raw, expected
 
 
-RECIPES = {"sasrec": _sasrec, "demure": _demure, "mmsrec": _mmsrec}
+def _gcl(products_dir, **_):
+  task, params = _task("gcl.py:tiny", **{"data.dir": str(products_dir), "data.image_size": 16,
+                                          "data.global_batch_size": 16,
+                                          "model.image.patch_size": 8})
+  source, table, batch = task._export_inputs(task.config.task.eval_splits[0], rows=9)
+  source.close()
+  raw = {"query": batch["query"].tolist()}
+  expected = {"query": np.asarray(task.embed_queries(params, batch["query"]))}
+  for field in task.doc_fields:
+    raw[f"doc_{field}"] = batch[field].tolist()
+    # The task's fusion with only this field present is the field's own unit embedding.
+    alone = {**batch, **{f"has_{f}": np.full(9, f == field) for f in task.doc_fields}}
+    expected[f"doc_{field}"] = np.asarray(task.embed_documents(params, alone)[0])
+  fused, _ = task.embed_documents(params, {k: v for k, v in batch.items()})
+  expected["fused"] = np.asarray(fused)
+  expected["present"] = {f: batch[f"has_{f}"] for f in task.doc_fields}
+  return task, params, raw, expected
+
+
+RECIPES = {"sasrec": _sasrec, "demure": _demure, "mmsrec": _mmsrec, "gcl": _gcl}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +126,11 @@ def served(request, tmp_path_factory):
   data = tmp_path_factory.mktemp("recipe_data")
   fixtures = {name: request.getfixturevalue(name) for name in ("planted_seq_dir",
                                                                "group_seq_dir")}
+  from data_pipelines import products
+  fixtures["products_dir"] = data / "products"
+  products.build_products_dataset(fixtures["products_dir"], num_docs=80, num_queries=50,
+                                  eval_queries=8, max_position=20, num_shards=1, image_size=16,
+                                  seed=0)
   write_planted = request.getfixturevalue("write_planted")
   fixtures["text_seq_dir"] = write_planted(data / "text_seq", with_text=True)
   cases = {}
@@ -130,12 +154,21 @@ def test_export_reloaded_without_mmcl_reproduces_the_tasks_embeddings(served, re
   root, cases = served
   manifest, expected = cases[recipe]
   assert verify_export(root / recipe / "export") == manifest
+  fused, present = expected.pop("fused", None), expected.pop("present", None)
+  if fused is not None:  # GCL: the multi-field document, fused as the manifest says
+    fusion = manifest["towers"]["doc_title"]["preprocessing"]["fusion"]
+    parts = [np.load(root / recipe / f"served_{t}.npy") for t in fusion["fields"]]
+    w = np.asarray(fusion["weights"])[:, None] * np.stack(
+        [present[t.removeprefix("doc_")] for t in fusion["fields"]]).astype(np.float64)
+    e = np.sum(w[..., None] * np.stack(parts), axis=0) / w.sum(0)[:, None]
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    np.testing.assert_allclose(e, fused, atol=2e-5)
   assert set(manifest["towers"]) == set(expected)
   for name, want in expected.items():
     got = np.load(root / recipe / f"served_{name}.npy")
     assert got.shape == want.shape and manifest["towers"][name]["output"]["dim"] == want.shape[1]
     np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"{recipe} {name}")
-    assert np.abs(want[0] - want[1]).max() > 1e-4  # different inputs embed differently
+    assert np.ptp(want, axis=0).max() > 1e-4  # different inputs embed differently
   for name, corpus in manifest["corpus"].items():
     emb = np.load(root / recipe / "export" / corpus["embeddings"])
     assert emb.shape == (corpus["count"], corpus["dim"]) and np.all(np.isfinite(emb))
