@@ -597,7 +597,8 @@ class GCLTask(Task):
 
   # --- export to serving --------------------------------------------------------------------------
   def _export_inputs(self, split: str, rows: int = 8):
-    """(source, SplitTable, the evaluator's batch of the split's first `rows` documents)."""
+    """(source, SplitTable, the evaluator's batches of the split's first `rows` documents and
+    first `rows` queries)."""
     c = self.config
     source, _ = data_lib.open_split(self.data_dir, split)
     table = SplitTable(source)
@@ -605,7 +606,8 @@ class GCLTask(Task):
                                  image_size=c.data.image_size, augment=False,
                                  crop_scale=tuple(c.data.crop_scale), seed=c.seed,
                                  text_tokenizer=self.text_tokenizer, pad_id=self.pad_id)
-    return source, table, maker(source, table.doc_rows[:rows], 0)
+    return (source, table, maker(source, table.doc_rows[:rows], 0),
+            maker(source, table.query_rows[:rows], 0))
 
   def export_towers(self, params) -> dict[str, TowerExport]:
     """"query" (token ids → unit embedding) and one tower per document field ("doc_title",
@@ -614,7 +616,7 @@ class GCLTask(Task):
     e_d = normalise(Σ_f w_f m_f e_f / Σ_f w_f m_f), m_f = field f present."""
     c = self.config
     length, size = c.data.max_text_len, c.data.image_size
-    source, _, example = self._export_inputs(c.task.eval_splits[0])
+    source, _, example, queries = self._export_inputs(c.task.eval_splits[0])
     source.close()
     if self.text_tokenizer is None:
       tokenizer = self.data_dir / self.metadata.get("tokenizer", "tokenizer.json")
@@ -640,7 +642,7 @@ class GCLTask(Task):
     towers = {"query": TowerExport(
         fn=lambda p, x: self.embed_queries(p, x),
         input_spec=jax.ShapeDtypeStruct((1, length), jnp.int32), preprocessing=text_pre,
-        files=files, example=np.asarray(example["query"]))}
+        files=files, example=np.asarray(queries["query"]))}
     for field in self.doc_fields:
       if field == "image":
         norm = {"mean": list(image_ops.CLIP_MEAN), "std": list(image_ops.CLIP_STD)}

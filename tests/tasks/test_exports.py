@@ -102,10 +102,10 @@ def _gcl(products_dir, **_):
   task, params = _task("gcl.py:tiny", **{"data.dir": str(products_dir), "data.image_size": 16,
                                           "data.global_batch_size": 16,
                                           "model.image.patch_size": 8})
-  source, table, batch = task._export_inputs(task.config.task.eval_splits[0], rows=9)
+  source, table, batch, queries = task._export_inputs(task.config.task.eval_splits[0], rows=9)
   source.close()
-  raw = {"query": batch["query"].tolist()}
-  expected = {"query": np.asarray(task.embed_queries(params, batch["query"]))}
+  raw = {"query": queries["query"].tolist()}
+  expected = {"query": np.asarray(task.embed_queries(params, queries["query"]))}
   for field in task.doc_fields:
     raw[f"doc_{field}"] = batch[field].tolist()
     # The task's fusion with only this field present is the field's own unit embedding.
@@ -168,7 +168,7 @@ def test_export_reloaded_without_mmcl_reproduces_the_tasks_embeddings(served, re
     got = np.load(root / recipe / f"served_{name}.npy")
     assert got.shape == want.shape and manifest["towers"][name]["output"]["dim"] == want.shape[1]
     np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"{recipe} {name}")
-    assert np.ptp(want, axis=0).max() > 1e-4  # different inputs embed differently
+    assert np.ptp(want, axis=0).max() > 1e-4, (recipe, name)  # inputs differ, embeddings too
   for name, corpus in manifest["corpus"].items():
     emb = np.load(root / recipe / "export" / corpus["embeddings"])
     assert emb.shape == (corpus["count"], corpus["dim"]) and np.all(np.isfinite(emb))
