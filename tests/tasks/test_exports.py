@@ -117,7 +117,28 @@ def _gcl(products_dir, **_):
   return task, params, raw, expected
 
 
-RECIPES = {"sasrec": _sasrec, "demure": _demure, "mmsrec": _mmsrec, "gcl": _gcl}
+def _artists(artists_dir, **_):
+  from data_pipelines import artists
+  from mmcl.eval import artist_eval
+  task, params = _task("artist_retrieval.py:tiny", **{"data.dir": str(artists_dir)})
+  cat = artists.read_split(artists_dir, "catalogue")
+  raw, expected = {}, {}
+  proj = task.embed_catalogue(params, cat)  # the evaluator's projections of the catalogue
+  for m in task.modalities:
+    rows = np.flatnonzero(cat[f"has_{m}"])[:9]
+    raw[m], expected[m] = cat[m][rows].tolist(), proj[m][rows]
+  # The evaluator's artist embedding: the mean of the available projections, re-normalised;
+  # rows 0..11 include artists with missing modalities.
+  avail = {m: cat[f"has_{m}"] for m in task.modalities}
+  fused = artist_eval.l2_normalize(sum(proj[m] * avail[m][:, None] for m in task.modalities))
+  assert not all(np.all(avail[m][:12]) for m in task.modalities)
+  raw["artist"] = task._artist_rows(cat)[:12].tolist()
+  expected["artist"] = fused[:12]
+  return task, params, raw, expected
+
+
+RECIPES = {"sasrec": _sasrec, "demure": _demure, "mmsrec": _mmsrec, "gcl": _gcl,
+           "artists": _artists}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +152,12 @@ def served(request, tmp_path_factory):
   products.build_products_dataset(fixtures["products_dir"], num_docs=80, num_queries=50,
                                   eval_queries=8, max_position=20, num_shards=1, image_size=16,
                                   seed=0)
+  from data_pipelines import artists
+  facts = artists.write_planted_sources(data / "artist_sources")
+  fixtures["artists_dir"] = data / "artists"
+  artists.build_artist_dataset(facts["sas"], facts["hetrec"], fixtures["artists_dir"], cf_dim=8,
+                               tag_dim=8, text_encoder="tfidf", text_dim=16, drop_fraction=0.2,
+                               test_fraction=0.1, val_fraction=0.1, seed=0)
   write_planted = request.getfixturevalue("write_planted")
   fixtures["text_seq_dir"] = write_planted(data / "text_seq", with_text=True)
   cases = {}
