@@ -16,6 +16,7 @@ from mmcl.config import load_config_file
 from mmcl.export import export_task, verify_export
 from mmcl.tasks import get_task_class
 from mmcl.train import loop as loop_lib
+from mmcl.train.task import Task
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -137,8 +138,25 @@ def _artists(artists_dir, **_):
   return task, params, raw, expected
 
 
+def _loev(variant):
+  def build(**_):
+    task, params = _task(f"loev.py:{variant}")
+    t = np.arange(task.out_samples) / task.config.data.sample_rate
+    audio = np.stack([0.3 * np.sin(2 * np.pi * f * t) * np.exp(-d * t)
+                      for f, d in zip((220, 330, 440, 550, 660, 880, 990), (0, 1, 2, 3, 4, 5, 6))]
+                     ).astype(np.float32)
+    reps = task.embed(params, audio, batch_size=8)  # the evaluator's representations
+    expected = {"whole": reps["whole"]}
+    for name in task.head_names():
+      expected[name] = reps[f"sub/{name}"]
+      if f"head/{name}" in reps:
+        expected[f"head_{name}"] = reps[f"head/{name}"]
+    return task, params, {k: audio.tolist() for k in expected}, expected
+  return build
+
+
 RECIPES = {"sasrec": _sasrec, "demure": _demure, "mmsrec": _mmsrec, "gcl": _gcl,
-           "artists": _artists}
+           "artists": _artists, "loev": _loev("tiny"), "loev++": _loev("tiny_plusplus")}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +182,8 @@ def served(request, tmp_path_factory):
   for name, build in RECIPES.items():
     task, params, raw, expected = build(**fixtures)
     (root / name).mkdir()
-    manifest = export_task(task, params, root / name / "export", corpus=True, platforms=("cpu",))
+    manifest = export_task(task, params, root / name / "export", platforms=("cpu",),
+                           corpus=type(task).export_corpus is not Task.export_corpus)
     (root / name / "raw.json").write_text(json.dumps(raw))
     cases[name] = (manifest, expected)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
