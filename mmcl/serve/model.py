@@ -12,6 +12,9 @@ Raw inputs by the tower's `preprocessing["input"]`:
   "item_history"  a list of item ids (strings of the export's item_ids.txt), oldest first; the
                most recent max_len are kept, left-padded with index 0.
   "item_id"    one item id (a string of item_ids.txt).
+  "waveform"   a base64 string of an audio file (WAV, FLAC, OGG, MP3: what soundfile reads); mixed
+               to mono, resampled to the manifest's sample_rate, its first `samples` samples
+               (zero-padded).
   any other    the tower's input itself as a nested list of numbers of the manifest's shape
                (without the batch axis).
 """
@@ -163,6 +166,43 @@ class ItemIdsInput:
     return row
 
 
+class WaveformInput:
+  """base64 audio bytes → [samples] float32 mono at the manifest's sample rate."""
+
+  MAX_SECONDS = 600
+
+  def __init__(self, pre: dict, shape: list):
+    self.sample_rate = int(pre["sample_rate"])
+    self.samples = int(pre["samples"])
+    self.kind = f"base64-encoded audio bytes (resampled to {self.sample_rate} Hz, mono)"
+
+  def __call__(self, value: Any, field: str) -> np.ndarray:
+    import soundfile  # pylint: disable=g-import-not-at-top
+    if not isinstance(value, str):
+      raise RequestError(field, f"expected {self.kind} as a string, got {type(value).__name__}")
+    try:
+      data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+      raise RequestError(field, f"not valid base64 ({e})") from None
+    try:
+      with soundfile.SoundFile(io.BytesIO(data)) as f:
+        if f.frames > self.MAX_SECONDS * f.samplerate:
+          raise RequestError(field, f"audio of {f.frames / f.samplerate:.0f} s; at most "
+                                    f"{self.MAX_SECONDS} s", 413)
+        audio, rate = f.read(dtype="float32", always_2d=True), f.samplerate
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+      raise RequestError(field, f"undecodable audio ({len(data)} bytes, {type(e).__name__})",
+                         422) from None
+    audio = audio.mean(axis=1)
+    if rate != self.sample_rate:
+      from scipy import signal  # pylint: disable=g-import-not-at-top
+      g = np.gcd(rate, self.sample_rate)
+      audio = signal.resample_poly(audio, self.sample_rate // g, rate // g).astype(np.float32)
+    out = np.zeros((self.samples,), np.float32)
+    out[:min(len(audio), self.samples)] = audio[:self.samples]
+    return out
+
+
 class ArrayInput:
   """The tower's input row itself: a nested list of numbers of the manifest's shape."""
 
@@ -199,6 +239,8 @@ def make_preprocessor(entry: dict, export_dir: pathlib.Path):
     return ImageInput(pre, inp["shape"])
   if kind == "token_ids" and "tokenizer" in pre:
     return TokenIdsInput(pre, inp["shape"], export_dir)
+  if kind == "waveform" and "sample_rate" in pre:
+    return WaveformInput(pre, inp["shape"])
   if kind in ("item_history", "item_id") and "item_ids" in pre:
     return ItemIdsInput(pre, inp["shape"], export_dir)
   return ArrayInput(pre, inp["shape"], inp["dtype"])

@@ -161,3 +161,28 @@ def test_server_survives_bad_requests(server, test_split):
                                              "query": test_split[0]["caption"]})
   assert status == 200 and len(answer["ids"]) == 1
   assert _call(server, "/healthz") == (200, {"status": "ok"})
+
+
+def test_audio_and_item_id_inputs_follow_the_manifest(tmp_path):
+  """The preprocessing of `mmcl serve` for waveform and item-id towers, in process (no model)."""
+  import soundfile
+  from mmcl.serve import RequestError
+  from mmcl.serve.model import ItemIdsInput, WaveformInput
+  wave = WaveformInput({"sample_rate": 8000, "samples": 4000}, ["b", 4000])
+  t = np.arange(16000) / 16000
+  buf = io.BytesIO()
+  soundfile.write(buf, np.stack([np.sin(2 * np.pi * 440 * t)] * 2, 1), 16000, format="WAV",
+                  subtype="FLOAT")
+  x = wave(base64.b64encode(buf.getvalue()).decode(), "inputs[0]")
+  want = np.sin(2 * np.pi * 440 * np.arange(4000) / 8000)  # 16 kHz stereo → 8 kHz mono
+  assert x.shape == (4000,) and np.abs(x[100:-100] - want[100:-100]).max() < 1e-2
+  with pytest.raises(RequestError, match="field 'q': undecodable audio") as e:
+    wave(base64.b64encode(b"RIFF....nonsense").decode(), "q")
+  assert e.value.status == 422
+  (tmp_path / "item_ids.txt").write_text("a\nb\nc\n")
+  history = ItemIdsInput({"input": "item_history", "item_ids": "item_ids.txt", "max_len": 2},
+                         ["b", 2], tmp_path)
+  np.testing.assert_array_equal(history(["a", "c", "b"], "query"), [3, 2])  # most recent kept
+  np.testing.assert_array_equal(history(["b"], "query"), [0, 2])  # left-padded with 0
+  with pytest.raises(RequestError, match=r"field 'query\[1\]': unknown item id 'z'"):
+    history(["a", "z"], "query")
