@@ -90,6 +90,9 @@ def convert_tower(name: str, tower: TowerExport, params: Any, input_name: str) -
     raise OnnxConversionError(
         f"tower {name!r} cannot be converted to ONNX: jax2onnx has no conversion for the JAX "
         f"operation {op!r} ({e})") from e
+  except Exception as e:  # a converter plugin failing on this tower
+    raise OnnxConversionError(f"tower {name!r} cannot be converted to ONNX: jax2onnx failed "
+                              f"({type(e).__name__}: {e})") from e
   finally:
     logging.disable(logging.NOTSET)
   return model.SerializeToString()
@@ -109,7 +112,14 @@ def check_against_jax(name: str, model: bytes, tower: TowerExport, params: Any, 
   _, ort = _require()
   options = ort.SessionOptions()
   options.log_severity_level = 3
-  session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+  try:
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+  except Exception as e:  # e.g. an ONNX operation without a CPU kernel for its type
+    found = (re.search(r"implementation for (\w+)\(\d+\)", str(e))
+             or re.search(r"Op \((\w+)\)", str(e)))
+    raise OnnxConversionError(
+        f"tower {name!r}: ONNX Runtime cannot run the converted model"
+        + (f" at the ONNX operation {found.group(1)}" if found else "") + f" ({e})") from e
   (inp,) = session.get_inputs()
   fn = jax.jit(lambda x: tower.fn(params, x))
   min_cos, max_abs = 1.0, 0.0
