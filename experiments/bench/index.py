@@ -1,4 +1,4 @@
-"""Recall@10 against exact, build time and search speed of the FAISS indexes of `mmcl export --index`.
+"""Recall@10 against exact, build time and search speed of `mmcl export --index` FAISS indexes.
 
   .venv/bin/python experiments/bench/index.py --corpus 100000 --dim 128 --queries 1000
 

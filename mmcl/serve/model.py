@@ -73,7 +73,7 @@ def read_manifest(export_dir: pathlib.Path, *, verify: bool = True) -> dict[str,
   return manifest
 
 
-# --- preprocessing: one raw value → one row of the tower's input ----------------------------------
+# --- preprocessing: one raw value → one row of the tower's input -------------------------------
 class ImageInput:
   """base64 image bytes → [H, W, C] float32, `x = float32(pixel) * scale[c] - shift[c]`."""
 
