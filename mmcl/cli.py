@@ -2,7 +2,10 @@
 
   mmcl train --config experiments/clip_shapes.py[:arg] --workdir DIR [--set key=value ...]
   mmcl eval  --workdir DIR [--step N] [--watch [--poll S] [--timeout S]] [--set key=value --tag T]
-  mmcl export --workdir DIR [--step N] --out DIR [--corpus] [--overwrite]
+  mmcl export --workdir DIR [--step N] --out DIR [--format onnx] [--corpus [--index faiss[:KIND]]]
+              [--overwrite]
+  mmcl serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--runtime auto|onnx|jax]
+             [--max-batch-size 64] [--max-wait-ms 0]
   mmcl export --tower FOLDER --out DIR [--max-length N] [--dtype bfloat16]   (pretrained tower)
   mmcl sweep --config F --workdir DIR --grid key=v1,v2 [--grid key2=...] [--set key=value ...]
              [--seeds 0,1,2] [--parallel K]                       (here, K elements at a time)
@@ -34,7 +37,7 @@ import sys
 def _configure_logging() -> None:
   logging.basicConfig(level=os.environ.get("MMCL_LOG_LEVEL", "INFO"),
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-  for noisy in ("jax._src", "orbax", "grain"):
+  for noisy in ("jax._src", "orbax", "grain", "faiss", "aiohttp.access"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices go through absl
 
@@ -79,7 +82,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-  from mmcl.export import export_pretrained, export_workdir
+  from mmcl.export import ExportError, export_pretrained, export_workdir
   if (args.workdir is None) == (args.tower is None):
     print("mmcl export: error: pass exactly one of --workdir DIR (a trained checkpoint) and "
           "--tower FOLDER (a pretrained model folder)", file=sys.stderr)
@@ -87,20 +90,41 @@ def cmd_export(args) -> int:
   try:
     if args.workdir is not None:
       manifest = export_workdir(args.workdir, args.out, step=args.step, corpus=args.corpus,
-                                platforms=tuple(args.platforms), overwrite=args.overwrite)
+                                platforms=tuple(args.platforms), overwrite=args.overwrite,
+                                fmt=args.format, index=args.index)
     else:
+      if args.index is not None:
+        raise ExportError("--index needs a trained workdir's corpus (--workdir ... --corpus)")
       manifest = export_pretrained(args.tower, args.out, max_length=args.max_length,
                                    dtype=args.dtype, platforms=tuple(args.platforms),
-                                   overwrite=args.overwrite)
-  except (FileExistsError, NotImplementedError) as e:
+                                   overwrite=args.overwrite, fmt=args.format)
+  except (FileExistsError, NotImplementedError, ExportError) as e:
     print(f"mmcl export: error: {e}", file=sys.stderr)
     return 2
   towers = ", ".join(f"{name} → {t['artifact']} (dim {t['output']['dim']})"
                      for name, t in manifest["towers"].items())
   what = f"step {manifest['step']}" if manifest["step"] is not None else str(args.tower)
   print(f"{what}: {towers}; manifest {args.out}/manifest.json")
+  for name, t in manifest["towers"].items():
+    if "onnx" in t:
+      check = t["onnx"]["check"]
+      print(f"  {name} → {t['onnx']['artifact']}: ONNX Runtime vs JAX at batch "
+            f"{check['batch_sizes']}: min cosine {check['min_cosine']:.7f}, max |diff| "
+            f"{check['max_abs_diff']:.2e}")
   for name, c in manifest["corpus"].items():
     print(f"  corpus {name}: {c['count']} × {c['dim']} → {args.out}/{c['embeddings']}")
+    if "index" in c:
+      check = {k: v for k, v in c["index"]["check"].items() if k not in ("reference",)}
+      print(f"    faiss {c['index']['kind']} index → {args.out}/{c['index']['file']}: {check}")
+  return 0
+
+
+def cmd_serve(args) -> int:
+  from mmcl.serve import ServeConfig, run_server
+  run_server(args.export_dir, ServeConfig(
+      host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+      max_wait_ms=args.max_wait_ms, runtime=args.runtime, max_k=args.max_k,
+      max_request_bytes=args.max_request_bytes))
   return 0
 
 
@@ -202,7 +226,31 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--platforms", nargs="+", default=["cpu", "cuda"],
                  help="platforms the artifacts are lowered for")
   x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  x.add_argument("--format", default="jax", choices=("jax", "onnx"),
+                 help="jax: jax.export artifacts (default); onnx: also <tower>.onnx models, each "
+                      "checked against JAX with ONNX Runtime at batch 1 and 7")
+  x.add_argument("--index", default=None, metavar="faiss[:flat|ivf|hnsw]",
+                 help="with --corpus: a FAISS index of each corpus (flat = exact)")
   x.set_defaults(fn=cmd_export)
+
+  v = sub.add_parser("serve", help="answer /embed and /search over HTTP from an `mmcl export` "
+                                   "directory")
+  v.add_argument("export_dir", help="an `mmcl export` directory (manifest.json)")
+  v.add_argument("--host", default="127.0.0.1")
+  v.add_argument("--port", type=int, default=8000)
+  v.add_argument("--runtime", default="auto", choices=("auto", "jax", "onnx"),
+                 help="run the towers' jax.export artifacts or their ONNX models (auto: ONNX "
+                      "when the export has them)")
+  v.add_argument("--max-batch-size", type=int, default=64,
+                 help="inputs of concurrent requests run together, up to this many (1: no "
+                      "request batching)")
+  v.add_argument("--max-wait-ms", type=float, default=0.0,
+                 help="how long the first request of a batch waits for others to join it (0: "
+                      "batch only the requests that queued while the previous call ran)")
+  v.add_argument("--max-k", type=int, default=1000, help="largest k a /search may ask for")
+  v.add_argument("--max-request-bytes", type=int, default=16 << 20,
+                 help="largest request body accepted")
+  v.set_defaults(fn=cmd_serve)
 
   k = sub.add_parser("checkpoints", help="list a workdir's checkpoint steps with their integrity "
                                          "(valid / corrupt / unverified / quarantined)")

@@ -18,9 +18,13 @@ Output directory (written under a temporary name, renamed into place when comple
                          "b", dtype), output (dim, dtype, L2 normalisation), preprocessing and
                          the files it needs; the training config; sha256 and size of every file
   <tower>.jax_exported   serialized jax.export.Exported (`Exported.serialize()`)
+  <tower>.onnx           with --format onnx: the same tower as an ONNX model (symbolic batch "b"),
+                         checked against JAX with ONNX Runtime (`mmcl.export.onnx_artifacts`)
   tokenizer.json, ...    files named by a tower's preprocessing (copied)
   corpus/<name>.npy      with --corpus: [N, D] float32 embeddings of the task's corpus
   corpus/<name>.ids.txt  N lines, line i the id of row i
+  corpus/<name>.faiss    with --index faiss[:flat|ivf|hnsw]: a FAISS index of the rows, checked
+                         against the evaluator's exact top-k (`mmcl.export.index`)
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ MANIFEST = "manifest.json"
 ARTIFACT_SUFFIX = ".jax_exported"
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 BATCH_DIM = "b"
+FORMATS = ("jax", "onnx")
+
+
+class ExportError(ValueError):
+  """An export that cannot be made as asked (format, index, conversion); `mmcl export` exits 2."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -136,10 +145,16 @@ def _staged(out: pathlib.Path, overwrite: bool, write) -> dict[str, Any]:
   return manifest
 
 
+def _check_format(fmt: str) -> None:
+  if fmt not in FORMATS:
+    raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
 def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
                    step: int | None = None, corpus: bool = False,
                    platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, fmt: str = "jax",
+                   index: str | None = None) -> dict[str, Any]:
   """Exports every tower of a `mmcl train` workdir's checkpoint (and optionally its corpus).
 
   Args:
@@ -149,15 +164,52 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
     corpus: also write the task's corpus embeddings (`Task.export_corpus`) with their ids.
     platforms: platforms the artifacts are lowered for (any subset of cpu, cuda, rocm, tpu).
     overwrite: replace an existing `out` once the new export is complete.
+    fmt: "jax" (the `jax.export` artifacts) or "onnx" (those plus `<tower>.onnx`, each checked
+      against JAX with ONNX Runtime at batch 1 and 7).
+    index: with `corpus`, "faiss" or "faiss:flat|ivf|hnsw": a FAISS index of each corpus.
 
   Returns:
     The manifest (also written to out/manifest.json).
   """
+  from mmcl.export import index as index_lib  # pylint: disable=g-import-not-at-top
   workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+  _check_format(fmt)
+  index_kind = index_lib.parse_index_spec(index)
+  if index_kind is not None and not corpus:
+    raise ExportError("--index builds an index of the exported corpus: pass --corpus with it")
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} exists; pass overwrite=True (mmcl export --overwrite) to "
                           "replace it")
   config, task, step, params = _restore(workdir, step)
+  return export_task(task, params, out, step=step, corpus=corpus, platforms=platforms,
+                     overwrite=overwrite, fmt=fmt, index=index,
+                     source={"source_workdir": str(workdir.absolute())})
+
+
+def export_task(task: Task, params: Any, out: str | os.PathLike, *, step: int | None = None,
+                corpus: bool = False, platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                overwrite: bool = False, fmt: str = "jax", index: str | None = None,
+                source: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Exports a task's towers (and corpus) for given parameters: what `export_workdir` writes after
+  restoring the checkpoint, also callable on parameters held in memory.
+
+  Args:
+    task: the task (its config is recorded in the manifest).
+    params: its parameters (device or host arrays).
+    out, corpus, platforms, overwrite, fmt, index: as in `export_workdir`.
+    step: the checkpoint step recorded in the manifest (None: not from a checkpoint).
+    source: extra manifest fields naming where the parameters came from.
+
+  Returns:
+    The manifest (also written to out/manifest.json).
+  """
+  from mmcl.export import index as index_lib  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(out)
+  _check_format(fmt)
+  index_kind = index_lib.parse_index_spec(index)
+  if index_kind is not None and not corpus:
+    raise ExportError("--index builds an index of the exported corpus: pass --corpus with it")
+  config = task.config
   host_params = jax.device_get(params)
   towers = task.export_towers(host_params)
   if not towers:
@@ -165,11 +217,12 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
 
   def write(stage: pathlib.Path) -> dict[str, Any]:
     entries = _write_towers(stage, towers, host_params, platforms=platforms,
-                            owner=f"{type(task).__name__}.export_towers()")
-    corpus_entries = _write_corpus(stage, task, params, entries) if corpus else {}
+                            owner=f"{type(task).__name__}.export_towers()", fmt=fmt)
+    corpus_entries = (_write_corpus(stage, task, params, entries, index_kind=index_kind,
+                                    seed=int(config.seed)) if corpus else {})
     return _write_manifest(stage, {
-        "task": config.task.name, "step": int(step),
-        "source_workdir": str(workdir.absolute()), "towers": entries,
+        "task": config.task.name, "step": None if step is None else int(step),
+        **(source or {}), "towers": entries,
         "corpus": corpus_entries, "config": json.loads(config.to_json())})
 
   return _staged(out, overwrite, write)
@@ -179,7 +232,7 @@ def export_pretrained(folder: str | os.PathLike, out: str | os.PathLike, *,
                       max_length: int = 256, dtype: str = "float32",
                       num_heads: int | None = None,
                       platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                      overwrite: bool = False) -> dict[str, Any]:
+                      overwrite: bool = False, fmt: str = "jax") -> dict[str, Any]:
   """Exports a pretrained folder's tower (`mmcl.export.pretrained`) as a serving artifact.
 
   The same artifact kind as `export_workdir`: `<tower>.jax_exported` with a symbolic batch,
@@ -195,10 +248,12 @@ def export_pretrained(folder: str | os.PathLike, out: str | os.PathLike, *,
     num_heads: ViT heads when the folder does not record them.
     platforms: lowering platforms.
     overwrite: replace an existing `out` once the new export is complete.
+    fmt: "jax" or "onnx" (as in `export_workdir`).
 
   Returns:
     The manifest (also written to out/manifest.json).
   """
+  _check_format(fmt)
   import tempfile  # pylint: disable=g-import-not-at-top
 
   from mmcl.export.pretrained import pretrained_towers  # pylint: disable=g-import-not-at-top
@@ -213,7 +268,7 @@ def export_pretrained(folder: str | os.PathLike, out: str | os.PathLike, *,
 
     def write(stage: pathlib.Path) -> dict[str, Any]:
       entries = _write_towers(stage, loaded.towers, loaded.params, platforms=platforms,
-                              owner=str(folder))
+                              owner=str(folder), fmt=fmt)
       return _write_manifest(stage, {"task": None, "step": None, "source": loaded.source,
                                      "towers": entries, "corpus": {}, "config": loaded.config})
 
@@ -221,8 +276,9 @@ def export_pretrained(folder: str | os.PathLike, out: str | os.PathLike, *,
 
 
 def _write_towers(stage: pathlib.Path, towers: dict[str, TowerExport], host_params, *,
-                  platforms: Sequence[str], owner: str) -> dict[str, dict]:
-  """Writes `<tower>.jax_exported` and the preprocessing files; returns the manifest entries."""
+                  platforms: Sequence[str], owner: str, fmt: str = "jax") -> dict[str, dict]:
+  """Writes `<tower>.jax_exported` (and `<tower>.onnx` for fmt "onnx") and the preprocessing
+  files; returns the manifest entries."""
   tower_entries: dict[str, dict] = {}
   copied: dict[str, str] = {}  # base name -> source, so two towers cannot clash on a name
   for name, tower in towers.items():
@@ -259,23 +315,59 @@ def _write_towers(stage: pathlib.Path, towers: dict[str, TowerExport], host_para
         "preprocessing": tower.preprocessing,
         "files": files,
     }
+    if fmt == "onnx":
+      from mmcl.export import onnx_artifacts  # pylint: disable=g-import-not-at-top
+      model, entry = onnx_artifacts.onnx_entry(name, tower, host_params,
+                                               tower_entries[name]["inputs"][0]["name"])
+      (stage / entry["artifact"]).write_bytes(model)
+      tower_entries[name]["onnx"] = entry
   return tower_entries
 
 
-def _write_corpus(stage: pathlib.Path, task: Task, params, tower_entries: dict[str, dict]
-                  ) -> dict[str, dict]:
+def _write_corpus(stage: pathlib.Path, task: Task, params, tower_entries: dict[str, dict], *,
+                  index_kind: str | None = None, seed: int = 0) -> dict[str, dict]:
   corpus_entries: dict[str, dict] = {}
   (stage / "corpus").mkdir()
   for name, item in task.export_corpus(params).items():
     emb = _check_corpus(name, item, tower_entries)
+    query_tower = item.query_tower or item.tower
+    if query_tower not in tower_entries:
+      raise ValueError(f"export_corpus()[{name!r}]: query tower {query_tower!r} is not among the "
+                       f"exported towers {sorted(tower_entries)}")
     np.save(stage / "corpus" / f"{name}.npy", emb)
     (stage / "corpus" / f"{name}.ids.txt").write_text("".join(f"{i}\n" for i in item.ids),
                                                       encoding="utf-8")
-    corpus_entries[name] = {"tower": item.tower, "embeddings": f"corpus/{name}.npy",
+    corpus_entries[name] = {"tower": item.tower, "query_tower": query_tower,
+                            "embeddings": f"corpus/{name}.npy",
                             "ids": f"corpus/{name}.ids.txt", "count": int(emb.shape[0]),
                             "dim": int(emb.shape[1]), "dtype": "float32",
                             "description": item.description}
+    if index_kind is not None:
+      corpus_entries[name]["index"] = _write_index(stage, name, emb, item, index_kind, seed)
   return corpus_entries
+
+
+def _write_index(stage: pathlib.Path, name: str, emb: np.ndarray, item: CorpusExport,
+                 kind: str, seed: int) -> dict[str, Any]:
+  """Builds, checks and writes corpus/<name>.faiss; returns its manifest entry."""
+  from mmcl.eval import finite as finite_lib  # pylint: disable=g-import-not-at-top
+  from mmcl.export import index as index_lib  # pylint: disable=g-import-not-at-top
+  index, params = index_lib.build_index(emb, kind, seed=seed)
+  if item.queries is not None:
+    queries = np.asarray(item.queries, np.float32)
+    finite_lib.require_scorable({f"test queries of corpus {name!r}": queries})
+    if queries.ndim != 2 or queries.shape[1] != emb.shape[1]:
+      raise ValueError(f"export_corpus()[{name!r}]: queries must be [Q, {emb.shape[1]}], got "
+                       f"{queries.shape}")
+    source = f"the task's test queries ({item.query_tower or item.tower} tower)"
+  else:
+    queries, source = emb, "the corpus's own rows"
+  check = index_lib.check_index(index, kind, emb, queries)
+  check["queries_source"] = source
+  path = f"corpus/{name}{index_lib.INDEX_SUFFIX}"
+  index_lib.write_index(index, stage / path)
+  return {"library": "faiss", "kind": kind, "file": path, "metric": "inner_product",
+          "params": params, "check": check}
 
 
 def _write_manifest(stage: pathlib.Path, fields: dict[str, Any]) -> dict[str, Any]:

@@ -110,7 +110,8 @@ class _Stage(nn.Module):
       x = nn.LayerNorm(name=f"ln_{i}")(x)
       x = nn.relu(x)
     if self.pool:
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      # window_shape by keyword: the ONNX converter's max_pool takes it only so.
+      x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
     return x
 
 

@@ -62,10 +62,13 @@ class SASRecAttention(nn.Module):
     q, k, v = split(dense("query")(queries)), split(dense("key")(keys)), split(dense("value")(keys))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(float(dh))
     allowed = jnp.broadcast_to(key_mask[:, None, None, :], logits.shape)
+    # Masks from position comparisons, not tril / eye of booleans: the same values, and ONNX
+    # Runtime has no boolean EyeLike kernel for exported towers.
+    pos = jnp.arange(length)
     if self.causal:
-      allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None, None]
+      allowed = allowed & (pos[None, :] <= pos[:, None])[None, None]
     # Always allow the diagonal so that a padding query has a key (its row is masked out later).
-    allowed = allowed | jnp.eye(length, dtype=bool)[None, None]
+    allowed = allowed | (pos[None, :] == pos[:, None])[None, None]
     logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout)(weights, deterministic=not train)

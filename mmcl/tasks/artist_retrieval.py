@@ -52,7 +52,7 @@ from mmcl.eval import finite as finite_lib
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models.mlp import MLP
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.train.task import Task
+from mmcl.train.task import CorpusExport, Task, TowerExport
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -457,3 +457,62 @@ class ArtistRetrievalTask(Task):
                    f"{r[f'bias/{m}/base_rate']:.3f}\n")
     (out / "artist_retrieval.md").write_text("".join(parts) + "\n")
     (out / "artist_retrieval.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+
+  # --- export to serving --------------------------------------------------------------------------
+  def _fuse(self, params, x: jax.Array) -> jax.Array:
+    """x: [B, Σ d_m + M] (the modality vectors in `task.modalities` order, then M availability
+    flags 0 / 1) → [B, D] the artist embedding: the mean of the available projections,
+    re-normalised (the evaluator's); zero rows when nothing is available."""
+    dims = [self.dims[m] for m in self.modalities]
+    parts = jnp.split(x, np.cumsum(dims).tolist(), axis=1)
+    avail = parts[-1]
+    total = sum(self.project(params, m, parts[i]) * avail[:, i:i + 1]
+                for i, m in enumerate(self.modalities))
+    return total * jax.lax.rsqrt(jnp.maximum(jnp.sum(total * total, -1, keepdims=True), 1e-24))
+
+  def export_towers(self, params) -> dict[str, TowerExport]:
+    """One projector tower per modality (its precomputed embedding [b, d_m] → g_m, unit norm),
+    for cross-modal retrieval, and "artist": all modalities with availability flags → the fused
+    artist embedding (missing modalities left out of the mean)."""
+    cat = data_lib.read_split(self.data_dir, "catalogue")
+    towers = {}
+    for m in self.modalities:
+      towers[m] = TowerExport(
+          fn=lambda p, x, m=m: self.project(p, m, x),
+          input_spec=jax.ShapeDtypeStruct((1, self.dims[m]), jnp.float32),
+          preprocessing={"input": "modality_embedding", "modality": m, "dim": self.dims[m],
+                         "source": self.metadata.get("modality_sources", {}).get(
+                             m, f"the dataset's precomputed {m!r} vector of the artist")},
+          example=cat[m][cat[f"has_{m}"]][:8])
+    dims = [self.dims[m] for m in self.modalities]
+    towers["artist"] = TowerExport(
+        fn=self._fuse, input_spec=jax.ShapeDtypeStruct((1, sum(dims) + len(dims)), jnp.float32),
+        preprocessing={"input": "artist_modalities",
+                       "layout": [{"modality": m, "dim": d} for m, d in zip(self.modalities, dims)]
+                       + [{"availability": list(self.modalities)}],
+                       "availability": "the last M columns: 1.0 if the modality is present, 0.0 "
+                                       "if missing (its vector is then ignored, e.g. zeros)",
+                       "fusion": "normalise(sum of the available modality projections)"},
+        example=self._artist_rows(cat)[:8])
+    return towers
+
+  def _artist_rows(self, cat: dict[str, np.ndarray]) -> np.ndarray:
+    """The "artist" tower's input rows [N, Σ d_m + M] of a split read by `read_split`."""
+    return np.concatenate([np.where(cat[f"has_{m}"][:, None], cat[m], 0.0)
+                           for m in self.modalities]
+                          + [np.stack([cat[f"has_{m}"] for m in self.modalities], 1)],
+                          axis=1).astype(np.float32)
+
+  def export_corpus(self, params) -> dict[str, CorpusExport]:
+    """The catalogue's fused artist embeddings (artists with at least one modality), queried by
+    the evaluator's test artists."""
+    cat = data_lib.read_split(self.data_dir, "catalogue")
+    rows = self._artist_rows(cat)
+    emb = np.asarray(jax.jit(self._fuse)(params, rows))
+    keep = rows[:, -len(self.modalities):].any(axis=1)
+    roles = np.asarray(self.metadata["catalogue"]["role"])
+    queries = emb[(roles == self.config.task.eval_queries) & keep]
+    return {"artists": CorpusExport(
+        "artist", emb[keep], [str(i) for i, k in zip(cat["ids"], keep) if k],
+        "catalogue artists with at least one modality; id = the dataset's artist id",
+        query_tower="artist", queries=queries)}

@@ -255,6 +255,11 @@ class ClipTask(Task):
       raise FileNotFoundError(f"{tokenizer} (the tokenizer of {self.data_name}) not found:"
                               " the text tower cannot be exported without its tokenizer")
     length = c.data.max_text_len
+    if self.pairs is not None:
+      example = next(iter(self.pairs.eval_batches(batch_size=8)))
+    else:
+      example = next(iter(data_lib.eval_batches(self.data_dir, split=c.data.eval_split,
+                                                batch_size=8, max_text_len=length)))
     image = TowerExport(
         fn=lambda p, x: self.embed_images(p, x),
         input_spec=jax.ShapeDtypeStruct((1, self.image_size, self.image_size, self.channels),
@@ -269,7 +274,7 @@ class ClipTask(Task):
             "as_computed": "x = float32(pixel) * scale[c] - shift[c] in float32",
             "scale": [float(np.float32(1.0 / (255.0 * s))) for s in norm["std"]],
             "shift": [float(np.float32(m / s)) for m, s in zip(norm["mean"], norm["std"])]},
-        files=())
+        files=(), example=np.asarray(example["image"]))
     text = TowerExport(
         fn=lambda p, x: self.embed_texts(p, x),
         input_spec=jax.ShapeDtypeStruct((1, length), jnp.int32),
@@ -282,15 +287,18 @@ class ClipTask(Task):
             "truncation": "ids longer than max_len keep their first max_len - 1 ids followed by "
                           "eos_id, so the last non-pad id of every row is eos_id",
             "padding": "right-pad with pad_id to max_len"},
-        files=(str(tokenizer),))
+        files=(str(tokenizer),), example=np.asarray(example["text"]))
     return {"image": image, "text": text}
 
   def export_corpus(self, params) -> dict[str, CorpusExport]:
-    """Image and caption embeddings of the evaluation split, ids = record index in the split."""
+    """Image and caption embeddings of the evaluation split, ids = record index in the split;
+    captions query the images and images the captions (the evaluator's t2i and i2t)."""
     split = self.config.data.eval_split
     img, txt, index = self.embed_split_indexed(params, split)
     ids = [str(int(i)) for i in index]
     what = (f"record index in split {split!r} of {self.data_dir}" if self.pairs is None else
             f"index (key hash, or tfds record index) of a held-out sample of {self.data_name}")
-    return {"images": CorpusExport("image", img, ids, f"images; id = {what}"),
-            "captions": CorpusExport("text", txt, ids, f"captions; id = {what}")}
+    return {"images": CorpusExport("image", img, ids, f"images; id = {what}",
+                                   query_tower="text", queries=txt),
+            "captions": CorpusExport("text", txt, ids, f"captions; id = {what}",
+                                     query_tower="image", queries=img)}

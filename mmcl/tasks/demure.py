@@ -59,7 +59,7 @@ from mmcl.losses import sharded as sharded_losses
 from mmcl.models import seq_transformer
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.tasks import sasrec
-from mmcl.train.task import Task
+from mmcl.train.task import CorpusExport, Task, TowerExport
 
 MODALITIES = ("text", "lexical")
 
@@ -875,6 +875,35 @@ class DemureTask(Task):
             prefix=f"{split}_denoised" if denoised else split))
     out.update(self.noise_detection(params, user_items))
     return out
+
+  # --- export to serving --------------------------------------------------------------------------
+  def export_towers(self, params) -> dict[str, TowerExport]:
+    """As SASRec's (`sasrec.sequence_export_towers`): "user", a history of item ids → the output at
+    the most recent position of the original sequence (`user_embeddings`, the frozen modality
+    features embedded in the artifact), and "item", an item id → e_i = Σ_m W_m x_i^m (+ ID)."""
+    key = jax.random.PRNGKey(self.config.task.eval_seed)
+
+    def user(p, x):  # = user_embeddings(..., denoised=False)
+      xt = self._apply(p, DemureModel.modality_tokens, self._input_feats(x, key))
+      tok = xt.sum(-2) + self._apply(p, DemureModel.id_tokens, x)
+      return self._apply(p, DemureModel.encode, tok, x != 0, False)[:, -1]
+
+    length = self.config.data.max_len
+    _, history, _ = sasrec.eval_cases(sasrec.load_interactions(self.config.data.dir)[0], "test",
+                                      length)
+    return sasrec.sequence_export_towers(
+        user, np.asarray(self.item_table(params)), max_len=length,
+        vocabulary=sasrec.item_vocabulary_file(self.config.data.dir, self.num_items),
+        example=history[:8])
+
+  def export_corpus(self, params) -> dict[str, CorpusExport]:
+    """Every item (e_i), queried by the users of the test split."""
+    _, history, _ = sasrec.eval_cases(sasrec.load_interactions(self.config.data.dir)[0], "test",
+                                      self.config.data.max_len)
+    return sasrec.sequence_export_corpus(
+        np.asarray(self.item_table(params)),
+        sasrec.item_vocabulary_file(self.config.data.dir, self.num_items),
+        self.user_embeddings(params, history))
 
 
 def _unit(x: jax.Array) -> jax.Array:

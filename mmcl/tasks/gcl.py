@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import image_ops
 from data_pipelines import products as data_lib
 from mmcl.config import Config, ConfigError
 from mmcl.eval import finite as finite_lib
@@ -70,7 +71,7 @@ from mmcl.models import lock as lock_lib
 from mmcl.models import pretrained as pretrained_lib
 from mmcl.models import tower_config
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.train.task import Task
+from mmcl.train.task import CorpusExport, Task, TowerExport
 
 SCORE_TO_WEIGHT = ("score_linear", "score_reciprocal", "no_score")
 DOC_FIELDS = ("image", "title", "description")
@@ -593,3 +594,89 @@ class GCLTask(Task):
     for split in self.config.task.eval_splits:
       metrics.update(self.evaluate_split(params, split, out_dir))
     return metrics
+
+  # --- export to serving --------------------------------------------------------------------------
+  def _export_inputs(self, split: str, rows: int = 8):
+    """(source, SplitTable, the evaluator's batches of the split's first `rows` documents and
+    first `rows` queries)."""
+    c = self.config
+    source, _ = data_lib.open_split(self.data_dir, split)
+    table = SplitTable(source)
+    maker = data_lib.batch_maker(source.metadata, max_text_len=c.data.max_text_len,
+                                 image_size=c.data.image_size, augment=False,
+                                 crop_scale=tuple(c.data.crop_scale), seed=c.seed,
+                                 text_tokenizer=self.text_tokenizer, pad_id=self.pad_id)
+    return (source, table, maker(source, table.doc_rows[:rows], 0),
+            maker(source, table.query_rows[:rows], 0))
+
+  def export_towers(self, params) -> dict[str, TowerExport]:
+    """"query" (token ids → unit embedding) and one tower per document field ("doc_title",
+    "doc_description", "doc_image": the field's unit embedding); each document tower's
+    preprocessing carries the fusion with the field weights (`fuse_fields`):
+    e_d = normalise(Σ_f w_f m_f e_f / Σ_f w_f m_f), m_f = field f present."""
+    c = self.config
+    length, size = c.data.max_text_len, c.data.image_size
+    source, _, example, queries = self._export_inputs(c.task.eval_splits[0])
+    source.close()
+    if self.text_tokenizer is None:
+      tokenizer = self.data_dir / self.metadata.get("tokenizer", "tokenizer.json")
+      text_pre = {"input": "token_ids", "tokenizer": tokenizer.name, "max_len": length,
+                  "pad_id": 0,
+                  "eos_id": int(self.metadata.get("special_token_ids", {}).get("eos", 3)),
+                  "encode": "Tokenizer.from_file(tokenizer).encode(text).ids ([BOS] ... [EOS])",
+                  "truncation": "ids longer than max_len keep their first max_len - 1 ids followed "
+                                "by eos_id", "padding": "right-pad with pad_id to max_len"}
+      files = (str(tokenizer),)
+    else:
+      text_pre = {"input": "token_ids", "max_len": length, "pad_id": int(self.pad_id),
+                  "tokenizer": "the pretrained folder's WordPiece tokenizer "
+                               f"({c.model.pretrained_text.folder or 'all-MiniLM-L6-v2'})",
+                  "truncation": "[CLS] ... [SEP] cut to max_len", "padding": "right-pad"}
+      files = ()
+    fusion = {"fields": [f"doc_{f}" for f in self.doc_fields],
+              "weights": [float(w) for w in self.doc_field_weights],
+              "formula": "e_d = normalise(sum_f w_f * m_f * e_f / sum_f w_f * m_f), m_f = 1 if "
+                         "field f is present (non-empty text, an image) else 0; no field "
+                         "present: no embedding"}
+    q_key, d_key = self._text_keys()
+    towers = {"query": TowerExport(
+        fn=lambda p, x: self.embed_queries(p, x),
+        input_spec=jax.ShapeDtypeStruct((1, length), jnp.int32), preprocessing=text_pre,
+        files=files, example=np.asarray(queries["query"]))}
+    for field in self.doc_fields:
+      if field == "image":
+        norm = {"mean": list(image_ops.CLIP_MEAN), "std": list(image_ops.CLIP_STD)}
+        towers["doc_image"] = TowerExport(
+            fn=lambda p, x: _l2_normalize(self.image_tower.apply({"params": p["image"]}, x,
+                                                                 train=False)),
+            input_spec=jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+            preprocessing={"input": "image", "height": size, "width": size, "channels": 3,
+                           "layout": "NHWC", "channel_order": "RGB",
+                           "source": "uint8 pixels, center crop to a square, resized to "
+                                     "height x width (data_pipelines.image_ops)",
+                           "formula": "x = (pixel / 255 - mean[c]) / std[c]", **norm,
+                           "scale": [float(np.float32(1.0 / (255.0 * s))) for s in norm["std"]],
+                           "shift": [float(np.float32(m / s))
+                                     for m, s in zip(norm["mean"], norm["std"])],
+                           "fusion": fusion},
+            example=np.asarray(example["image"]))
+      else:
+        towers[f"doc_{field}"] = TowerExport(
+            fn=lambda p, x: _l2_normalize(self._text(p, d_key, x, False, None)),
+            input_spec=jax.ShapeDtypeStruct((1, length), jnp.int32),
+            preprocessing={**text_pre, "fusion": fusion}, files=files,
+            example=np.asarray(example[field]))
+    return towers
+
+  def export_corpus(self, params) -> dict[str, CorpusExport]:
+    """The fused documents of the first evaluation split, queried by its queries."""
+    split = self.config.task.eval_splits[0]
+    source, _ = data_lib.open_split(self.data_dir, split)
+    table = SplitTable(source)
+    q_emb, d_emb = self.embed_split(params, split, source, table)
+    source.close()
+    return {"documents": CorpusExport(
+        f"doc_{self.doc_fields[0]}", d_emb, [str(i) for i in table.doc_ids],
+        f"documents of split {split!r}, fused over {list(self.doc_fields)} with weights "
+        f"{list(self.doc_field_weights)}; id = the dataset's document id", query_tower="query",
+        queries=q_emb)}

@@ -48,7 +48,7 @@ from mmcl.eval import probes
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models.audio_cnn import AudioCNN, LogMelFrontend, audio_cnn_flops
 from mmcl.models.mlp import MLP
-from mmcl.train.task import Task
+from mmcl.train.task import Task, TowerExport
 
 VARIANTS = ("simclr", "loev", "loev++")
 
@@ -393,3 +393,42 @@ class LOEVTask(Task):
     np.savez(path / "loev_eval_items.npz", **items)
     (path / "loev_eval.json").write_text(json.dumps(out, indent=1, sort_keys=True))
     return out
+
+  # --- export to serving --------------------------------------------------------------------------
+  def export_towers(self, params) -> dict[str, TowerExport]:
+    """A waveform [b, S] (mono, data.sample_rate, S = clip_seconds · sample_rate samples) →
+    log-mel → trunk → each representation of `embed`, named: "whole" (the trunk output, branches
+    concatenated), one tower per subspace ("invariant", "pitch_shift", "time_stretch": head h's
+    output, or branch h for loev++) and, for loev++, "head_<name>" (head h on branch h)."""
+    d, m = self.config.data, self.config.model
+    branched = self.config.task.variant == "loev++"
+    pre = {"input": "waveform", "sample_rate": int(d.sample_rate), "samples": self.out_samples,
+           "channels": "mono (mean of the channels)", "dtype": "float32 in [-1, 1]",
+           "source": f"an audio clip resampled to sample_rate, its first {self.out_samples} "
+                     "samples, zero-padded when shorter",
+           "frontend": {"inside the tower": "log-mel (librosa's definition)", "n_fft": m.n_fft,
+                        "win_length": m.win_length, "hop_length": m.hop_length,
+                        "n_mels": m.n_mels, "fmax": m.fmax}}
+    spec = jax.ShapeDtypeStruct((1, self.out_samples), jnp.float32)
+
+    def representation(p, x, kind: str, h: int = 0):
+      feats = self.features(p, x)
+      if kind == "whole":
+        return feats.reshape(feats.shape[0], -1)
+      if kind == "sub" and branched:
+        return feats[:, h]
+      return self.head_outputs(p, feats)[h]
+
+    towers = {"whole": TowerExport(fn=lambda p, x: representation(p, x, "whole"),
+                                   input_spec=spec, preprocessing={**pre, "representation":
+                                                                   "whole"},
+                                   l2_normalized=False)}
+    for h, name in enumerate(self.head_names()):
+      towers[name] = TowerExport(
+          fn=lambda p, x, h=h: representation(p, x, "sub", h), input_spec=spec,
+          preprocessing={**pre, "representation": f"sub/{name}"}, l2_normalized=False)
+      if branched:
+        towers[f"head_{name}"] = TowerExport(
+            fn=lambda p, x, h=h: representation(p, x, "head", h), input_spec=spec,
+            preprocessing={**pre, "representation": f"head/{name}"}, l2_normalized=False)
+    return towers

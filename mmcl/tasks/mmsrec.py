@@ -46,7 +46,7 @@ from mmcl.models import fusion
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.tasks import demure
 from mmcl.tasks import sasrec
-from mmcl.train.task import Task
+from mmcl.train.task import CorpusExport, Task, TowerExport
 
 
 def _unit(x: jax.Array) -> jax.Array:
@@ -270,3 +270,49 @@ class MMSRecTask(Task):
         out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix=f"{split}_cold",
                                             case_mask=self.cold_np[target], **kw))
     return out
+
+  # --- export to serving --------------------------------------------------------------------------
+  def export_towers(self, params) -> dict[str, TowerExport]:
+    """"item": an item's content features (the M modality vectors concatenated in
+    `task.modalities` order, [b, Σ D_m]) → its unit-norm embedding, no item id involved, so items
+    unseen in training are embedded from content; "user": a history of item ids → the unit-norm
+    output at an appended [MASK] slot (`_query`, the feature table embedded in the artifact)."""
+    t = self.config.task
+    dims = [int(f.shape[1]) for f in self.features_np]
+    splits = np.cumsum(dims)[:-1].tolist()
+
+    def item(p, x):  # = item_tower on a length-1 sequence of these features, all modalities on
+      feats = tuple(f[:, None] for f in jnp.split(x, splits, axis=1))
+      avail = jnp.ones((x.shape[0], 1, len(dims)), bool)
+      return _unit(self.encoder.apply({"params": p}, feats, avail, None, train=False)[:, 0])
+
+    sources = {"text": f"the text tower's sentence embedding of the item text "
+                       f"({self.config.data.text_features or 'TF-IDF + SVD fallback'})",
+               "lexical": f"TF-IDF + truncated SVD (width {t.lexical_dim}) of the item text, fitted "
+                          "on the dataset's items"}
+    example = np.concatenate([f[1:9] for f in self.features_np], axis=1)
+    length = self.config.data.max_len
+    _, history, _ = sasrec.eval_cases(sasrec.load_interactions(self.config.data.dir)[0], "test",
+                                      length)
+    towers = sasrec.sequence_export_towers(
+        lambda p, x: self._query(p, x), None, max_len=length,
+        vocabulary=sasrec.item_vocabulary_file(self.config.data.dir, self.num_items),
+        example=history[:8])
+    item_tower = TowerExport(
+        fn=item, input_spec=jax.ShapeDtypeStruct((1, sum(dims)), jnp.float32),
+        preprocessing={"input": "item_features", "layout": "the modality vectors concatenated",
+                       "modalities": [{"name": name, "dim": d, "source": sources.get(name, name)}
+                                      for name, d in zip(t.modalities, dims)]},
+        example=example)
+    return {"user": towers["user"]._replace(l2_normalized=True), "item": item_tower}
+
+  def export_corpus(self, params) -> dict[str, CorpusExport]:
+    """Every item's content embedding (the evaluator's item table), queried by the test users."""
+    t = self.config.task
+    item_emb = np.asarray(jax.jit(self.item_tower)(params))
+    _, history, _ = sasrec.eval_cases(sasrec.load_interactions(self.config.data.dir)[0], "test",
+                                      self.config.data.max_len)
+    q_fn = jax.jit(lambda x: self._query(params, x), out_shardings=mesh_lib.replicated(self.mesh))
+    queries = sasrec.embed_rows(q_fn, [history], self.mesh, t.eval_batch_size)
+    return sasrec.sequence_export_corpus(
+        item_emb, sasrec.item_vocabulary_file(self.config.data.dir, self.num_items), queries)

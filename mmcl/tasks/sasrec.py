@@ -16,6 +16,8 @@ are shared by the Demure and MMSRec tasks.
 from __future__ import annotations
 
 import math
+import pathlib
+import tempfile
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,7 +34,7 @@ from mmcl.eval import metrics as metrics_lib
 from mmcl.eval import topk as topk_lib
 from mmcl.models import seq_transformer
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.train.task import Task
+from mmcl.train.task import CorpusExport, Task, TowerExport
 
 
 # --- data helpers (shared by the recommendation tasks) -------------------------------------------
@@ -327,3 +329,75 @@ class SASRecTask(Task):
           num_negatives=t.eval_num_negatives, max_users=t.eval_max_users, seed=t.eval_seed,
           full_ranking=t.eval_full_ranking, mesh=self.mesh, prefix=split))
     return out
+
+  # --- export to serving --------------------------------------------------------------------------
+  def export_towers(self, params) -> dict[str, TowerExport]:
+    """"user": history of item ids [b, L] (left-padded) → the sequence output at the most recent
+    position [b, d]; "item": item id [b, 1] → its table row [b, d]. Score = inner product."""
+    length = self.config.data.max_len
+    _, history, _ = eval_cases(load_interactions(self.config.data.dir)[0], "test", length)
+    return sequence_export_towers(
+        lambda p, x: self.encode(p, x)[:, -1], np.asarray(self.item_table(params)),
+        max_len=length, vocabulary=item_vocabulary_file(self.config.data.dir, self.num_items),
+        example=history[:8])
+
+  def export_corpus(self, params) -> dict[str, CorpusExport]:
+    """Every item, queried by the users of the test split (their histories before the target)."""
+    _, history, _ = eval_cases(load_interactions(self.config.data.dir)[0], "test",
+                                self.config.data.max_len)
+    return sequence_export_corpus(np.asarray(self.item_table(params)),
+                                  item_vocabulary_file(self.config.data.dir, self.num_items),
+                                  self.user_embeddings(params, history))
+
+
+# --- export to serving: helpers shared by SASRec and Demure ---------------------------------------
+def item_vocabulary_file(data_dir: str, num_items: int) -> str:
+  """Writes the dataset's item ids in index order (line j = the id of item index j + 1) to a fresh
+  temporary item_ids.txt, the file the exported towers map ids with; returns its path."""
+  src = records.ArrayRecordSource(data_dir, "items", fields=["item_index", "item_id"])
+  rows = src.read_many(list(range(len(src))))
+  src.close()
+  ids = [""] * num_items
+  for r in rows:
+    ids[int(r["item_index"]) - 1] = str(r["item_id"])
+  if any(not i or "\n" in i for i in ids) or len(set(ids)) != num_items:
+    raise ValueError(f"{data_dir}: the items split must give each of the {num_items} item indices "
+                     "one unique id without newline")
+  path = pathlib.Path(tempfile.mkdtemp(prefix="mmcl-export-")) / "item_ids.txt"
+  path.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+  return str(path)
+
+
+def sequence_export_towers(user_fn: Callable[[Any, jax.Array], jax.Array],
+                           item_table: np.ndarray | None, *, max_len: int, vocabulary: str,
+                           example: np.ndarray) -> dict[str, TowerExport]:
+  """"user" (a history of item ids → [b, d]) and, unless `item_table` is None, "item" (one item id
+  → its row of `item_table` [N + 1, d], embedded as a constant), scored by inner product as in
+  training and evaluation."""
+  ids = {"item_ids": pathlib.Path(vocabulary).name, "padding_index": 0,
+         "id_map": "item index j (1..N) is line j of item_ids; index 0 is padding"}
+  user = TowerExport(
+      fn=user_fn, input_spec=jax.ShapeDtypeStruct((1, max_len), jnp.int32),
+      preprocessing={"input": "item_history", **ids, "max_len": max_len,
+                     "order": "chronological, most recent last",
+                     "truncation": "keep the most recent max_len items",
+                     "padding": "left-pad with index 0 to max_len"},
+      files=(vocabulary,), l2_normalized=False, example=example)
+  if item_table is None:
+    return {"user": user}
+  table = np.asarray(item_table, np.float32)
+  item = TowerExport(
+      fn=lambda p, x: jnp.asarray(table)[x[:, 0]],
+      input_spec=jax.ShapeDtypeStruct((1, 1), jnp.int32),
+      preprocessing={"input": "item_id", **ids}, files=(vocabulary,), l2_normalized=False,
+      example=np.arange(1, min(8, table.shape[0] - 1) + 1, dtype=np.int32)[:, None])
+  return {"user": user, "item": item}
+
+
+def sequence_export_corpus(item_table: np.ndarray, vocabulary: str, test_users: np.ndarray
+                           ) -> dict[str, CorpusExport]:
+  """The N items (rows 1..N of the table, ids from the vocabulary), queried by user embeddings."""
+  ids = pathlib.Path(vocabulary).read_text(encoding="utf-8").splitlines()
+  return {"items": CorpusExport("item", np.asarray(item_table, np.float32)[1:], ids,
+                                "items; id = the dataset's item id", query_tower="user",
+                                queries=np.asarray(test_users, np.float32))}

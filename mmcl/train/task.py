@@ -33,12 +33,16 @@ class TowerExport(NamedTuple):
     files: paths of files the preprocessing needs (e.g. tokenizer.json), copied beside the
       artifact and named in the manifest by their base name.
     l2_normalized: whether the output rows have unit L2 norm (inner product = cosine).
+    example: optional [n, ...] real inputs (e.g. the first rows of the test split) on which a
+      converted artifact (`mmcl export --format onnx`) is checked against `fn`; None draws random
+      normal floats (or ids 0 and 1 for integer inputs).
   """
   fn: Callable[[Params, jax.Array], jax.Array]
   input_spec: jax.ShapeDtypeStruct
   preprocessing: dict[str, Any]
   files: tuple[str, ...] = ()
   l2_normalized: bool = True
+  example: np.ndarray | None = None
 
 
 class CorpusExport(NamedTuple):
@@ -49,11 +53,17 @@ class CorpusExport(NamedTuple):
     embeddings: [N, D] float32, row i the embedding of item ids[i].
     ids: N unique strings without newlines.
     description: what the items and the ids are.
+    query_tower: the tower that embeds queries against this corpus (`mmcl serve`'s /search);
+      None: `tower` itself (item-to-item search).
+    queries: optional [Q, D] float32 embeddings of the task's test queries for this corpus: an
+      exported index is checked on them against the evaluator's exact top-k (`--index`).
   """
   tower: str
   embeddings: np.ndarray
   ids: list[str]
   description: str
+  query_tower: str | None = None
+  queries: np.ndarray | None = None
 
 
 class Task(abc.ABC):

@@ -11,6 +11,8 @@ def workdir(tiny_clip_workdir):
 
 @pytest.fixture(scope="session")
 def exported(workdir, tmp_path_factory):
+  """The tiny CLIP workdir exported once for every export and serving test: jax.export and ONNX
+  artifacts, the test split's corpora and their exact FAISS indexes."""
   out = tmp_path_factory.mktemp("out") / "serving"
-  manifest = export_workdir(workdir, out, corpus=True)
+  manifest = export_workdir(workdir, out, corpus=True, fmt="onnx", index="faiss")
   return out, manifest

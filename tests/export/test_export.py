@@ -81,8 +81,9 @@ def test_manifest_describes_inputs_outputs_files_and_config(exported, shapes_dir
   assert text["files"] == ["tokenizer.json"] and text["preprocessing"]["max_len"] == 40
   assert (out / "tokenizer.json").read_bytes() == (shapes_dir / "tokenizer.json").read_bytes()
   assert set(manifest["files"]) == {
-      "image.jax_exported", "text.jax_exported", "tokenizer.json", "corpus/images.npy",
-      "corpus/images.ids.txt", "corpus/captions.npy", "corpus/captions.ids.txt"}
+      "image.jax_exported", "text.jax_exported", "image.onnx", "text.onnx", "tokenizer.json",
+      "corpus/images.npy", "corpus/images.ids.txt", "corpus/images.faiss",
+      "corpus/captions.npy", "corpus/captions.ids.txt", "corpus/captions.faiss"}
   assert verify_export(out) == manifest
   # Nothing but the export itself is left behind (the staging directory was renamed).
   assert [p.name for p in out.parent.iterdir()] == ["serving"]
