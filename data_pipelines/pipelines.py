@@ -29,8 +29,9 @@ section with their docs):
                             the waveform and the model applies `audio.LogMel(...).jax`)
 
 Batches (this host's rows; B/P = b):
-  image_text:     image [b, S, S, 3] float32 (CLIP mean/std), text [b, L] int32, index [b] int64
-  query_document: query [b, L] int32, title [b, L] int32, (image [b, S, S, 3] float32),
+  image_text:     image [b, S, S, 3] uint8 (normalised with CLIP mean/std on the device by the
+                  image tower), text [b, L] int32, index [b] int64
+  query_document: query [b, L] int32, title [b, L] int32, (image [b, S, S, 3] uint8),
                   position [b] int32, score_linear [b] float32, score_reciprocal [b] float32,
                   index [b]
   entity:         {m} [b, D_m] float32, has_{m} [b] bool for each modality, index [b]
@@ -179,7 +180,7 @@ def eval_dataset(source: records.ArrayRecordSource,
 
 @dataclasses.dataclass(frozen=True)
 class ImageBatch:
-  """Decode + (random-resized-crop + flip | center crop) + normalise the `image` field."""
+  """Decode + (random-resized-crop + flip | center crop) of the `image` field, as uint8."""
   image_size: int = 224
   augment: bool = True
   crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -211,7 +212,7 @@ class ImageBatch:
       keep: what to keep of each record besides the image (e.g. its caption ids).
 
     Returns:
-      images [b, S, S, 3] float32 (normalised), keep(record) per row, record indices [b] int64
+      images [b, S, S, 3] uint8, keep(record) per row, record indices [b] int64
       (a skipped bad record's substitute has its own index).
     """
     # Headers first (cheap), so the crop boxes of the whole batch are drawn in one vectorised
@@ -233,7 +234,7 @@ class ImageBatch:
         sub = read_transformed(source, np.asarray([(index + 1) % len(source)]), lambda r, p: (
             self._decode_one(r, epoch), r["index"], keep(r)), self.field)[0]
         images[b], idx[b], kept[b] = sub
-    return image_ops.normalize(images), kept, idx
+    return images, kept, idx
 
 
 def _pad_ids(seqs: Sequence[np.ndarray], max_len: int) -> np.ndarray:
@@ -242,7 +243,7 @@ def _pad_ids(seqs: Sequence[np.ndarray], max_len: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class ImageTextBatch:
-  """image_text records → image [b, S, S, 3] float32, text [b, L] int32, index [b] int64."""
+  """image_text records → image [b, S, S, 3] uint8, text [b, L] int32, index [b] int64."""
   image: ImageBatch
   max_text_len: int
 

@@ -84,8 +84,8 @@ def test_fashion_product_images(shared_data, tmp_path):
          "image_size": 96, "max_text_len": 16}
   ds, _ = pipelines.build_train_dataset(cfg)
   b0, b1 = ds[0], ds[1]
-  assert b0["image"].shape == (8, 96, 96, 3) and b0["image"].dtype == np.float32
-  assert -2.0 < b0["image"].min() and b0["image"].max() < 2.7
+  assert b0["image"].shape == (8, 96, 96, 3) and b0["image"].dtype == np.uint8
+  assert b0["image"].std() > 10  # real photo pixels, not a blank
   assert (b0["text"][:, 0] == 2).all() and b0["text"].dtype == np.int32
   np.testing.assert_array_equal(ds[0]["image"], b0["image"])  # deterministic
   it = pipelines.build_train_iterator(cfg)
