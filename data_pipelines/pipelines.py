@@ -180,12 +180,16 @@ def eval_dataset(source: records.ArrayRecordSource,
 
 @dataclasses.dataclass(frozen=True)
 class ImageBatch:
-  """Decode + (random-resized-crop + flip | center crop) of the `image` field, as uint8."""
+  """Decode + (random-resized-crop + flip | center crop) of the `image` field, as uint8.
+
+  `decoder`: "auto" (libjpeg-turbo for JPEG, Pillow otherwise) or "pillow" (see `image_ops`).
+  """
   image_size: int = 224
   augment: bool = True
   crop_scale: tuple[float, float] = (0.08, 1.0)
   seed: int = 0
   field: str = "image"
+  decoder: str = "auto"
 
   def _boxes(self, heights: np.ndarray, widths: np.ndarray, idx: np.ndarray, epoch: int
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +201,7 @@ class ImageBatch:
 
   def _decode_one(self, record: dict[str, Any], epoch: int) -> np.ndarray:
     """One record's image, [S, S, 3] uint8 (the slow path, for substitutes of bad records)."""
-    im = image_ops.open_image(record[self.field])
+    im = image_ops.open_image(record[self.field], decoder=self.decoder)
     boxes, flips = self._boxes(np.asarray([im.size[1]]), np.asarray([im.size[0]]),
                                np.asarray([record["index"]]), epoch)
     return image_ops.decode_crop_resize(im, boxes[0], self.image_size, flip=bool(flips[0]))
@@ -218,7 +222,8 @@ class ImageBatch:
     # Headers first (cheap), so the crop boxes of the whole batch are drawn in one vectorised
     # call; the pixels are then decoded straight into the crop.
     opened = read_transformed(source, indices, lambda r, p: (
-        image_ops.open_image(r[self.field]), r["index"], keep(r)), self.field)
+        image_ops.open_image(r[self.field], decoder=self.decoder), r["index"], keep(r)),
+        self.field)
     idx = np.asarray([o[1] for o in opened], np.int64)
     kept = [o[2] for o in opened]
     boxes, flips = self._boxes(np.asarray([o[0].size[1] for o in opened]),
