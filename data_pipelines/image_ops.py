@@ -1,9 +1,19 @@
 """Image transforms for encoded images (JPEG/PNG/WebP bytes): decode + random-resized-crop (or
-center crop) + horizontal flip + normalisation, on the host.
+center crop) + horizontal flip on the host, as uint8; the mean/std normalisation runs on the device
+(`normalize` is its host reference, used where features are computed on the host).
 
-Cost model: decoding dominates, so crop and resize happen inside the decode — PIL's JPEG `draft`
-mode decodes at 1/2, 1/4 or 1/8 scale when the crop allows it, and `Image.resize(box=...)` crops
-and resizes in one pass. Box sampling, flips and normalisation are vectorised over the batch.
+Decoders, chosen by measurement (BENCHMARKS.md, "Decoders"; `experiments/bench/decoders.py`):
+  * JPEG (baseline or progressive; grayscale, YCbCr or RGB): libjpeg-turbo through `simplejpeg`,
+    with DCT-domain scaling — the decoder outputs the image at the smallest n/8 scale (n = 1..8)
+    that keeps the crop at >= S pixels on both sides, so a web-size photo whose crop is resized to
+    224 px is never decoded at full size — and the fast integer IDCT (as tf.data decodes).
+  * anything else Pillow opens (PNG, WebP, CMYK JPEG, ...): Pillow (with `draft` scaling for
+    JPEG), the "pillow" path; `open_image(..., decoder="pillow")` forces it for any image.
+Both paths then cut the crop box out of the decoded pixels (edges rounded to whole decoded
+pixels) and resize it with OpenCV's `INTER_AREA`: the average over each output pixel's footprint
+(antialiased) when the crop is larger than S on both sides, bilinear interpolation otherwise.
+Training and the evaluator's center crop use this same function, so their resize quality is the
+same. The crop box (the augmentation's meaning) does not depend on the decoder.
 
 Random-resized-crop follows torchvision's `RandomResizedCrop.get_params` (Szegedy et al. 2015,
 "Going deeper with convolutions", §6): up to 10 tries of an area fraction uniform in `scale` and
@@ -14,31 +24,65 @@ epoch, record index) (`permutation.uniform`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from typing import Sequence
 
+import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from data_pipelines import permutation
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DECODERS = ("auto", "pillow")
 _CROP_STREAM = 0x43726F70
 _FLIP_STREAM = 0x466C6970
 _ATTEMPTS = 10
-_RESAMPLE = Image.Resampling.BILINEAR
+# JPEG colour spaces libjpeg-turbo converts to RGB itself (CMYK / YCCK go through Pillow).
+_TURBO_COLORSPACES = ("Gray", "YCbCr", "RGB")
+cv2.setNumThreads(1)  # one decode per input thread: OpenCV's own pool would only oversubscribe
 
 
-def open_image(data: bytes) -> Image.Image:
-  """A lazily decoded PIL image (header parsed); ValueError naming the problem otherwise."""
+@dataclasses.dataclass
+class OpenedImage:
+  """An encoded image whose header has been parsed (pixels not yet decoded).
+
+  Attributes:
+    data: the encoded bytes.
+    size: (width, height) in full-resolution pixels.
+    pil: the lazily decoded Pillow image on the Pillow path; None on the libjpeg-turbo path.
+  """
+  data: bytes
+  size: tuple[int, int]
+  pil: Image.Image | None = None
+
+
+def open_image(data: bytes, *, decoder: str = "auto") -> OpenedImage:
+  """Parses the header of an encoded image; ValueError naming the problem otherwise.
+
+  decoder: "auto" (libjpeg-turbo for the JPEGs it can convert to RGB, Pillow for the rest) or
+  "pillow" (Pillow for every image).
+  """
+  if decoder not in DECODERS:
+    raise ValueError(f"open_image: decoder must be one of {DECODERS}, got {decoder!r}")
+  data = bytes(data)
+  if decoder == "auto" and data[:3] == b"\xff\xd8\xff":
+    try:
+      height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except Exception as e:  # noqa: BLE001 — libjpeg-turbo refuses the header: report it
+      raise ValueError(f"image decode failed ({type(e).__name__}: {e})") from None
+    if colorspace in _TURBO_COLORSPACES:
+      return OpenedImage(data, (int(width), int(height)))
   try:
     im = Image.open(io.BytesIO(data))
-    im.size  # noqa: B018 — header parsed by open(); fail early on garbage
+    size = im.size  # header parsed by open(); fail early on garbage
   except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
     raise ValueError(f"image decode failed ({type(e).__name__}: {e})") from None
-  return im
+  return OpenedImage(data, size, im)
 
 
 def random_resized_crop_boxes(heights: np.ndarray, widths: np.ndarray, *, seed: int, epoch: int,
@@ -92,35 +136,71 @@ def center_crop_boxes(heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
   return np.stack([left, top, left + side, top + side], axis=1)
 
 
-def decode_crop_resize(im: Image.Image, box: Sequence[float], size: int, *,
+def _decode_pixels(im: OpenedImage, box: Sequence[float], size: int
+                   ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+  """Decodes at the smallest DCT scale that keeps the box >= size px; returns the [h, w, 3] uint8
+  pixels and the box in their coordinates."""
+  left, top, right, bottom = (float(v) for v in box)
+  full_w, full_h = im.size
+  # The smallest decoded size that keeps the crop at >= `size` pixels on each side.
+  need_w = min(full_w, max(1, math.ceil(full_w * size / max(right - left, 1))))
+  need_h = min(full_h, max(1, math.ceil(full_h * size / max(bottom - top, 1))))
+  if im.pil is None:
+    # fastdct: libjpeg-turbo's fast integer IDCT (JDCT_IFAST, tf.data's default as well), ~25%
+    # faster on web-size photos than the accurate one; chroma upsampling stays the smooth one.
+    arr = simplejpeg.decode_jpeg(im.data, colorspace="RGB", min_height=need_h, min_width=need_w,
+                                 fastdct=True)
+  else:
+    pil = im.pil
+    if pil.format == "JPEG":
+      pil.draft("RGB", (need_w, need_h))
+    if pil.mode != "RGB":
+      pil = pil.convert("RGB")
+    arr = np.asarray(pil)
+  sx, sy = arr.shape[1] / full_w, arr.shape[0] / full_h
+  return arr, (left * sx, top * sy, right * sx, bottom * sy)
+
+
+def crop_resize(pixels: np.ndarray, box: Sequence[float], size: int, *,
+                flip: bool = False) -> np.ndarray:
+  """Cuts `box` out of decoded pixels and resizes it to size × size (OpenCV INTER_AREA).
+
+  Args:
+    pixels: [h, w, 3] uint8.
+    box: (left, top, right, bottom) in the pixels' coordinates; edges are rounded to whole pixels
+      (at least one pixel wide and high).
+    size: output side S.
+    flip: mirror the result left–right.
+
+  Returns:
+    [S, S, 3] uint8.
+  """
+  h, w = pixels.shape[:2]
+  left, top, right, bottom = (int(round(float(v))) for v in box)
+  left, top = min(max(left, 0), w - 1), min(max(top, 0), h - 1)
+  right, bottom = min(max(right, left + 1), w), min(max(bottom, top + 1), h)
+  out = cv2.resize(pixels[top:bottom, left:right], (size, size), interpolation=cv2.INTER_AREA)
+  return cv2.flip(out, 1) if flip else out
+
+
+def decode_crop_resize(im: OpenedImage, box: Sequence[float], size: int, *,
                        flip: bool = False) -> np.ndarray:
   """Decodes the `box` region of an opened image and resizes it to size × size RGB.
 
   Args:
-    im: from `open_image` (not yet decoded).
+    im: from `open_image` (not yet decoded), or a PIL image.
     box: (left, top, right, bottom) in the image's full-resolution pixels.
     size: output side S.
-    flip: mirror the result left–right (cheaper here than on the batch array).
+    flip: mirror the result left–right.
 
   Returns:
     [S, S, 3] uint8. Raises ValueError when the pixel data is corrupt or truncated.
   """
-  left, top, right, bottom = (float(v) for v in box)
+  if isinstance(im, Image.Image):
+    im = OpenedImage(b"", im.size, im)
   try:
-    if im.format == "JPEG":
-      full_w, full_h = im.size
-      # Ask for the smallest DCT scale that keeps the crop at >= S pixels on each side.
-      req = (max(1, math.ceil(full_w * size / max(right - left, 1))),
-             max(1, math.ceil(full_h * size / max(bottom - top, 1))))
-      im.draft("RGB", req)
-      sx, sy = im.size[0] / full_w, im.size[1] / full_h
-      left, right, top, bottom = left * sx, right * sx, top * sy, bottom * sy
-    if im.mode != "RGB":
-      im = im.convert("RGB")
-    out = im.resize((size, size), _RESAMPLE, box=(left, top, right, bottom))
-    if flip:
-      out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.asarray(out)
+    pixels, scaled = _decode_pixels(im, box, size)
+    arr = crop_resize(pixels, scaled, size, flip=flip)
   except Exception as e:  # Truncated / corrupt data surfaces here, when pixels are decoded.
     raise ValueError(f"image decode failed ({type(e).__name__}: {e})") from None
   if arr.shape != (size, size, 3) or arr.dtype != np.uint8:

@@ -9,8 +9,10 @@ an `int32_sequence` field `caption_ids` (the caption pre-tokenized with the dire
 `tokenizer.json`) works with the pipelines below.
 
 Batches (dicts of numpy arrays, this host's rows only):
-  image: [b, H, W, 3] float32, normalised as (pixel / 255 - IMAGE_MEAN) / IMAGE_STD with
-    mean = std = 0.5 per channel, i.e. values in [-1, 1];
+  image: [b, H, W, 3] uint8 pixels. The model normalises them on the device as
+    (pixel / 255 - IMAGE_MEAN) / IMAGE_STD with mean = std = 0.5 per channel (values in [-1, 1];
+    `normalize_images` is the same arithmetic on the host), so batches cross process and device
+    boundaries at a quarter of float32's bytes;
   text:  [b, L] int32 token ids, `[BOS] ... [EOS] 0 ...` (see `data_pipelines.tokenizer`);
   index: [b] int64 record index within the split (-1 for eval padding);
   valid: [b] bool (eval batches only) — False on padding rows.
@@ -215,7 +217,9 @@ def open_source(data_dir: str | os.PathLike, split: str, *,
 
 
 def normalize_images(images: np.ndarray) -> np.ndarray:
-  """images: [b, H, W, 3] uint8 → [b, H, W, 3] float32, (x / 255 - IMAGE_MEAN) / IMAGE_STD."""
+  """images: [b, H, W, 3] uint8 → [b, H, W, 3] float32, (x / 255 - IMAGE_MEAN) / IMAGE_STD.
+
+  The host reference of what the image tower computes on the device from uint8 batches."""
   scale = np.asarray([1.0 / (255.0 * s) for s in IMAGE_STD], np.float32)
   shift = np.asarray([m / s for m, s in zip(IMAGE_MEAN, IMAGE_STD)], np.float32)
   out = images.astype(np.float32)
@@ -352,7 +356,6 @@ class _TrainBatch:
       epoch = int(step) // steps_per_epoch(n, self.global_batch_size)
       batch["image"] = _augment(batch["image"], seed=self.seed, epoch=epoch,
                                 indices=batch["index"])
-    batch["image"] = normalize_images(batch["image"])
     return batch
 
 
@@ -422,7 +425,7 @@ def train_iterator(data_dir: str | os.PathLike, *, split: str = "train", global_
     num_threads, prefetch_buffer_size: in-process read threads and batches prefetched.
 
   Returns:
-    a grain `DatasetIterator` of dicts: image [B/P, H, W, 3] float32, text [B/P, L] int32,
+    a grain `DatasetIterator` of dicts: image [B/P, H, W, 3] uint8, text [B/P, L] int32,
     index [B/P] int64. `get_state()`/`set_state()` resume exactly.
   """
   source = open_source(data_dir, split, skip_bad_records=skip_bad_records)
@@ -453,7 +456,7 @@ class _EvalBatch:
     rows = self.source.read_many(indices.tolist()) if indices.size else []
     good = [r for r in rows if r is not None]
     image_shape = next(f.shape for f in self.source.fields if f.name == "image")
-    batch = {"image": np.zeros((per_host, *image_shape), np.float32),
+    batch = {"image": np.zeros((per_host, *image_shape), np.uint8),
              "text": np.zeros((per_host, self.max_text_len), np.int32),
              "index": np.full((per_host,), -1, np.int64),
              "valid": np.zeros((per_host,), bool)}
@@ -464,7 +467,7 @@ class _EvalBatch:
     if good:
       slots = np.asarray([r for r, row in enumerate(rows) if row is not None])
       collated = _collate(good, max_text_len=self.max_text_len, tokenizer=self.tokenizer)
-      batch["image"][slots] = normalize_images(collated["image"])
+      batch["image"][slots] = collated["image"]
       batch["text"][slots] = collated["text"]
       batch["index"][slots] = collated["index"]
       batch["valid"][slots] = True
@@ -481,7 +484,7 @@ def eval_batches(data_dir: str | os.PathLike, *, split: str = "test", batch_size
   process p gets rows [p·B/P, (p+1)·B/P). Every process yields ceil(n / B) batches.
 
   Returns:
-    iterator of dicts: image [B/P, H, W, 3] float32 (zeros on padding), text [B/P, L] int32
+    iterator of dicts: image [B/P, H, W, 3] uint8 (zeros on padding), text [B/P, L] int32
     (`[BOS, EOS, 0...]` on padding), index [B/P] int64 (-1 on padding), valid [B/P] bool.
     With `skip_bad_records`, bad records become invalid rows.
   """

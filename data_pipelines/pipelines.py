@@ -29,8 +29,9 @@ section with their docs):
                             the waveform and the model applies `audio.LogMel(...).jax`)
 
 Batches (this host's rows; B/P = b):
-  image_text:     image [b, S, S, 3] float32 (CLIP mean/std), text [b, L] int32, index [b] int64
-  query_document: query [b, L] int32, title [b, L] int32, (image [b, S, S, 3] float32),
+  image_text:     image [b, S, S, 3] uint8 (normalised with CLIP mean/std on the device by the
+                  image tower), text [b, L] int32, index [b] int64
+  query_document: query [b, L] int32, title [b, L] int32, (image [b, S, S, 3] uint8),
                   position [b] int32, score_linear [b] float32, score_reciprocal [b] float32,
                   index [b]
   entity:         {m} [b, D_m] float32, has_{m} [b] bool for each modality, index [b]
@@ -179,12 +180,16 @@ def eval_dataset(source: records.ArrayRecordSource,
 
 @dataclasses.dataclass(frozen=True)
 class ImageBatch:
-  """Decode + (random-resized-crop + flip | center crop) + normalise the `image` field."""
+  """Decode + (random-resized-crop + flip | center crop) of the `image` field, as uint8.
+
+  `decoder`: "auto" (libjpeg-turbo for JPEG, Pillow otherwise) or "pillow" (see `image_ops`).
+  """
   image_size: int = 224
   augment: bool = True
   crop_scale: tuple[float, float] = (0.08, 1.0)
   seed: int = 0
   field: str = "image"
+  decoder: str = "auto"
 
   def _boxes(self, heights: np.ndarray, widths: np.ndarray, idx: np.ndarray, epoch: int
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +201,7 @@ class ImageBatch:
 
   def _decode_one(self, record: dict[str, Any], epoch: int) -> np.ndarray:
     """One record's image, [S, S, 3] uint8 (the slow path, for substitutes of bad records)."""
-    im = image_ops.open_image(record[self.field])
+    im = image_ops.open_image(record[self.field], decoder=self.decoder)
     boxes, flips = self._boxes(np.asarray([im.size[1]]), np.asarray([im.size[0]]),
                                np.asarray([record["index"]]), epoch)
     return image_ops.decode_crop_resize(im, boxes[0], self.image_size, flip=bool(flips[0]))
@@ -211,13 +216,14 @@ class ImageBatch:
       keep: what to keep of each record besides the image (e.g. its caption ids).
 
     Returns:
-      images [b, S, S, 3] float32 (normalised), keep(record) per row, record indices [b] int64
+      images [b, S, S, 3] uint8, keep(record) per row, record indices [b] int64
       (a skipped bad record's substitute has its own index).
     """
     # Headers first (cheap), so the crop boxes of the whole batch are drawn in one vectorised
     # call; the pixels are then decoded straight into the crop.
     opened = read_transformed(source, indices, lambda r, p: (
-        image_ops.open_image(r[self.field]), r["index"], keep(r)), self.field)
+        image_ops.open_image(r[self.field], decoder=self.decoder), r["index"], keep(r)),
+        self.field)
     idx = np.asarray([o[1] for o in opened], np.int64)
     kept = [o[2] for o in opened]
     boxes, flips = self._boxes(np.asarray([o[0].size[1] for o in opened]),
@@ -233,7 +239,7 @@ class ImageBatch:
         sub = read_transformed(source, np.asarray([(index + 1) % len(source)]), lambda r, p: (
             self._decode_one(r, epoch), r["index"], keep(r)), self.field)[0]
         images[b], idx[b], kept[b] = sub
-    return image_ops.normalize(images), kept, idx
+    return images, kept, idx
 
 
 def _pad_ids(seqs: Sequence[np.ndarray], max_len: int) -> np.ndarray:
@@ -242,7 +248,7 @@ def _pad_ids(seqs: Sequence[np.ndarray], max_len: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class ImageTextBatch:
-  """image_text records → image [b, S, S, 3] float32, text [b, L] int32, index [b] int64."""
+  """image_text records → image [b, S, S, 3] uint8, text [b, L] int32, index [b] int64."""
   image: ImageBatch
   max_text_len: int
 

@@ -459,7 +459,8 @@ class MultiFieldBatch:
     query [b, L] int32 ids; title [b, L]; description [b, L] (when the dataset has it);
     has_title, has_description, has_image [b] bool (a field is missing when its text is empty,
       or, for images, when the dataset has none);
-    image [b, S, S, 3] float32 (CLIP mean/std; zeros when the dataset has no images);
+    image [b, S, S, 3] uint8 (the image tower normalises it with CLIP mean/std on the device;
+      zeros when the dataset has no images);
     position [b] int32; score_linear, score_reciprocal [b] float32;
     query_gid, doc_gid [b] int32 (`stable_id` of query_id / product_id); index [b] int64.
   """
@@ -477,7 +478,7 @@ class MultiFieldBatch:
       images, recs, _ = self.image.decode(source, indices, epoch, keep)
     else:
       recs = [keep(r) for r in image_text._read_rows(source, indices)]  # pylint: disable=protected-access
-      images = np.zeros((len(recs), self.image_size, self.image_size, 3), np.float32)
+      images = np.zeros((len(recs), self.image_size, self.image_size, 3), np.uint8)
     if self.text_tokenizer is None:
       pad = lambda field: tokenizer_lib.pad_or_truncate([r[f"{field}_ids"] for r in recs],
                                                         self.max_text_len)

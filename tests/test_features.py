@@ -238,8 +238,8 @@ def test_images_are_center_cropped_resized_from_bytes_or_arrays():
   out = images_to_uint8([png.getvalue(), wide, wide[8:40, 24:56]], 32)
   # The central 48 × 48 square resized to 32 × 32 (as the evaluation pipelines crop), whether
   # from encoded bytes or pixels; an image already at the size is kept as is.
-  expected = np.asarray(Image.fromarray(wide).resize((32, 32), Image.BILINEAR,
-                                                     box=(16, 0, 64, 48)))
+  from data_pipelines import image_ops
+  expected = image_ops.crop_resize(wide, (16, 0, 64, 48), 32)
   np.testing.assert_array_equal(out[0], expected)
   np.testing.assert_array_equal(out[1], expected)
   np.testing.assert_array_equal(out[2], wide[8:40, 24:56])

@@ -13,6 +13,26 @@ examples/s is per CPU core. Measured:
     build and parquet files (`data.source`), 224 px, decode + random-resized-crop + flip +
     normalise + tokenise (captions tokenised on the fly), beside the ArrayRecord path above.
 Prints one JSON line per measurement.
+
+With --peers it instead times, side by side, three input pipelines feeding the same training
+batches (224 x 224, random-resized-crop 0.08-1 + flip, batch 64) from the two photo sets of
+`photo_sets.py` (the shared fashion photos as they are, and re-encoded at 800 x 800, quality 90),
+each in its own process and, for the peers, its own virtual environment that this script creates
+under --cache (nothing is installed into mmcl's environment):
+
+  .venv/bin/python experiments/bench/data.py --peers [--cache /tmp/mmcl_peers] [--rounds 3]
+
+  mmcl            `pipelines.build_train_iterator` as `mmcl train` builds it (uint8 batches, grain
+                  prefetch threads; and with data.worker_count = 2 worker processes)
+  tf.data         big_vision-style (peers/tfdata_runner.py; tensorflow-cpu), float32 normalised
+                  output, and the same with uint8 output
+  open_clip       open_clip_train's webdataset loader with 2 DataLoader workers
+                  (peers/openclip_runner.py; open_clip_torch + torchvision + webdataset on the CPU
+                  torch build)
+
+The runs are alternated (the order rotates every round), warm-up batches are excluded, and each
+prints examples/s in total and per busy core (examples per CPU second of its process tree) with
+the load average; the summary gives medians over the rounds and the ratios of mmcl to each peer.
 """
 
 from __future__ import annotations
@@ -44,6 +64,78 @@ def _rate(fn, n_examples: int, repeats: int) -> float:
   return n_examples * repeats / (time.perf_counter() - t0)
 
 
+_PEER_VENVS = {
+    "tfdata": ["tensorflow-cpu>=2.16"],
+    # open_clip_train's webdataset code needs the 0.2 series (its training requirements pin it).
+    "openclip": ["torch==2.13.0", "torchvision==0.28.0", "open_clip_torch>=3.0",
+                 "webdataset>=0.2.5,<=0.2.86", "pandas", "braceexpand"],
+}
+
+
+def _peer_python(cache: pathlib.Path, name: str) -> str:
+  """The python of the peer's virtual environment, created (with its packages) when missing."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  venv = cache / f"venv-{name}"
+  stamp = venv / "mmcl_bench_packages.json"
+  if not (stamp.is_file() and json.loads(stamp.read_text()) == _PEER_VENVS[name]):
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *_PEER_VENVS[name]], check=True)
+    stamp.write_text(json.dumps(_PEER_VENVS[name]))
+  return str(venv / "bin" / "python")
+
+
+def _run_json(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peers(args) -> None:
+  import statistics  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+  import photo_sets  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  here = pathlib.Path(__file__).resolve().parent / "peers"
+  cache = pathlib.Path(args.cache)
+  sets = photo_sets.build(pathlib.Path(args.shared) / "fashion-product-images", cache)
+  tf_py, oc_py = _peer_python(cache, "tfdata"), _peer_python(cache, "openclip")
+  env = dict(os.environ, PYTHONPATH=str(repo))
+  common = ["--batches", str(args.peer_batches), "--warmup", "3"]
+  runners = {
+      "mmcl": lambda d: [sys.executable, str(here / "mmcl_runner.py"), str(d / "mmcl"), *common],
+      "mmcl workers=2": lambda d: [sys.executable, str(here / "mmcl_runner.py"), str(d / "mmcl"),
+                                   *common, "--worker_count", "2"],
+      "tf.data": lambda d: [tf_py, str(here / "tfdata_runner.py"), str(d), *common],
+      "tf.data uint8": lambda d: [tf_py, str(here / "tfdata_runner.py"), str(d), *common,
+                                  "--uint8"],
+      "open_clip": lambda d: [oc_py, str(here / "openclip_runner.py"), str(d), *common,
+                              "--workers", "2"],
+  }
+  names = list(runners)
+  results = {(s, n): [] for s in sets for n in names}
+  for r in range(args.rounds):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for set_name, root in sets.items():
+      for name in order:
+        row = _run_json(runners[name](root), env)
+        row.update(set=set_name, pipeline=name, round=r)
+        results[(set_name, name)].append(row)
+        print(json.dumps(row), flush=True)
+  for set_name in sets:
+    med = {n: statistics.median(x["examples_per_s"] for x in results[(set_name, n)])
+           for n in names}
+    per_core = {n: statistics.median(x["examples_per_s_per_busy_core"]
+                                     for x in results[(set_name, n)]) for n in names}
+    print(json.dumps({"summary": set_name, "median_examples_per_s": med,
+                      "median_examples_per_s_per_busy_core": per_core,
+                      "mmcl_vs_tfdata": round(med["mmcl"] / med["tf.data"], 3),
+                      "mmcl_vs_tfdata_uint8": round(med["mmcl"] / med["tf.data uint8"], 3),
+                      "mmcl_vs_open_clip": round(med["mmcl"] / med["open_clip"], 3),
+                      "mmcl_workers_vs_threads": round(med["mmcl workers=2"] / med["mmcl"], 3),
+                      "loadavg": open("/proc/loadavg").read().split()[:3]}), flush=True)
+
+
 def main() -> None:
   repo = pathlib.Path(__file__).resolve().parents[2]
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -51,11 +143,22 @@ def main() -> None:
   p.add_argument("--work", default="/tmp/mmcl_bench")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--repeats", type=int, default=8)
+<<<<<<< HEAD
   p.add_argument("--sources", action="store_true",
                  help="also measure the webdataset, tfds and parquet sources (image_text only)")
   p.add_argument("--only-image-text", action="store_true",
                  help="skip the interactions, audio and shapes measurements")
+=======
+  p.add_argument("--peers", action="store_true", help="mmcl vs tf.data vs open_clip (see above)")
+  p.add_argument("--cache", default="/tmp/mmcl_peers",
+                 help="--peers: photo sets, TFRecords, shards and peer environments")
+  p.add_argument("--rounds", type=int, default=3, help="--peers: alternated rounds")
+  p.add_argument("--peer_batches", type=int, default=40, help="--peers: timed batches per run")
+>>>>>>> hostspeed
   args = p.parse_args()
+  if args.peers:
+    peers(args)
+    return
   shared, work = pathlib.Path(args.shared), pathlib.Path(args.work)
   results = []
 

@@ -14,6 +14,14 @@ queries, and times `exact_topk(queries, corpus, k)` over every local device:
   - XLA's compiled memory per device (arguments + temporaries): it stays near N·D·bytes / S for
     the corpus slice plus O(query_chunk · corpus_chunk) whatever N is.
 
+With --peers it instead compares, on the host CPU, in alternated rounds on the same float32 unit
+vectors (generated with numpy): `exact_topk` as callers use it (backend "auto": FAISS on a CPU
+host), its XLA path (backend "xla"), and FAISS as its users run it (`faiss.IndexFlatIP`, corpus
+added once outside the timing, `index.search`). It reports the median seconds per call, the ratio
+to FAISS, the machine's load average and whether the top-k indices are identical:
+
+  .venv/bin/python experiments/bench/eval.py --peers --corpus 100000 1000000 --rounds 5
+
 Each configuration is checked against a plain float64 argsort on a few queries (--check, on by
 default) so a fast wrong answer cannot pass. A configuration that runs out of memory is reported
 as OOM and the run goes on. Output: a Markdown table on stdout, and the rows as JSON with
@@ -54,6 +62,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--check", type=int, default=4,
                  help="queries checked against a float64 argsort (0: no check)")
   p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+  p.add_argument("--peers", action="store_true",
+                 help="exact_topk (auto / xla) against faiss.IndexFlatIP on the host CPU")
+  p.add_argument("--rounds", type=int, default=5, help="--peers: alternated rounds")
   return p.parse_args(argv)
 
 
@@ -148,8 +159,81 @@ def bench_one(n: int, args, mesh) -> dict:
   return row
 
 
+def _loadavg() -> str:
+  return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+def peers_one(n: int, args) -> dict:
+  """Alternated rounds of exact_topk (auto, xla) and faiss.IndexFlatIP at one corpus size."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(n)
+
+  def unit(rows):
+    x = rng.standard_normal((rows, args.dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+  corpus, queries = unit(n), unit(args.queries)
+  index = faiss.IndexFlatIP(args.dim)
+  index.add(corpus)
+  runs = {
+      "exact_topk": lambda: np.asarray(topk.exact_topk(queries, corpus, args.k)[1]),
+      "exact_topk xla": lambda: np.asarray(topk.exact_topk(queries, corpus, args.k,
+                                                           backend="xla")[1]),
+      "faiss IndexFlatIP": lambda: index.search(queries, args.k)[1],
+  }
+  results = {name: fn() for name, fn in runs.items()}  # warm-up (XLA compiles here)
+  times = {name: [] for name in runs}
+  loads = [_loadavg()]
+  for r in range(args.rounds):
+    names = list(runs) if r % 2 == 0 else list(runs)[::-1]
+    for name in names:
+      start = time.perf_counter()
+      runs[name]()
+      times[name].append(time.perf_counter() - start)
+    loads.append(_loadavg())
+  ref = results["faiss IndexFlatIP"]
+  row = dict(corpus=n, dim=args.dim, queries=args.queries, k=args.k, rounds=args.rounds,
+             loadavg=loads)
+  for name, ts in times.items():
+    t = statistics.median(ts)
+    row[name] = dict(median_s=round(t, 4), all_s=[round(x, 4) for x in ts],
+                     identical_topk=bool(np.array_equal(results[name], ref)))
+  for name in runs:
+    row[name]["speed_vs_faiss"] = round(row["faiss IndexFlatIP"]["median_s"]
+                                        / row[name]["median_s"], 3)
+  return row
+
+
+def main_peers(args) -> list[dict]:
+  import faiss  # pylint: disable=g-import-not-at-top
+  print(f"# device: {_device_line()}; jax {jax.__version__}; faiss {faiss.__version__}; "
+        f"D={args.dim} float32; Q={args.queries}; k={args.k}; {args.rounds} alternated rounds; "
+        f"medians", flush=True)
+  header = ("N", "method", "median s", "runs s", "speed vs FAISS", "top-k identical",
+            "load avg (before; after each round)")
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  rows = []
+  for n in args.corpus:
+    row = peers_one(n, args)
+    rows.append(row)
+    for name in ("exact_topk", "exact_topk xla", "faiss IndexFlatIP"):
+      r = row[name]
+      print(f"| {n} | {name} | {r['median_s']} | {' / '.join(map(str, r['all_s']))} | "
+            f"{r['speed_vs_faiss']} | {r['identical_topk']} | {'; '.join(row['loadavg'])} |",
+            flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(device=_device_line(), jax=jax.__version__, faiss=faiss.__version__,
+                     rows=rows), f, indent=1)
+  return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
   args = _parse(argv)
+  if args.peers:
+    return main_peers(args)
   mesh = jax.make_mesh((len(jax.devices()),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   print(f"# device: {_device_line()}; jax {jax.__version__}; D={args.dim} {args.dtype}; "

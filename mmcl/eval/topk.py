@@ -18,6 +18,12 @@ With a `mesh`, the work is split over its "data" axis (`jax.shard_map`) in one o
 Both modes do the same FLOPs and return identical results (same tie-breaking), so the choice only
 moves memory: per device O(N·D + Q·D / S) for "queries", O(N·D / S + Q·D) for "corpus".
 
+On a CPU-only host with no multi-device mesh, `exact_topk` hands the scoring to FAISS
+(`faiss.knn`, the brute-force inner-product search behind `IndexFlatIP`: one BLAS sgemm per block
+and a heap per query), which is faster than XLA's CPU matmul + `lax.top_k` there, and re-sorts its
+candidates so the result is the one the XLA path defines (see `backend=`). Accelerators and corpora
+sharded over several devices keep the XLA path.
+
 Ordering, everywhere: decreasing score, ties broken by **lower corpus index first**; a NaN score
 ranks last (as -inf): `positive_ranks` ranks a NaN positive below every item, and `exact_topk` never
 returns an item whose score is NaN (its slot stays empty, index -1). Scores are
@@ -288,10 +294,94 @@ def _place_corpus(corpus, mesh: Mesh | None, shard: str):
   return jax.device_put(corpus, NamedSharding(mesh, P(_DATA_AXIS)))
 
 
+BACKENDS = ("auto", "xla", "faiss")
+
+
+def _faiss_module():
+  """The `faiss` module, or None when it is not installed (the XLA path is used then)."""
+  try:
+    import faiss  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return faiss
+
+
+def _on_one_cpu_device(mesh: Mesh | None, arrays: Sequence) -> bool:
+  """True when the work would run on host CPUs without a corpus sharded over several devices:
+  no mesh (or a one-device mesh), and every jax.Array argument lives on CPU devices."""
+  if mesh is not None:
+    if mesh.devices.size != 1 or mesh.devices.flat[0].platform != "cpu":
+      return False
+  elif jax.default_backend() != "cpu":
+    return False
+  for x in arrays:
+    if isinstance(x, jax.Array):
+      devices = x.sharding.device_set
+      if any(d.platform != "cpu" for d in devices) or not x.is_fully_addressable:
+        return False
+  return True
+
+
+def _use_faiss(backend: str, mesh: Mesh | None, arrays: Sequence) -> bool:
+  if backend not in BACKENDS:
+    raise ValueError(f"exact_topk: backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "xla":
+    return False
+  if _faiss_module() is None:
+    if backend == "faiss":
+      raise ImportError("exact_topk(backend='faiss') needs the faiss-cpu package "
+                        "(pip install 'faiss-cpu>=1.9')")
+    return False
+  if backend == "faiss":
+    return True
+  return _on_one_cpu_device(mesh, arrays)
+
+
+def _faiss_topk(queries: np.ndarray, corpus: np.ndarray, k: int, exclude: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """FAISS brute-force inner-product top-k, made to follow `exact_topk`'s ordering contract.
+
+  FAISS is asked for k + E + 1 candidates (E = exclusions per query); the excluded ones are
+  dropped, NaN scores (FAISS never admits them to its heap) and empty slots become -inf / -1,
+  and the rest is sorted by (score descending, index ascending). A query whose k-th score ties
+  with the last candidate fetched may have an equal-scoring item with a lower index beyond the
+  candidates: such queries are flagged for an exact recomputation on the XLA path.
+
+  Args:
+    queries: [Q, D] float32 (C-contiguous); corpus: [N, D] float32; k <= N.
+    exclude: [Q, E] int corpus indices to leave out (-1 padded).
+
+  Returns:
+    scores [Q, k] float32, indices [Q, k] int32, unsure [Q] bool (rows to recompute).
+  """
+  faiss = _faiss_module()
+  num_c = corpus.shape[0]
+  fetch = min(num_c, k + exclude.shape[1] + 1)
+  raw_scores, raw_ids = faiss.knn(queries, corpus, fetch, metric=faiss.METRIC_INNER_PRODUCT)
+  ids = raw_ids.astype(np.int64)
+  empty = (ids < 0) | np.isnan(raw_scores)
+  if exclude.shape[1]:
+    empty |= (ids[:, :, None] == np.where(exclude < 0, -2, exclude)[:, None, :]).any(axis=2)
+  scores = np.where(empty, -np.inf, raw_scores).astype(np.float32)
+  ids = np.where(empty, -1, ids)
+  # Sort by (-score, index), with empty slots (index -1, score -inf) after every real item.
+  order = np.lexsort((np.where(ids < 0, num_c, ids), -scores.astype(np.float64)), axis=1)
+  scores = np.take_along_axis(scores, order, 1)
+  ids = np.take_along_axis(ids, order, 1)
+  # Items FAISS did not return score at most its lowest returned score (or NaN); when that
+  # equals the k-th score here, one of them could tie with it and hold a lower index. A row
+  # with an empty FAISS slot holds every item that has a score.
+  full = (raw_ids >= 0).all(axis=1)
+  lowest = np.where(raw_ids >= 0, raw_scores, np.inf).min(axis=1)
+  kth = scores[:, k - 1]
+  unsure = (fetch < num_c) & full & np.isfinite(kth) & (lowest >= kth)
+  return scores[:, :k], ids[:, :k].astype(np.int32), unsure
+
+
 def exact_topk(queries: jax.Array | np.ndarray, corpus: jax.Array | np.ndarray, k: int, *,
                corpus_chunk: int = 8192, query_chunk: int = 1024, mesh: Mesh | None = None,
-               exclude: jax.Array | np.ndarray | None = None, shard: str = "auto"
-               ) -> tuple[jax.Array, jax.Array]:
+               exclude: jax.Array | np.ndarray | None = None, shard: str = "auto",
+               backend: str = "auto") -> tuple[jax.Array, jax.Array]:
   """Exact top-k corpus items per query by inner product.
 
   Memory is O(query_chunk * (corpus_chunk + k)) per device beside the inputs; the corpus is
@@ -310,13 +400,20 @@ def exact_topk(queries: jax.Array | np.ndarray, corpus: jax.Array | np.ndarray, 
       interacted with), padded with -1.
     shard: with a mesh, "queries", "corpus" or "auto" (the larger of the two; see the module
       docstring). A host (numpy) corpus sharded by "corpus" goes to the devices already split.
+    backend: "xla" (the chunked scan above, on any device and mesh), "faiss" (FAISS on the host
+      CPU; needs faiss-cpu; inputs are gathered to the host as float32) or "auto" (default):
+      FAISS when it is installed, the default backend is the CPU, `mesh` has at most one device
+      and the inputs live on CPU devices; XLA otherwise. Both return the same items in the same
+      order (queries whose k-th score ties beyond FAISS's candidates are recomputed on XLA);
+      scores may differ in the last float32 bit (BLAS and XLA sum in different orders).
 
   Returns:
     scores: [Q, k] float32, non-increasing along k.
     indices: [Q, k] int32 corpus indices; ties broken by lower index. When fewer than k items
       remain after `exclude`, the trailing slots hold score -inf and index -1.
   """
-  queries = jnp.asarray(queries)
+  if not isinstance(queries, jax.Array):
+    queries = np.asarray(queries)
   corpus = corpus if isinstance(corpus, jax.Array) else np.asarray(corpus)
   _check_embeddings(queries, corpus, "exact_topk")
   num_q, num_c = queries.shape[0], corpus.shape[0]
@@ -324,11 +421,26 @@ def exact_topk(queries: jax.Array | np.ndarray, corpus: jax.Array | np.ndarray, 
     raise ValueError(f"exact_topk: expected 1 <= k <= N={num_c}, got k={k}")
   if exclude is None:
     exclude = np.zeros((num_q, 0), np.int32)
-  exclude = jnp.asarray(exclude)
   if (exclude.ndim != 2 or exclude.shape[0] != num_q
       or not jnp.issubdtype(exclude.dtype, jnp.integer)):
     raise ValueError(f"exact_topk: expected exclude int [Q={num_q}, E], got {exclude.dtype} "
                      f"{tuple(exclude.shape)}")
+  _data_shards(mesh, "exact_topk")
+  _resolve_shard(shard, num_q, num_c, mesh, "exact_topk")
+  if _use_faiss(backend, mesh, (queries, corpus, exclude)):
+    host = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
+    q_host, exclude_host = host(queries), np.asarray(exclude, np.int64)
+    scores, indices, unsure = _faiss_topk(q_host, host(corpus), k, exclude_host)
+    if unsure.any():
+      rows = np.flatnonzero(unsure)
+      exact_scores, exact_indices = exact_topk(
+          q_host[rows], corpus, k, corpus_chunk=corpus_chunk, query_chunk=query_chunk,
+          exclude=exclude_host[rows].astype(np.int32), backend="xla")
+      scores[rows], indices[rows] = np.asarray(exact_scores), np.asarray(exact_indices)
+    if mesh is not None:
+      return tuple(jax.device_put(x, NamedSharding(mesh, P())) for x in (scores, indices))
+    return jnp.asarray(scores), jnp.asarray(indices)
+  queries, exclude = jnp.asarray(queries), jnp.asarray(exclude)
   shards = _data_shards(mesh, "exact_topk")
   shard = _resolve_shard(shard, num_q, num_c, mesh, "exact_topk")
   query_chunk, corpus_chunk = _chunk_sizes(num_q, num_c, query_chunk, corpus_chunk, shards, shard)

@@ -25,6 +25,29 @@ KERNEL_INIT = nn.initializers.xavier_uniform()
 POSEMB_INIT = nn.initializers.normal(stddev=0.02)
 
 
+def normalize_pixels(pixels: jax.Array, mean, std) -> jax.Array:
+  """uint8 pixels → float32 model input, (pixel / 255 − mean[c]) / std[c] per channel.
+
+  Computed as float32(pixel) · scale[c] − shift[c] with scale = float32(1 / (255 · std)) and
+  shift = float32(mean / std): the arithmetic of the host pipelines' former float32 batches
+  (`data_pipelines.image_ops.normalize`), so the model sees the same values within float32
+  rounding (one rounding step where XLA fuses the multiply-add).
+
+  Args:
+    pixels: [..., C] uint8.
+    mean, std: C floats each.
+
+  Returns:
+    [..., C] float32.
+  """
+  if pixels.dtype != jnp.uint8 or pixels.shape[-1] != len(mean) or len(mean) != len(std):
+    raise ValueError(f"normalize_pixels: expected uint8 [..., {len(mean)}] pixels and as many "
+                     f"std values, got {pixels.dtype} {tuple(pixels.shape)} and {len(std)}")
+  scale = jnp.asarray([1.0 / (255.0 * s) for s in std], jnp.float32)
+  shift = jnp.asarray([m / s for m, s in zip(mean, std)], jnp.float32)
+  return pixels.astype(jnp.float32) * scale - shift
+
+
 def check_array(x: jax.Array, *, where: str, name: str, ndim: int, kind: str) -> None:
   """Raises a clear error when `x` does not have `ndim` dims or the dtype kind `kind`.
 

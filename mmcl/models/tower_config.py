@@ -8,7 +8,7 @@ same knobs the same way.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 
@@ -49,10 +49,15 @@ def compute_dtype(config: Config) -> Any:
   return jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
 
 
-def vit_from_config(s: Config, *, embed_dim: int, dtype: Any) -> ViT:
-  """The registry's "vit" with the keys of `s`."""
+def vit_from_config(s: Config, *, embed_dim: int, dtype: Any,
+                    pixel_mean: Sequence[float] | None = None,
+                    pixel_std: Sequence[float] | None = None) -> ViT:
+  """The registry's "vit" with the keys of `s`; `pixel_mean`/`pixel_std` (the dataset's image
+  normalisation) let it take uint8 batches and normalise them on the device."""
   return get_model("vit", patch_size=s.patch_size, width=s.width, depth=s.depth, num_heads=s.num_heads,
-             mlp_dim=s.mlp_dim, embed_dim=embed_dim, dropout=s.dropout, pool=s.pool, dtype=dtype)
+             mlp_dim=s.mlp_dim, embed_dim=embed_dim, dropout=s.dropout, pool=s.pool, dtype=dtype,
+             pixel_mean=None if pixel_mean is None else tuple(float(m) for m in pixel_mean),
+             pixel_std=None if pixel_std is None else tuple(float(x) for x in pixel_std))
 
 
 def text_transformer_from_config(s: Config, *, vocab_size: int, max_len: int, embed_dim: int,

@@ -20,6 +20,7 @@ from mmcl.models.layers import (
     TransformerEncoder,
     check_array,
     check_choice,
+    normalize_pixels,
 )
 from mmcl.models.registry import register_model
 
@@ -57,6 +58,10 @@ class ViT(nn.Module):
     layer_norm_eps: epsilon of every LayerNorm (open_clip checkpoints use 1e-5, timm 1e-6).
     activation: feed-forward activation (`mmcl.models.layers.MLP_ACTIVATIONS`); "quick_gelu" for
       OpenAI CLIP weights.
+    pixel_mean, pixel_std: per-channel normalisation of uint8 inputs (`layers.normalize_pixels`),
+      applied first thing inside the tower, so input pipelines can ship uint8 batches (a quarter of
+      float32's bytes) and every caller — train step, evaluator, exported tower — normalises the
+      same way on the device. None: the tower accepts only float (already normalised) images.
   """
   patch_size: int = 16
   width: int = 768
@@ -73,18 +78,27 @@ class ViT(nn.Module):
   pre_norm: bool = False
   layer_norm_eps: float = 1e-6
   activation: str = "gelu"
+  pixel_mean: tuple[float, ...] | None = None
+  pixel_std: tuple[float, ...] | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """Embeds a batch of images.
 
     Args:
-      images: [B, H, W, C] float, H and W multiples of `patch_size`.
+      images: [B, H, W, C] float (normalised), or uint8 pixels when `pixel_mean`/`pixel_std` are
+        set; H and W multiples of `patch_size`.
       train: enables dropout (needs the "dropout" RNG).
 
     Returns:
       [B, embed_dim] float32, not normalised.
     """
+    if images.dtype == jnp.uint8:
+      if self.pixel_mean is None or self.pixel_std is None:
+        raise TypeError("ViT: got uint8 images but no pixel_mean/pixel_std to normalise them "
+                        "with; pass normalised float images or set both attributes")
+      check_array(images, where="ViT", name="images", ndim=4, kind="int")
+      images = normalize_pixels(images, self.pixel_mean, self.pixel_std)
     check_array(images, where="ViT", name="images", ndim=4, kind="float")
     check_choice(self.pool, POOLS, where="ViT", name="pool")
     batch = images.shape[0]

@@ -1,6 +1,7 @@
 """CLIP / SigLIP image–text dual encoder.
 
-Batch: `image` [B, H, W, 3] float32 (normalised), `text` [B, L] int32 (0 = padding).
+Batch: `image` [B, H, W, 3] uint8 pixels (the ViT normalises them on the device with the dataset's
+`image_normalization`), `text` [B, L] int32 (0 = padding).
 Towers: a ViT (`mmcl.models.vit`) and a Transformer text encoder (`mmcl.models.text_transformer`), each
 followed by L2 normalisation. Loss (config `task.loss`):
   infonce: L = ½[CE(s·A·Bᵀ, I) + CE(s·B·Aᵀ, I)], s = exp(t) with learnable t (Radford et al. 2021);
@@ -105,7 +106,11 @@ class ClipTask(Task):
       self.data_name = str(self.pairs.eval.spec)
     dtype = tower_config.compute_dtype(config)
     m = config.model
-    self.image_tower = tower_config.vit_from_config(m.image, embed_dim=m.embed_dim, dtype=dtype)
+    self.image_normalization = self.metadata.get(
+        "image_normalization", {"mean": list(data_lib.IMAGE_MEAN), "std": list(data_lib.IMAGE_STD)})
+    self.image_tower = tower_config.vit_from_config(
+        m.image, embed_dim=m.embed_dim, dtype=dtype, pixel_mean=self.image_normalization["mean"],
+        pixel_std=self.image_normalization["std"])
     self.text_tower = tower_config.text_transformer_from_config(
         m.text, vocab_size=self.vocab_size, max_len=config.data.max_text_len,
         embed_dim=m.embed_dim, dtype=dtype)
@@ -151,7 +156,8 @@ class ClipTask(Task):
 
   def embed_images(self, params, images: jax.Array, *, train: bool = False,
                    rng: jax.Array | None = None) -> jax.Array:
-    """images: [B, H, W, C] float32 → [B, D] unit-norm float32."""
+    """images: [B, H, W, C] uint8 pixels (or float32, already normalised) → [B, D] unit-norm
+    float32."""
     rngs = {"dropout": rng} if train else None
     return _l2_normalize(self.image_tower.apply({"params": params["image"]}, images, train=train,
                                                 rngs=rngs))
@@ -245,10 +251,10 @@ class ClipTask(Task):
 
   # --- export to serving --------------------------------------------------------------------------
   def export_towers(self, params) -> dict[str, TowerExport]:
-    """The image tower (normalised float images) and the text tower (token ids + tokenizer.json)."""
+    """The image tower (uint8 pixels, normalised inside) and the text tower (token ids +
+    tokenizer.json)."""
     c = self.config
-    norm = self.metadata.get("image_normalization",
-                             {"mean": list(data_lib.IMAGE_MEAN), "std": list(data_lib.IMAGE_STD)})
+    norm = self.image_normalization
     special = self.metadata.get("special_token_ids", {})
     tokenizer = self.tokenizer_path
     if not tokenizer.is_file():
@@ -263,14 +269,16 @@ class ClipTask(Task):
     image = TowerExport(
         fn=lambda p, x: self.embed_images(p, x),
         input_spec=jax.ShapeDtypeStruct((1, self.image_size, self.image_size, self.channels),
-                                        jnp.float32),
+                                        jnp.uint8),
         preprocessing={
             "input": "image", "layout": "NHWC", "height": self.image_size,
             "width": self.image_size, "channels": self.channels, "channel_order": "RGB",
+            "dtype": "uint8",
             "source": "uint8 pixels in [0, 255], already at height x width (no resize or crop)",
+            "normalized_in_model": True,
+            # Applied inside the exported tower (the ViT's input path), as in training.
             "formula": "x = (pixel / 255 - mean[c]) / std[c]",
             "mean": list(norm["mean"]), "std": list(norm["std"]),
-            # The training pipeline's exact float32 arithmetic, for bit-identical inputs.
             "as_computed": "x = float32(pixel) * scale[c] - shift[c] in float32",
             "scale": [float(np.float32(1.0 / (255.0 * s))) for s in norm["std"]],
             "shift": [float(np.float32(m / s)) for m, s in zip(norm["mean"], norm["std"])]},

@@ -3,7 +3,7 @@
 Retrieval and ranking trained on (query, document, score) triples with graded relevance.
 
 Batch (`data_pipelines.products.MultiFieldBatch`): query [B, L] int32; document fields title
-[B, L] int32, description [B, L] int32 (when the dataset has it), image [B, S, S, 3] float32, each
+[B, L] int32, description [B, L] int32 (when the dataset has it), image [B, S, S, 3] uint8 (normalised in the tower), each
 with a presence flag has_* [B] bool; score_linear / score_reciprocal [B] float32; query_gid /
 doc_gid [B] int32 ids of the query and the document.
 
@@ -359,7 +359,9 @@ class GCLTask(Task):
       raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be a multiple of "
                         f"'model.image.patch_size' ({m.image.patch_size})")
     dtype = tower_config.compute_dtype(config)
-    self.image_tower = tower_config.vit_from_config(m.image, embed_dim=m.embed_dim, dtype=dtype)
+    self.image_tower = tower_config.vit_from_config(m.image, embed_dim=m.embed_dim, dtype=dtype,
+                                                    pixel_mean=image_ops.CLIP_MEAN,
+                                                    pixel_std=image_ops.CLIP_STD)
     # Set for a pretrained text tower: its tokenizer (used by the data pipeline), padding id and
     # converted weights; the predicate of the parameters that do not train.
     self.text_tokenizer, self.pad_id, self._pretrained_params = None, 0, None

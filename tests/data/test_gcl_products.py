@@ -90,7 +90,7 @@ def test_multi_field_batches(small_products):
   it = products.train_iterator(out, split="train", global_batch_size=16, seed=0, max_text_len=12,
                                image_size=16, num_epochs=1)
   batch = next(it)
-  assert batch["image"].shape == (16, 16, 16, 3) and batch["image"].dtype == np.float32
+  assert batch["image"].shape == (16, 16, 16, 3) and batch["image"].dtype == np.uint8
   for key in ("query", "title", "description"):
     assert batch[key].shape == (16, 12) and batch[key].dtype == np.int32
   src = records.ArrayRecordSource(out, "train")

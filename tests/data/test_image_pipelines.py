@@ -84,8 +84,8 @@ def test_fashion_product_images(shared_data, tmp_path):
          "image_size": 96, "max_text_len": 16}
   ds, _ = pipelines.build_train_dataset(cfg)
   b0, b1 = ds[0], ds[1]
-  assert b0["image"].shape == (8, 96, 96, 3) and b0["image"].dtype == np.float32
-  assert -2.0 < b0["image"].min() and b0["image"].max() < 2.7
+  assert b0["image"].shape == (8, 96, 96, 3) and b0["image"].dtype == np.uint8
+  assert b0["image"].std() > 10  # real photo pixels, not a blank
   assert (b0["text"][:, 0] == 2).all() and b0["text"].dtype == np.int32
   np.testing.assert_array_equal(ds[0]["image"], b0["image"])  # deterministic
   it = pipelines.build_train_iterator(cfg)
@@ -202,3 +202,90 @@ def test_marqo_csv_and_parquet(tmp_path):
                                        for r in rows]), tmp_path / "bad.parquet")
   with pytest.raises(common.ConversionError, match=r"bad\.parquet:1, field 'title'.*missing"):
     convert_lib.convert("marqo-gs", tmp_path / "bad.parquet", tmp_path / "o3")
+
+
+def _coordinate_jpegs(tmp_path, n, h=200, w=250):
+  """JPEGs whose red channel is the column x and green the row y of each pixel (4:4:4, q95)."""
+  (tmp_path / "img").mkdir()
+  y, x = np.mgrid[:h, :w]
+  img = np.stack([x, y, np.full_like(x, 128)], -1).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="JPEG", quality=95, subsampling=0)
+  rows = []
+  for i in range(n):
+    (tmp_path / "img" / f"{i}.jpg").write_bytes(buf.getvalue())
+    rows.append({"file": f"img/{i}.jpg", "text": f"grid {i}", "split": "train"})
+  with open(tmp_path / "caps.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  convert_lib.convert("image-captions", tmp_path / "caps.jsonl", tmp_path / "grid",
+                      image_column="file", caption_column="text", split_by="column:split")
+  return tmp_path / "grid"
+
+
+def _measured_crops(images):
+  """Crop box (left, width, top, height) and flip of each [b, S, S, 3] crop of a coordinate image,
+  read off its first and last columns / rows (pixel value v sits at coordinate v + 0.5)."""
+  s = images.shape[1]
+  r, g = images[..., 0].astype(np.float64), images[..., 1].astype(np.float64)
+  first, last = r[:, :, 0].mean(1), r[:, :, -1].mean(1)
+  flip = first > last
+  first, last = np.minimum(first, last), np.maximum(first, last)
+  width = (last - first) * s / (s - 1)
+  top_v, bottom_v = g[:, 0, :].mean(1), g[:, -1, :].mean(1)
+  height = (bottom_v - top_v) * s / (s - 1)
+  return first + 0.5 - width / (2 * s), width, top_v + 0.5 - height / (2 * s), height, flip
+
+
+def test_decoder_paths_give_the_same_batches_and_crop_statistics(tmp_path):
+  """The libjpeg-turbo path and the Pillow path: same shapes and dtypes, the drawn crop boxes and
+  flips applied, and the same crop area / aspect-ratio distributions (two-sample KS test)."""
+  from scipy import stats
+  n, size, h, w = 256, 48, 200, 250
+  cfg = {"dir": str(_coordinate_jpegs(tmp_path, n, h, w)), "global_batch_size": n, "seed": 3,
+         "image_size": size, "max_text_len": 8}
+  source, meta = pipelines.open_dataset(cfg)
+  batches = {}
+  for decoder in ("auto", "pillow"):
+    maker = pipelines.ImageTextBatch(image=pipelines.ImageBatch(image_size=size, seed=3,
+                                                                decoder=decoder), max_text_len=8)
+    batches[decoder] = maker(source, np.arange(n), 0)
+  a, p = batches["auto"], batches["pillow"]
+  for key in a:
+    assert a[key].shape == p[key].shape and a[key].dtype == p[key].dtype, key
+  assert a["image"].dtype == np.uint8 and a["image"].shape == (n, size, size, 3)
+  np.testing.assert_array_equal(a["index"], p["index"])
+  assert np.abs(a["image"].astype(int) - p["image"]).mean() < 2.0
+  boxes = image_ops.random_resized_crop_boxes(np.full(n, h), np.full(n, w), seed=3, epoch=0,
+                                              indices=a["index"])
+  flips = image_ops.flip_mask(seed=3, epoch=0, indices=a["index"])
+  true_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (h * w)
+  true_aspect = (boxes[:, 2] - boxes[:, 0]) / (boxes[:, 3] - boxes[:, 1])
+  measured = {}
+  for decoder, batch in batches.items():
+    left, cw, top, ch, flip = _measured_crops(batch["image"])
+    np.testing.assert_array_equal(flip, flips)  # every drawn flip, and only those
+    np.testing.assert_allclose(left, boxes[:, 0], atol=3)
+    np.testing.assert_allclose(top, boxes[:, 1], atol=3)
+    np.testing.assert_allclose(cw * ch / (h * w), true_area, atol=0.03)
+    np.testing.assert_allclose(cw / ch, true_aspect, rtol=0.06)
+    measured[decoder] = (cw * ch / (h * w), cw / ch)
+  for i, name in enumerate(("area", "aspect")):
+    p_value = stats.ks_2samp(measured["auto"][i], measured["pillow"][i]).pvalue
+    assert p_value > 0.05, (name, p_value)
+  # The boxes follow torchvision's RandomResizedCrop.get_params (independent numpy draws, the
+  # same rejection loop), and flips are fair.
+  ref_rng = np.random.default_rng(0)
+  ref_area, ref_aspect = [], []
+  for _ in range(2000):
+    for _ in range(10):
+      area = h * w * ref_rng.uniform(0.08, 1.0)
+      aspect = np.exp(ref_rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+      cw_, ch_ = round(np.sqrt(area * aspect)), round(np.sqrt(area / aspect))
+      if 0 < cw_ <= w and 0 < ch_ <= h:
+        ref_area.append(cw_ * ch_ / (h * w))
+        ref_aspect.append(cw_ / ch_)
+        break
+  assert stats.ks_2samp(true_area, ref_area).pvalue > 0.01
+  assert stats.ks_2samp(true_aspect, ref_aspect).pvalue > 0.01
+  assert stats.ks_2samp(measured["auto"][0], ref_area).pvalue > 0.01
+  assert stats.binomtest(int(flips.sum()), n, 0.5).pvalue > 0.01

@@ -254,3 +254,38 @@ def test_memory_stays_bounded_whatever_the_corpus_size(shard):
   assert mem.temp_size_in_bytes < corpus_bytes / 8, mem
   expected_arg = corpus_bytes / 8 if shard == "corpus" else corpus_bytes
   assert mem.argument_size_in_bytes == pytest.approx(expected_arg, rel=0.05)
+
+
+@pytest.mark.parametrize("k", [1, 9, 40])
+def test_faiss_backend_matches_xla_with_ties_nan_and_exclusions(k):
+  pytest.importorskip("faiss")
+  rng = np.random.default_rng(8)
+  # bound=1 in 5 dims: many exact ties, also at the k-th place (recomputed on XLA).
+  queries, corpus = _integer_embeddings(rng, (16, 5), bound=1), _integer_embeddings(rng, (40, 5),
+                                                                                     bound=1)
+  corpus[7] = np.nan
+  queries[3] = np.nan
+  exclude = pad_ragged([[q, (2 * q) % 40, -1] for q in range(16)])
+  ref_scores, ref_indices = exact_topk(queries, corpus, k, exclude=exclude, backend="xla")
+  scores, indices = exact_topk(queries, corpus, k, exclude=exclude, backend="faiss")
+  np.testing.assert_array_equal(np.asarray(indices), np.asarray(ref_indices))
+  np.testing.assert_array_equal(np.asarray(scores), np.asarray(ref_scores))
+  assert (np.asarray(indices)[3] == -1).all()  # the NaN query retrieves nothing
+  assert not (np.asarray(indices) == 7).any()  # the NaN item is never retrieved
+
+
+def test_auto_backend_uses_faiss_only_on_an_unsharded_cpu(monkeypatch):
+  faiss = pytest.importorskip("faiss")
+  calls = []
+  knn = faiss.knn
+  monkeypatch.setattr(faiss, "knn", lambda *a, **kw: calls.append(1) or knn(*a, **kw))
+  rng = np.random.default_rng(9)
+  queries, corpus = _integer_embeddings(rng, (5, 8)), _integer_embeddings(rng, (64, 8))
+  _, indices = exact_topk(queries, corpus, 5)
+  assert len(calls) == 1
+  np.testing.assert_array_equal(np.asarray(indices), _reference_order(queries, corpus)[1][:, :5])
+  exact_topk(queries, corpus, 5, mesh=jax.make_mesh((8,), ("data",)))  # sharded: XLA
+  exact_topk(queries, corpus, 5, backend="xla")
+  assert len(calls) == 1
+  with pytest.raises(ValueError, match="backend must be one of"):
+    exact_topk(queries, corpus, 5, backend="numpy")

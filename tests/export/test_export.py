@@ -31,11 +31,14 @@ for rel, entry in manifest["files"].items():
 towers = {name: jax.export.deserialize(bytearray((out / t["artifact"]).read_bytes()))
           for name, t in manifest["towers"].items()}
 
-# Image tower: uint8 RGB pixels -> normalised float32, as the manifest computes them.
+# Image tower: uint8 RGB pixels, normalised inside the tower when the manifest says so.
 pre = manifest["towers"]["image"]["preprocessing"]
 pixels = np.load(inputs / "pixels.npy")
-images = pixels.astype(np.float32) * np.asarray(pre["scale"], np.float32) \
-    - np.asarray(pre["shift"], np.float32)
+if pre.get("normalized_in_model"):
+  images = pixels.astype(np.uint8)
+else:
+  images = pixels.astype(np.float32) * np.asarray(pre["scale"], np.float32) \
+      - np.asarray(pre["shift"], np.float32)
 
 # Text tower: tokenizer.json + the manifest's padding / truncation rule.
 pre = manifest["towers"]["text"]["preprocessing"]
@@ -71,7 +74,7 @@ def test_manifest_describes_inputs_outputs_files_and_config(exported, shapes_dir
   assert manifest["format"] == "mmcl.export/1" and manifest["step"] == 3
   assert manifest["task"] == "clip" and manifest["config"]["model"]["embed_dim"] == 32
   image, text = manifest["towers"]["image"], manifest["towers"]["text"]
-  assert image["inputs"] == [{"name": "image", "shape": ["b", 32, 32, 3], "dtype": "float32"}]
+  assert image["inputs"] == [{"name": "image", "shape": ["b", 32, 32, 3], "dtype": "uint8"}]
   assert text["inputs"] == [{"name": "token_ids", "shape": ["b", 40], "dtype": "int32"}]
   for tower in (image, text):
     assert tower["output"] == {"shape": ["b", 32], "dim": 32, "dtype": "float32",

@@ -80,7 +80,38 @@ def test_bad_inputs_raise_clear_errors():
     init(model, jnp.zeros((1, 18, 16, 3)))
   with pytest.raises(ValueError, match="expected `images` with 4 dims"):
     init(model, jnp.zeros((16, 16, 3)))
-  with pytest.raises(TypeError, match="float dtype, found uint8"):
+  with pytest.raises(TypeError, match="float dtype, found int32"):
+    init(model, jnp.zeros((1, 16, 16, 3), jnp.int32))
+  with pytest.raises(TypeError, match="uint8 images but no pixel_mean"):
     init(model, jnp.zeros((1, 16, 16, 3), jnp.uint8))
   with pytest.raises(ValueError, match="`pool` must be one of"):
     init(ViT(**TINY, pool="max"), _images())
+
+
+def test_uint8_pixels_are_normalised_in_the_tower_as_the_host_did(make_params):
+  from data_pipelines import image_ops, image_text  # the host normalisations batches used to get
+  from mmcl.models.layers import normalize_pixels
+  every = np.arange(256, dtype=np.uint8)[:, None].repeat(3, 1)  # [256, 3]: every pixel value
+  for mean, std, host in ((image_ops.CLIP_MEAN, image_ops.CLIP_STD, image_ops.normalize),
+                          (image_text.IMAGE_MEAN, image_text.IMAGE_STD,
+                           image_text.normalize_images)):
+    device = np.asarray(jax.jit(lambda x: normalize_pixels(x, mean, std))(every))
+    ref = host(every[None])[0]
+    assert device.dtype == np.float32
+    # Equal within float32 rounding: XLA may fuse pixel * scale - shift into one multiply-add,
+    # which skips one rounding of the product, so allow one unit in the last place of the
+    # larger operand (the result itself can be near 0 after the subtraction).
+    scale = np.asarray([1 / (255 * s) for s in std], np.float32)
+    shift = np.asarray([m / s for m, s in zip(mean, std)], np.float32)
+    ulp = np.spacing(np.maximum(np.abs(every * scale), np.abs(shift)))
+    assert (np.abs(device - ref) <= ulp).all(), np.abs(device - ref).max()
+    exact = (every / 255.0 - np.asarray(mean)) / np.asarray(std)
+    np.testing.assert_allclose(device, exact, rtol=0, atol=2e-6)
+  model = ViT(**{**TINY, "depth": 1}, pixel_mean=image_ops.CLIP_MEAN, pixel_std=image_ops.CLIP_STD)
+  pixels = np.asarray(jax.random.randint(jax.random.key(3), (B, H, H, C), 0, 256), np.uint8)
+  params = make_params(model, _images())
+  on_device = model.apply(params, jnp.asarray(pixels))
+  on_host = model.apply(params, jnp.asarray(image_ops.normalize(pixels)))
+  np.testing.assert_allclose(on_device, on_host, rtol=1e-5, atol=1e-6)
+  with pytest.raises(TypeError, match="no pixel_mean/pixel_std"):
+    ViT(**{**TINY, "depth": 1}).apply(params, jnp.asarray(pixels))
