@@ -3,10 +3,10 @@
 Every reader yields raw records {image: encoded bytes, caption: str, key: str}; this module adds
 where each came from and its `index` (see `stream.key_index` for streamed sources, the split
 position for tfds) and turns lists of them into batches with the per-example transform of the
-ArrayRecord image–text path (`image_ops`: decode into a random-resized crop, flip, normalise with
-the CLIP mean/std; the caption tokenised and padded):
+ArrayRecord image–text path (`image_ops`: decode into a random-resized crop and flip, uint8
+pixels that the model normalises on the device; the caption tokenised and padded):
 
-  image: [b, S, S, 3] float32; text: [b, L] int32; index: [b] int64 (eval: -1 on padding rows);
+  image: [b, S, S, 3] uint8; text: [b, L] int32; index: [b] int64 (eval: -1 on padding rows);
   valid: [b] bool (eval batches only).
 
 Training order: streamed sources (webdataset, parquet) follow `stream`'s contract; tfds (random
@@ -59,7 +59,10 @@ IMAGE_STD = image_ops.CLIP_STD
 
 @dataclasses.dataclass(frozen=True)
 class ImageTextTransform:
-  """Raw records → {image [b, S, S, 3] float32, text [b, L] int32, index [b] int64}.
+  """Raw records → {image [b, S, S, 3] uint8, text [b, L] int32, index [b] int64}.
+
+  Images stay uint8 pixels (a quarter of float32's bytes); the model's image tower normalises
+  them on the device with IMAGE_MEAN / IMAGE_STD, as for the ArrayRecord path.
 
   Each record carries image (bytes), caption, key, index (int), epoch, path, position.
   `decode_threads` > 1 decodes the rows of a batch in that many threads (PIL releases the GIL
@@ -143,7 +146,7 @@ class ImageTextTransform:
       images[r] = images[k]
     captions = [records[k]["caption"] for k in source_row.tolist()]
     index = np.asarray([records[k]["index"] for k in source_row.tolist()], np.int64)
-    return {"image": image_ops.normalize(images),
+    return {"image": images,
             "text": self.tokenizer.encode(captions, self.max_text_len), "index": index}
 
 
