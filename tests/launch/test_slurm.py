@@ -173,7 +173,7 @@ def test_launch_two_nodes_matches_one_process_and_evaluator_job_ends(jobs):
     rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("event") == "start" for r in rows) == 1
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, shared_runs.TOTAL_STEPS + 1))
-    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["16", "24", "8"]
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["16", "24"]  # keep 2
     data_iter = sorted(p.name for p in (wd / "checkpoints" / "24" / "data_iter").iterdir())
     assert len([n for n in data_iter if "process" in n]) == 2, data_iter
     assert finished_lib.read(wd)["checkpoint"] == shared_runs.TOTAL_STEPS
