@@ -30,7 +30,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from mmcl import workdir as workdir_lib  # noqa: E402
-from mmcl.tasks import demure, sasrec  # noqa: E402
+from mmcl.eval import seqrec  # noqa: E402
+from mmcl.tasks import demure  # noqa: E402
 
 
 def lowest_global(scores: np.ndarray, valid: np.ndarray, fraction: float) -> np.ndarray:
@@ -71,7 +72,7 @@ def main() -> None:
   if not wd.config.task.plant_noise_modality:
     raise ValueError(f"{a.workdir}: task.plant_noise_modality is empty, nothing to detect")
   table = np.load(a.table)
-  user_items = sasrec.load_interactions(wd.config.data.dir)[0]
+  user_items = seqrec.load_interactions(wd.config.data.dir)[0]
   inputs, _ = wd.task.training_rows(user_items)
   j, valid, labels = wd.task.planted_labels(inputs)
   if table.shape != (wd.task.num_items + 1, valid.shape[-1]):

@@ -24,14 +24,15 @@ import sys
 
 import numpy as np
 
-from mmcl.tasks import mmsrec, sasrec
+from mmcl.eval import seqrec
+from mmcl.tasks import mmsrec
 
 ORIG = "data/scientific"
 
 
 def prep() -> None:
   """Writes the cold split in SASRec's text format."""
-  user_items, n = sasrec.load_interactions(ORIG)
+  user_items, n = seqrec.load_interactions(ORIG)
   cold = mmsrec.cold_items(n, 0.1, 0)
   lines, kept, dropped = [], 0, 0
   for u, items in enumerate(user_items):
@@ -59,16 +60,16 @@ def evaluate(workdir: str, step: int) -> None:
   trained = TrainedWorkdir(workdir)
   cfg, task, mesh = trained.config, trained.task, trained.mesh
   params = trained.restore_params(trained.resolve_step(step))
-  user_items, n = sasrec.load_interactions(ORIG)
+  user_items, n = seqrec.load_interactions(ORIG)
   cold = mmsrec.cold_items(n, 0.1, 0)
-  users, history, target = sasrec.eval_cases(user_items, "test", cfg.data.max_len)
+  users, history, target = seqrec.eval_cases(user_items, "test", cfg.data.max_len)
   seen = [user_items[u] for u in users]
   item_emb = np.asarray(task.item_table(params))
   q = task.user_embeddings(params, history)
   kw = dict(ks=(10, 50), num_negatives=100, max_users=10000, seed=0, full_ranking=True, mesh=mesh)
   out = {"step": int(step)}
-  out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix="sasrec_test", **kw))
-  out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix="sasrec_test_cold",
+  out.update(seqrec.next_item_metrics(q, item_emb, target, seen, prefix="sasrec_test", **kw))
+  out.update(seqrec.next_item_metrics(q, item_emb, target, seen, prefix="sasrec_test_cold",
                                       case_mask=cold[target], **kw))
   # Popularity: training-part counts of the cold split (held-out items never occur: count 0).
   counts = np.zeros(n + 1, np.float32)
@@ -76,9 +77,9 @@ def evaluate(workdir: str, step: int) -> None:
     tr = items[:-2] if len(items) >= 3 else items
     np.add.at(counts, tr[~cold[tr]], 1.0)
   pop_q = np.ones((len(users), 1), np.float32)
-  out.update(sasrec.next_item_metrics(pop_q, counts[:, None], target, seen, prefix="pop_test",
+  out.update(seqrec.next_item_metrics(pop_q, counts[:, None], target, seen, prefix="pop_test",
                                       **kw))
-  out.update(sasrec.next_item_metrics(pop_q, counts[:, None], target, seen, prefix="pop_test_cold",
+  out.update(seqrec.next_item_metrics(pop_q, counts[:, None], target, seen, prefix="pop_test_cold",
                                       case_mask=cold[target], **kw))
   print(json.dumps(out, indent=1))
   (pathlib.Path(workdir) / f"cold_eval_{step}.json").write_text(json.dumps(out, indent=1))

@@ -55,10 +55,12 @@ from data_pipelines import pipelines
 from data_pipelines import records
 from data_pipelines import sequences as seq_lib
 from mmcl.config import Config
+from mmcl.eval import seqrec
 from mmcl.losses import sharded as sharded_losses
+from mmcl.losses.negatives import sample_train_negatives
 from mmcl.models import seq_transformer
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.tasks import sasrec
+from mmcl.train.config import data_view
 from mmcl.train.task import Task
 
 MODALITIES = ("text", "lexical")
@@ -422,14 +424,14 @@ class DemureTask(Task):
              "(the paper's backbone); softmax = cross-entropy over all N items (full softmax, a "
              "stronger backbone for both arms)", choices=("bce", "softmax"))
     t.define("num_candidate_draws", 4, "candidates drawn per position to find an unseen negative")
-    sasrec.declare_eval_config(t, ks=(5, 10, 20), num_negatives=0)
+    seqrec.declare_eval_config(t, ks=(5, 10, 20), num_negatives=0)
     m = c.model
     m.define("hidden", 64, "token / hidden width d")
     m.define("num_blocks", 2, "self-attention blocks")
     m.define("num_heads", 1, "attention heads")
     m.define("dropout", 0.2, "dropout rate")
     m.define("use_id_embedding", False, "add a learned item-ID embedding to the modality tokens")
-    sasrec.declare_sequence_data(c)
+    seqrec.declare_sequence_data(c)
     c.data.define("text_features", "", "precomputed item text embeddings (X.npy + X.ids.txt keyed "
                   "by item_id, from `mmcl features`); '' = TF-IDF + SVD fallback")
 
@@ -500,7 +502,7 @@ class DemureTask(Task):
   def _global_threshold(self) -> float:
     """The `task.noise_fraction` quantile of the item-score table over every real (t, m) pair of
     the training rows (task.flag_scope = global)."""
-    inputs, _ = self.training_rows(sasrec.load_interactions(self.config.data.dir)[0])
+    inputs, _ = self.training_rows(seqrec.load_interactions(self.config.data.dir)[0])
     scores = self.item_score_table[inputs[inputs != 0]]
     rho = self.config.task.noise_fraction
     threshold = lowest_fraction_threshold(scores, rho)
@@ -516,7 +518,7 @@ class DemureTask(Task):
 
   # --- data / params -------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):
-    it = pipelines.build_train_iterator(sasrec.data_view(self.config, sequence_mode="next_item"),
+    it = pipelines.build_train_iterator(data_view(self.config, sequence_mode="next_item"),
                                         process_index=process_index, process_count=process_count)
     return StepCountingIterator(it) if self.config.task.flag_after_steps else it
 
@@ -664,7 +666,7 @@ class DemureTask(Task):
     inputs, targets = batch["inputs"], batch["targets"]
     k_neg, k_d, k_n, k_noise = jax.random.split(rng, 4)
     seen = jnp.concatenate([inputs, targets], axis=1)
-    negs = sasrec.sample_train_negatives(k_neg, seen, targets.shape, self.num_items,
+    negs = sample_train_negatives(k_neg, seen, targets.shape, self.num_items,
                                          t.num_candidate_draws)
     table = self.item_table(params)
     xt = self._apply(params, DemureModel.modality_tokens,
@@ -737,7 +739,7 @@ class DemureTask(Task):
         xt = xt * (~self.noise_flags(params, x)[0])[..., None]
       tok = xt.sum(-2) + self._apply(params, DemureModel.id_tokens, x)
       return self._apply(params, DemureModel.encode, tok, x != 0, False)[:, -1]
-    return sasrec.embed_rows(jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh)),
+    return mesh_lib.embed_rows(jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh)),
                              [history], self.mesh, self.config.task.eval_batch_size)
 
   def training_rows(self, user_items: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -761,7 +763,7 @@ class DemureTask(Task):
 
       def fn(p, x, y):
         seen = jnp.concatenate([x, y], axis=1)
-        negs = sasrec.sample_train_negatives(jax.random.PRNGKey(t.eval_seed), seen, y.shape,
+        negs = sample_train_negatives(jax.random.PRNGKey(t.eval_seed), seen, y.shape,
                                              self.num_items, t.num_candidate_draws)
         c, _ = self.contributions(p, x, y, negs, mode, key=jax.random.PRNGKey(t.eval_seed + 1),
                                   normalisation=normalisation, pooling=pooling,
@@ -769,7 +771,7 @@ class DemureTask(Task):
         return c.reshape(c.shape[0], -1)
       self._score_fns[variant] = jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh))
     score = self._score_fns[variant]
-    c = sasrec.embed_rows(lambda x, y: score(params, x, y), [inputs, targets], self.mesh, 256)
+    c = mesh_lib.embed_rows(lambda x, y: score(params, x, y), [inputs, targets], self.mesh, 256)
     return c.reshape(*inputs.shape, len(t.modalities))
 
   def item_scores(self, params, user_items: list[np.ndarray], mode: str | None = None,
@@ -859,16 +861,16 @@ class DemureTask(Task):
 
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
     t = self.config.task
-    user_items, num_items = sasrec.load_interactions(self.config.data.dir)
+    user_items, num_items = seqrec.load_interactions(self.config.data.dir)
     item_emb = np.asarray(self.item_table(params))
     out: dict[str, float] = {"num_items": float(num_items)}
     for split in t.eval_splits:
-      users, history, target = sasrec.eval_cases(user_items, split, self.config.data.max_len)
+      users, history, target = seqrec.eval_cases(user_items, split, self.config.data.max_len)
       # With an item-score table the denoised history is scored too ("<split>_denoised/..."):
       # which of the two is used is chosen on the validation split.
       for denoised in (False, True) if self.item_score_table is not None else (False,):
         q = self.user_embeddings(params, history, denoised=denoised)
-        out.update(sasrec.next_item_metrics(
+        out.update(seqrec.next_item_metrics(
             q, item_emb, target, [user_items[u] for u in users], ks=t.eval_ks,
             num_negatives=t.eval_num_negatives, max_users=t.eval_max_users, seed=t.eval_seed,
             full_ranking=t.eval_full_ranking, mesh=self.mesh,
@@ -921,11 +923,11 @@ def main(argv: list[str] | None = None) -> None:
   if a.cmd == "score-auc":
     if not wd.config.task.plant_noise_modality:
       raise ValueError(f"{a.workdir}: task.plant_noise_modality is empty, nothing to detect")
-    res = wd.task.score_variant_detection(params, sasrec.load_interactions(wd.config.data.dir)[0])
+    res = wd.task.score_variant_detection(params, seqrec.load_interactions(wd.config.data.dir)[0])
     for k, v in res.items():
       print(f"{k:40s} {v:.4f}")
     return
-  table = wd.task.item_scores(params, sasrec.load_interactions(wd.config.data.dir)[0], a.mode,
+  table = wd.task.item_scores(params, seqrec.load_interactions(wd.config.data.dir)[0], a.mode,
                               a.path_steps)
   np.save(a.output, table)
   print(f"wrote {a.output}: {table.shape}")

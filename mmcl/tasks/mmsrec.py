@@ -41,11 +41,12 @@ import numpy as np
 from data_pipelines import pipelines
 from data_pipelines import records
 from mmcl.config import Config
+from mmcl.eval import seqrec
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models import fusion
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.tasks import demure
-from mmcl.tasks import sasrec
+from mmcl.train.config import data_view
 from mmcl.train.task import Task
 
 
@@ -84,14 +85,14 @@ class MMSRecTask(Task):
              choices=("auto", "dense", "tiled"))
     t.define("loss_block_size", None, "item chunk of the tiled kernel (None = the default)",
              type=(int, type(None)))
-    sasrec.declare_eval_config(t, ks=(10, 50), num_negatives=0)
+    seqrec.declare_eval_config(t, ks=(10, 50), num_negatives=0)
     m = c.model
     m.define("width", 512, "fusion width d")
     m.define("depth", 2, "fusion Transformer layers")
     m.define("num_heads", 8, "attention heads")
     m.define("mlp_dim", 1024, "feed-forward width")
     m.define("dropout", 0.1, "dropout rate")
-    sasrec.declare_sequence_data(c, max_len=20)
+    seqrec.declare_sequence_data(c, max_len=20)
     c.data.sequence_mode = "masked"
     c.data.define("text_features", "", "precomputed item text embeddings (see demure)")
 
@@ -115,13 +116,13 @@ class MMSRecTask(Task):
 
   # --- data / params -------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):
-    return pipelines.build_train_iterator(sasrec.data_view(self.config),
+    return pipelines.build_train_iterator(data_view(self.config),
                                           process_index=process_index, process_count=process_count)
 
   def val_iterator(self, process_index: int, process_count: int):
     if self.config.task.stage != "finetune":
       return None
-    return pipelines.build_eval_iterator(sasrec.data_view(self.config), mode="valid",
+    return pipelines.build_eval_iterator(data_view(self.config), mode="valid",
                                          process_index=process_index, process_count=process_count)
 
   def _init_from_workdir(self, workdir: str) -> Any:
@@ -253,20 +254,20 @@ class MMSRecTask(Task):
   # --- evaluation ----------------------------------------------------------------------------------
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
     t = self.config.task
-    user_items, num_items = sasrec.load_interactions(self.config.data.dir)
+    user_items, num_items = seqrec.load_interactions(self.config.data.dir)
     item_emb = np.asarray(jax.jit(self.item_tower)(params)).copy()
     item_emb[0] = 0.0
     q_fn = jax.jit(lambda x: self._query(params, x), out_shardings=mesh_lib.replicated(self.mesh))
     out: dict[str, float] = {"num_items": float(num_items),
                              "num_cold_items": float(self.cold_np.sum())}
     for split in t.eval_splits:
-      users, history, target = sasrec.eval_cases(user_items, split, self.config.data.max_len)
-      q = sasrec.embed_rows(q_fn, [history], self.mesh, t.eval_batch_size)
+      users, history, target = seqrec.eval_cases(user_items, split, self.config.data.max_len)
+      q = mesh_lib.embed_rows(q_fn, [history], self.mesh, t.eval_batch_size)
       seen = [user_items[u] for u in users]
       kw = dict(ks=t.eval_ks, num_negatives=t.eval_num_negatives, max_users=t.eval_max_users,
                 seed=t.eval_seed, full_ranking=t.eval_full_ranking, mesh=self.mesh)
-      out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix=split, **kw))
+      out.update(seqrec.next_item_metrics(q, item_emb, target, seen, prefix=split, **kw))
       if self.cold_np.any():
-        out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix=f"{split}_cold",
+        out.update(seqrec.next_item_metrics(q, item_emb, target, seen, prefix=f"{split}_cold",
                                             case_mask=self.cold_np[target], **kw))
     return out

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mmcl.config import load_config_file
-from mmcl.tasks import demure, get_task_class, sasrec
+from mmcl.eval import seqrec
+from mmcl.tasks import demure, get_task_class
 from mmcl.train import loop as loop_lib
 from mmcl.train.metric_log import read_metrics
 
@@ -197,7 +198,7 @@ def test_planted_noise_is_found_then_flagged(group_seq_dir, tmp_path):
                                            "train.checkpoint_every": 40})
   loop_lib.train(c, tmp_path, get_task_class("demure"))
   task, params = _trained_params(c, tmp_path)
-  user_items = sasrec.load_interactions(c.data.dir)[0]
+  user_items = seqrec.load_interactions(c.data.dir)[0]
   m = task.noise_detection(params, user_items)
   assert m["noise/planted_share"] > 0.05
   # Random text hurts the loss: its signed contribution, averaged over an item's occurrences, is
@@ -288,7 +289,7 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
                   "task.noise_fraction": 0.05}
   c0 = _config(text_seq_dir, **oracle_flags, **{"task.cl_weight": 0.0})
   _, task0 = loop_lib.setup(c0, get_task_class("demure"))
-  rows = jnp.asarray(task0.training_rows(sasrec.load_interactions(c0.data.dir)[0])[0][:16])
+  rows = jnp.asarray(task0.training_rows(seqrec.load_interactions(c0.data.dir)[0])[0][:16])
   flags, _ = task0.noise_flags(None, rows)
   np.testing.assert_array_equal(np.asarray(flags)[..., 0], noisy[np.asarray(rows)])
   assert not np.asarray(flags)[..., 1].any()
