@@ -31,13 +31,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from mmcl import workdir as workdir_lib  # noqa: E402
 from mmcl.eval import seqrec  # noqa: E402
-from mmcl.tasks import demure  # noqa: E402
+from mmcl.tasks.demure.loss import flag_lowest, lowest_fraction_threshold  # noqa: E402
 
 
 def lowest_global(scores: np.ndarray, valid: np.ndarray, fraction: float) -> np.ndarray:
   """The lowest `fraction` of all valid entries, by one threshold as `task.flag_scope=global`
   (ties at the threshold included). scores, valid: [...] float / bool. Returns [...] bool."""
-  return (scores <= demure.lowest_fraction_threshold(scores[valid], fraction)) & valid
+  return (scores <= lowest_fraction_threshold(scores[valid], fraction)) & valid
 
 
 def rules(table: np.ndarray, inputs: np.ndarray, valid: np.ndarray, labels: np.ndarray, j: int,
@@ -52,7 +52,7 @@ def rules(table: np.ndarray, inputs: np.ndarray, valid: np.ndarray, labels: np.n
             "recall": round(float(flags[labels].mean()), 4),
             "flagged_share": round(float(flags[valid].mean()), 4)}
   for rho in fractions:
-    seq = np.asarray(demure.flag_lowest(jnp.asarray(c.reshape(r, length * m)),
+    seq = np.asarray(flag_lowest(jnp.asarray(c.reshape(r, length * m)),
                                         jnp.asarray(valid.reshape(r, length * m)),
                                         rho)).reshape(c.shape)
     only = np.zeros_like(valid)

@@ -1,7 +1,7 @@
 """Cold-start baselines beside MMSRec's `:scientific_cold` run: ID-based SASRec and popularity.
 
 The held-out items are those of `experiments/mmsrec.py:scientific_cold` (cold_item_fraction 0.1,
-seed 0: `mmcl.tasks.mmsrec.cold_items(4385, 0.1, 0)`, 438 items).
+seed 0: `mmcl.tasks.cold_items(4385, 0.1, 0)`, 438 items).
 
   prep              writes workdirs/mmsrec_tools/scientific_cold.txt ("user item" lines, SASRec's
                     format): amazon-scientific-unisrec with the held-out items removed from every
@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 from mmcl.eval import seqrec
-from mmcl.tasks import mmsrec
+from mmcl.tasks.mmsrec.data import cold_items
 
 ORIG = "data/scientific"
 
@@ -33,7 +33,7 @@ ORIG = "data/scientific"
 def prep() -> None:
   """Writes the cold split in SASRec's text format."""
   user_items, n = seqrec.load_interactions(ORIG)
-  cold = mmsrec.cold_items(n, 0.1, 0)
+  cold = cold_items(n, 0.1, 0)
   lines, kept, dropped = [], 0, 0
   for u, items in enumerate(user_items):
     if len(items) < 3:
@@ -61,7 +61,7 @@ def evaluate(workdir: str, step: int) -> None:
   cfg, task, mesh = trained.config, trained.task, trained.mesh
   params = trained.restore_params(trained.resolve_step(step))
   user_items, n = seqrec.load_interactions(ORIG)
-  cold = mmsrec.cold_items(n, 0.1, 0)
+  cold = cold_items(n, 0.1, 0)
   users, history, target = seqrec.eval_cases(user_items, "test", cfg.data.max_len)
   seen = [user_items[u] for u in users]
   item_emb = np.asarray(task.item_table(params))

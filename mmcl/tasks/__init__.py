@@ -19,8 +19,8 @@ from mmcl.train.task import Task
 TASKS: dict[str, str] = {
     "clip": "mmcl.tasks.clip:ClipTask",
     "sasrec": "mmcl.tasks.sasrec.task:SASRecTask",
-    "demure": "mmcl.tasks.demure:DemureTask",
-    "mmsrec": "mmcl.tasks.mmsrec:MMSRecTask",
+    "demure": "mmcl.tasks.demure.task:DemureTask",
+    "mmsrec": "mmcl.tasks.mmsrec.task:MMSRecTask",
     "artist_retrieval": "mmcl.tasks.artist_retrieval:ArtistRetrievalTask",
     "loev": "mmcl.tasks.loev:LOEVTask",
     "gcl": "mmcl.tasks.gcl:GCLTask",

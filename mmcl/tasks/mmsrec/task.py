@@ -1,6 +1,6 @@
 """MMSRec: ID-free multi-modal sequential recommendation (Song et al., arXiv:2304.13277).
 
-Items are only their frozen content features (`task.modalities`, see `mmcl.tasks.demure.
+Items are only their frozen content features (`task.modalities`, see `data_pipelines.featurize.
 load_modality_features`: "text" = all-MiniLM-L6-v2 sentence embeddings of the item text, "lexical" =
 TF-IDF + SVD of it; the datasets here have no images, so "lexical" stands in for the vision slot
 and the combinatorial loss's "v" view). One `mmcl.models.fusion.FusionEncoder` encodes sequences
@@ -40,28 +40,16 @@ import numpy as np
 
 from data_pipelines import pipelines
 from data_pipelines import records
+from data_pipelines.featurize import load_modality_features
 from mmcl.config import Config
 from mmcl.eval import seqrec
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models import fusion
+from mmcl.models.layers import l2_normalize
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.tasks import demure
-from mmcl.train.config import data_view
+from mmcl.tasks.mmsrec.data import cold_items
+from mmcl.train.config import data_view, task_config
 from mmcl.train.task import Task
-
-
-def _unit(x: jax.Array) -> jax.Array:
-  """[..., D] → unit-norm rows."""
-  return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
-
-
-def cold_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
-  """[N + 1] bool: a random `fraction` of items 1..N held out of training (row 0 False)."""
-  cold = np.zeros(num_items + 1, bool)
-  if fraction > 0:
-    rng = np.random.default_rng(seed)
-    cold[1 + rng.choice(num_items, size=int(round(fraction * num_items)), replace=False)] = True
-  return cold
 
 
 class MMSRecTask(Task):
@@ -74,7 +62,7 @@ class MMSRecTask(Task):
     t = c.task
     t.define("stage", "finetune", "pretrain (combinatorial contrastive) or finetune (cloze)",
              choices=("pretrain", "finetune"))
-    t.define("modalities", ("lexical", "text"), "item modalities in fusion order (see demure)")
+    t.define("modalities", ("lexical", "text"), "item modalities in fusion order (see data_pipelines.featurize)")
     t.define("lexical_dim", 128, "width of the TF-IDF + SVD features")
     t.define("temperature", 0.05, "τ of the pretraining InfoNCE and of the cloze logits")
     t.define("init_from", "", "workdir whose newest checkpoint's parameters initialise this run "
@@ -94,7 +82,7 @@ class MMSRecTask(Task):
     m.define("dropout", 0.1, "dropout rate")
     seqrec.declare_sequence_data(c, max_len=20)
     c.data.sequence_mode = "masked"
-    c.data.define("text_features", "", "precomputed item text embeddings (see demure)")
+    c.data.define("text_features", "", "precomputed item text embeddings (see data_pipelines.featurize)")
 
   def __init__(self, config: Config, mesh):
     super().__init__(config, mesh)
@@ -104,7 +92,7 @@ class MMSRecTask(Task):
     t = config.task
     meta = records.load_metadata(config.data.dir, build_hint=pipelines.BUILD_HINT)
     self.num_items = int(meta["num_items"])
-    self.features_np = demure.load_modality_features(
+    self.features_np = load_modality_features(
         config.data.dir, self.num_items, t.modalities, text_features=config.data.text_features,
         lexical_dim=t.lexical_dim, seed=config.seed)
     self.cold_np = cold_items(self.num_items, t.cold_item_fraction, t.cold_item_seed)
@@ -127,10 +115,9 @@ class MMSRecTask(Task):
 
   def _init_from_workdir(self, workdir: str) -> Any:
     """The newest checkpoint's params of another run (its own config rebuilds the abstract state)."""
-    from mmcl.tasks import config_from_dict  # pylint: disable=g-import-not-at-top
     from mmcl.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     from mmcl.train import loop as loop_lib  # pylint: disable=g-import-not-at-top
-    other = config_from_dict(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+    other = task_config(MMSRecTask, json.loads((pathlib.Path(workdir) / "config.json").read_text()))
     task = MMSRecTask(other, self.mesh)
     _, abstract, shardings, _, _ = loop_lib.build_state(other, task, self.mesh)
     ck = ckpt_lib.Checkpointer(workdir, read_only=True)
@@ -170,7 +157,7 @@ class MMSRecTask(Task):
     if items is None:
       items = jnp.arange(self.num_items + 1)
     h = self.encode_sequences(params, jnp.maximum(items, 1)[:, None], None, train=train, rng=rng)
-    return _unit(h[:, 0])
+    return l2_normalize(h[:, 0])
 
   # --- losses --------------------------------------------------------------------------------------
   def _original(self, batch) -> jax.Array:
@@ -198,7 +185,7 @@ class MMSRecTask(Task):
     for name, on in views.items():
       for copy in (1, 2):
         h = self.encode_sequences(params, items, None, modality_on=on, train=train, rng=keys[k])
-        reps[f"{name}{copy}"] = _unit(h[:, -1])
+        reps[f"{name}{copy}"] = l2_normalize(h[:, -1])
         k += 1
     valid = items[:, -1] != 0
     pairs = (("v1", "v2"), ("v1", "t1"), ("t1", "t2"), ("vt1", "vt2"))
@@ -213,7 +200,7 @@ class MMSRecTask(Task):
     k_seq, k_item = jax.random.split(rng)
     masked = (batch["labels"] > 0) & (items != 0)
     masked = masked.at[:, -1].set(items[:, -1] != 0)  # always the most recent position
-    h = _unit(self.encode_sequences(params, items, masked, train=train, rng=k_seq))  # [B, L, d]
+    h = l2_normalize(self.encode_sequences(params, items, masked, train=train, rng=k_seq))  # [B, L, d]
     cand = self.item_tower(params, train=train, rng=k_item)  # [N + 1, d]
     allowed = ~jnp.asarray(self.cold_np).at[0].set(True)  # not padding, not held out
     # Full softmax over all items through the loss core: the item table is split over the mesh's
@@ -231,7 +218,7 @@ class MMSRecTask(Task):
     """history: [B, L] left-padded → [B, d]: the output at an appended [MASK] slot."""
     seq = jnp.concatenate([history[:, 1:], jnp.ones_like(history[:, :1])], axis=1)
     masked = jnp.zeros(seq.shape, bool).at[:, -1].set(True)
-    return _unit(self.encode_sequences(params, seq, masked)[:, -1])
+    return l2_normalize(self.encode_sequences(params, seq, masked)[:, -1])
 
   def _val_metrics(self, params, batch):
     q = self._query(params, batch["history"])
