@@ -20,7 +20,7 @@ USER_TASK = '''
 """A user's method: CLIP with a fixed logit scale, declared outside mmcl."""
 import jax.numpy as jnp
 
-from mmcl.tasks.clip import ClipTask
+from mmcl.tasks.clip.task import ClipTask
 
 
 class FixedTemperatureClip(ClipTask):

@@ -17,7 +17,7 @@ from mmcl.train.task import Task
 # name -> "module:Class" (one package per method, mmcl/tasks/<name>/); imported lazily so that one
 # task's dependencies never load for another.
 TASKS: dict[str, str] = {
-    "clip": "mmcl.tasks.clip:ClipTask",
+    "clip": "mmcl.tasks.clip.task:ClipTask",
     "sasrec": "mmcl.tasks.sasrec.task:SASRecTask",
     "demure": "mmcl.tasks.demure.task:DemureTask",
     "mmsrec": "mmcl.tasks.mmsrec.task:MMSRecTask",
