@@ -11,6 +11,7 @@
   mmcl launch --launcher slurm --config F --workdir DIR [--nodes N] [--tasks-per-node T]
               [--gpus-per-node G] [--partition P] [--account A] [--time T] [--sbatch-arg=...]
               [--setup 'module load ...'] [--set key=value ...] [--eval [--eval-gpus G]] [--dry-run]
+  mmcl data  build NAME --output DIR [...]   (shapes, products, fashion-search, artists, music)
   mmcl data  build-shapes --output DIR [--num-train N] [--num-test N] [--image-size P]
   mmcl data  convert --format F --input PATH --output DIR [--split-by ...]   (see --help)
   mmcl features --tower FOLDER|WORKDIR[:NAME]|EXPORT[:NAME] --input DATASET|FILE --field NAME
@@ -122,6 +123,13 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_data(args) -> int:
+  if args.data_command == "build":
+    if args.name == "shapes":  # the built-in set keeps its own options (as `data build-shapes`)
+      return cmd_data(build_parser().parse_args(["data", "build-shapes", *args.args]))
+    import importlib
+    from data_pipelines.recipes import BUILDERS
+    result = importlib.import_module(BUILDERS[args.name]).main(args.args)
+    return result if isinstance(result, int) else 0
   if args.data_command == "build-shapes":
     from data_pipelines.image_text import build_shapes_dataset
     info = build_shapes_dataset(args.output, num_train=args.num_train, num_test=args.num_test,
@@ -222,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
   d = sub.add_parser("data", help="build or convert datasets")
   dsub = d.add_subparsers(dest="data_command", required=True)
+  from data_pipelines.recipes import BUILDERS
+  bn = dsub.add_parser("build", help="build a recipe's dataset (data_pipelines/recipes/): "
+                                     + ", ".join(["shapes", *BUILDERS]),
+                       description="`mmcl data build NAME --help` lists NAME's options")
+  bn.add_argument("name", choices=["shapes", *BUILDERS])
+  bn.add_argument("args", nargs=argparse.REMAINDER, help="the builder's own options")
   b = dsub.add_parser("build-shapes", help="the built-in procedural image–caption set")
   b.add_argument("--output", required=True)
   b.add_argument("--num-train", type=int, default=5000)

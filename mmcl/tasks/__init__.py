@@ -22,7 +22,7 @@ TASKS: dict[str, str] = {
     "demure": "mmcl.tasks.demure.task:DemureTask",
     "mmsrec": "mmcl.tasks.mmsrec.task:MMSRecTask",
     "artist_retrieval": "mmcl.tasks.artist_retrieval:ArtistRetrievalTask",
-    "loev": "mmcl.tasks.loev:LOEVTask",
+    "loev": "mmcl.tasks.loev.task:LOEVTask",
     "gcl": "mmcl.tasks.gcl:GCLTask",
 }
 

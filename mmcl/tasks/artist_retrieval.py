@@ -1,6 +1,6 @@
 """Cross-modal artist retrieval with missing modalities (Ferraro et al. 2023, arXiv:2308.06556).
 
-Data: an artist dataset from `data_pipelines.artists` (SAS ⋈ hetrec: `cf`, `tags`, `text` with
+Data: an artist dataset from `data_pipelines.recipes.artists` (SAS ⋈ hetrec: `cf`, `tags`, `text` with
 availability bits; splits train / validation / catalogue, ground truth in the metadata).
 Batch: {m} [B, D_m] float32, has_{m} [B] bool, artist [B] int32 (rows sharing an artist number are
 copies from oversampling and are kept out of each other's negatives).
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import artists as data_lib
+from data_pipelines.recipes import artists as data_lib
 from data_pipelines import records
 from mmcl.config import Config
 from mmcl.eval import artist_eval
@@ -213,7 +213,7 @@ class ArtistRetrievalTask(Task):
     dims = self.metadata.get("modalities")
     if not isinstance(dims, dict):
       raise ValueError(f"{self.data_dir}: metadata has no 'modalities' (build the dataset with "
-                       "`python -m data_pipelines.artists`)")
+                       "`mmcl data build artists`)")
     self.modalities = tuple(config.task.modalities)
     unknown = [m for m in self.modalities if m not in dims]
     if len(self.modalities) < 2 or unknown:

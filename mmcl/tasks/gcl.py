@@ -2,7 +2,7 @@
 
 Retrieval and ranking trained on (query, document, score) triples with graded relevance.
 
-Batch (`data_pipelines.products.MultiFieldBatch`): query [B, L] int32; document fields title
+Batch (`data_pipelines.recipes.products.MultiFieldBatch`): query [B, L] int32; document fields title
 [B, L] int32, description [B, L] int32 (when the dataset has it), image [B, S, S, 3] float32, each
 with a presence flag has_* [B] bool; score_linear / score_reciprocal [B] float32; query_gid /
 doc_gid [B] int32 ids of the query and the document.
@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import products as data_lib
+from data_pipelines.recipes import products as data_lib
 from mmcl.config import Config, ConfigError
 from mmcl.eval import finite as finite_lib
 from mmcl.eval import metrics as metrics_lib

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import artists
+from data_pipelines.recipes import artists
 from mmcl.config import load_config_file
 from mmcl.eval import artist_eval
 from mmcl.eval.evaluator import Evaluator

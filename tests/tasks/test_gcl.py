@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from data_pipelines import products
+from data_pipelines.recipes import products
 from mmcl.config import load_config_file
 from mmcl.eval import metrics as metrics_lib
 from mmcl.losses import infonce

@@ -21,7 +21,7 @@ Modalities per artist (availability bit `has_{m}`):
     `tag_features=PATH`, the artist's *tag profile* — its most-applied tag names as one text,
     `write_tag_profiles` — embedded by a pretrained text tower with `mmcl features` (PATH is that
     command's output; ids = hetrec artist ids):
-      python -m data_pipelines.artists --hetrec DIR --write-tag-profiles profiles.jsonl
+      mmcl data build artists --hetrec DIR --write-tag-profiles profiles.jsonl
       mmcl features --tower MINILM_FOLDER --input profiles.jsonl --field text --output PATH
   * `text` the biography embedded by a pretrained sentence encoder (all-MiniLM-L6-v2 through
     `mmcl.models.pretrained.encode_texts`, mean-pooled and normalised as sentence-transformers
@@ -45,7 +45,7 @@ Roles: `test_fraction` / `val_fraction` of the SAS artists (seeded permutation) 
 validation queries; every ground-truth neighbour of a test or validation query is `blocked`; the
 rest are `train`. So test queries and their ground-truth neighbours never shape training.
 
-CLI: `python -m data_pipelines.artists --sas DIR --hetrec DIR --output DIR [options]`.
+CLI: `mmcl data build artists --sas DIR --hetrec DIR --output DIR [options]`.
 `train_iterator(...)` gives the grain training batches (with optional oversampling of the rows
 that have text, which are a small minority, and optionally the role-train SAS artists with a
 single modality, `single_modality_rows`, for the multi-positive loss; their number of available
@@ -543,7 +543,7 @@ def single_modality_train_rows(meta: Mapping[str, Any]) -> np.ndarray:
   counts = info.get("num_available")
   if counts is None:
     raise ValueError("dataset metadata has no catalogue['num_available']: rebuild it with this "
-                     "version of `python -m data_pipelines.artists`, or read it with "
+                     "version of `mmcl data build artists`, or read it with "
                      "`catalogue_availability`")
   return np.flatnonzero((roles == "train") & (np.asarray(counts) == 1))
 
@@ -686,7 +686,7 @@ def write_planted_sources(root: pathlib.Path, *, num_sas: int = 192, num_extra: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m data_pipelines.artists",
+  p = argparse.ArgumentParser(prog="mmcl data build artists",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--sas", help="the artist-similarity-sas folder")
   p.add_argument("--hetrec", required=True, help="the hetrec2011-lastfm-2k folder")
