@@ -23,7 +23,7 @@ TASKS: dict[str, str] = {
     "mmsrec": "mmcl.tasks.mmsrec.task:MMSRecTask",
     "artist_retrieval": "mmcl.tasks.artist_retrieval:ArtistRetrievalTask",
     "loev": "mmcl.tasks.loev.task:LOEVTask",
-    "gcl": "mmcl.tasks.gcl:GCLTask",
+    "gcl": "mmcl.tasks.gcl.task:GCLTask",
 }
 
 
