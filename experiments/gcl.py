@@ -1,4 +1,4 @@
-"""GCL: graded-relevance, multi-field product search (arXiv:2404.08535; mmcl/tasks/gcl.py).
+"""GCL: graded-relevance, multi-field product search (arXiv:2404.08535; mmcl/tasks/gcl/).
 Results, evidence and what was rejected: docs/results/gcl.md.
 
 Procedural product-search set (built-in, Marqo-GS schema; a few seconds to build):

@@ -128,7 +128,11 @@ def cmd_data(args) -> int:
       return cmd_data(build_parser().parse_args(["data", "build-shapes", *args.args]))
     import importlib
     from data_pipelines.recipes import BUILDERS
-    result = importlib.import_module(BUILDERS[args.name]).main(args.args)
+    kwargs = {}
+    if args.name == "artists":  # biographies embedded by the pretrained text tower (--text-encoder)
+      from mmcl.models.pretrained import encode_texts
+      kwargs["encode_texts"] = encode_texts
+    result = importlib.import_module(BUILDERS[args.name]).main(args.args, **kwargs)
     return result if isinstance(result, int) else 0
   if args.data_command == "build-shapes":
     from data_pipelines.image_text import build_shapes_dataset

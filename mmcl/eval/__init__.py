@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("artist_eval", "atomic", "evaluator", "finite", "image_text", "metrics",
+_SUBMODULES = ("atomic", "evaluator", "finite", "image_text", "metrics",
                "report", "retrieval", "seqrec", "topk", "trec", "watch")
 __all__ = list(_SUBMODULES)
 

@@ -132,3 +132,10 @@ def embed_rows(fn: Callable[..., jax.Array], arrays: Sequence[np.ndarray], mesh:
       chunk = [np.concatenate([c, np.repeat(c[:1], bs - real, 0)]) for c in chunk]
     out.append(np.asarray(fn(*[jax.device_put(c, sharding) for c in chunk]))[:real])
   return np.concatenate(out).astype(np.float32)
+
+
+def put_on_mesh(batch: dict, mesh: Mesh) -> dict:
+  """A data pipeline's host rows → global `jax.Array`s sharded over the mesh's data axis (leading
+  dim); fields of Python objects (ids, raw strings) are left out."""
+  return host_batch_to_global(mesh, {k: v for k, v in batch.items()
+                                     if np.asarray(v).dtype != object})

@@ -21,7 +21,7 @@ TASKS: dict[str, str] = {
     "sasrec": "mmcl.tasks.sasrec.task:SASRecTask",
     "demure": "mmcl.tasks.demure.task:DemureTask",
     "mmsrec": "mmcl.tasks.mmsrec.task:MMSRecTask",
-    "artist_retrieval": "mmcl.tasks.artist_retrieval:ArtistRetrievalTask",
+    "artist_retrieval": "mmcl.tasks.artist_retrieval.task:ArtistRetrievalTask",
     "loev": "mmcl.tasks.loev.task:LOEVTask",
     "gcl": "mmcl.tasks.gcl.task:GCLTask",
 }
