@@ -70,17 +70,20 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
   from mmcl.eval.evaluator import run_evaluator
+  from mmcl.tasks import get_task_class
   if args.set and not args.tag:
     print("mmcl eval: error: --set needs --tag NAME (results then go to WORKDIR/eval-NAME/, apart "
           "from the default protocol's eval/)", file=sys.stderr)
     return 2
   run_evaluator(args.workdir, step=args.step, watch=args.watch, poll_seconds=args.poll,
-                timeout_seconds=args.timeout, overrides=args.set or [], tag=args.tag)
+                timeout_seconds=args.timeout, overrides=args.set or [], tag=args.tag,
+                resolve_task=get_task_class)
   return 0
 
 
 def cmd_export(args) -> int:
   from mmcl.export import export_pretrained, export_workdir
+  from mmcl.tasks import get_task_class
   if (args.workdir is None) == (args.tower is None):
     print("mmcl export: error: pass exactly one of --workdir DIR (a trained checkpoint) and "
           "--tower FOLDER (a pretrained model folder)", file=sys.stderr)
@@ -88,7 +91,8 @@ def cmd_export(args) -> int:
   try:
     if args.workdir is not None:
       manifest = export_workdir(args.workdir, args.out, step=args.step, corpus=args.corpus,
-                                platforms=tuple(args.platforms), overwrite=args.overwrite)
+                                platforms=tuple(args.platforms), overwrite=args.overwrite,
+                                resolve_task=get_task_class)
     else:
       manifest = export_pretrained(args.tower, args.out, max_length=args.max_length,
                                    dtype=args.dtype, platforms=tuple(args.platforms),
@@ -154,12 +158,14 @@ def cmd_data(args) -> int:
 
 def cmd_features(args) -> int:
   from mmcl.features import compute_features, output_paths
+  from mmcl.tasks import get_task_class
   try:
     result = compute_features(
         args.tower, args.input, args.field, args.output, tower_name=args.tower_name,
         step=args.step, split=args.split, batch_size=args.batch_size,
         max_length=args.max_length, dtype=args.dtype, param_sharding=args.param_sharding,
-        chunk_size=args.chunk_size, id_field=args.id_field, overwrite=args.overwrite)
+        chunk_size=args.chunk_size, id_field=args.id_field, overwrite=args.overwrite,
+        resolve_task=get_task_class)
   except (ValueError, FileExistsError) as e:
     print(f"mmcl features: error: {e}", file=sys.stderr)
     return 2

@@ -230,7 +230,7 @@ def _choose(names: Sequence[str], name: str | None, where: str) -> str:
 def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
                        tower_name: str | None = None, step: int | None = None,
                        max_length: int = 256, dtype: str = "float32",
-                       param_sharding: str = "replicate") -> FeatureTower:
+                       param_sharding: str = "replicate", resolve_task=None) -> FeatureTower:
   """Resolves a `--tower` argument (see the module docstring) into a `FeatureTower`.
 
   Args:
@@ -243,6 +243,8 @@ def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
     dtype: "float32" or "bfloat16" compute (not for export directories, which are fixed).
     param_sharding: "replicate" or "fsdp" for pretrained weights (trained ones keep the
       workdir's rules).
+    resolve_task: task.name → `Task` subclass (`mmcl.tasks.get_task_class`); needed for a
+      workdir's tower only.
 
   Returns:
     The `FeatureTower`.
@@ -260,7 +262,10 @@ def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
   if (path / "manifest.json").is_file():
     return _export_tower(path, name, mesh, dtype)
   if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-    return _workdir_tower(path, name, step, dtype)
+    if resolve_task is None:
+      raise ValueError(f"--tower {spec} is a `mmcl train` workdir: pass resolve_task (e.g. "
+                       "mmcl.tasks.get_task_class) to build its task")
+    return _workdir_tower(path, name, step, dtype, resolve_task)
   kind = pretrained_export.folder_kind(path)
   if kind is not None and name is not None and name != kind:
     raise ValueError(f"{path} holds one {kind} tower; --tower-name {name!r} does not name it")
@@ -288,12 +293,11 @@ def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
 
 
 def _workdir_tower(path: pathlib.Path, name: str | None, step: int | None,
-                   dtype: str) -> FeatureTower:
+                   dtype: str, resolve_task) -> FeatureTower:
   """A trained tower: the workdir's checkpoint, its task's `export_towers` entry."""
-  from mmcl.tasks import get_task_class  # pylint: disable=g-import-not-at-top
   from mmcl.workdir import TrainedWorkdir  # pylint: disable=g-import-not-at-top
 
-  wd = TrainedWorkdir(path)
+  wd = TrainedWorkdir(path, resolve_task=resolve_task)
   try:
     # sharded by the workdir's own rules on wd.mesh; the newest usable step when step is None
     step, params = wd.restore_usable_params(step)
@@ -302,7 +306,7 @@ def _workdir_tower(path: pathlib.Path, name: str | None, step: int | None,
   task = wd.task
   if dtype != wd.config.train.compute_dtype:
     wd.config.override(f"train.compute_dtype={dtype}")
-    task = get_task_class(wd.config.task.name)(wd.config, wd.mesh)
+    task = wd.task_class(wd.config, wd.mesh)
   towers = task.export_towers(params)
   name = _choose(list(towers), name, f"workdir {path} (task {wd.config.task.name!r})")
   tower = towers[name]

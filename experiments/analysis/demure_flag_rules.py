@@ -31,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from mmcl import workdir as workdir_lib  # noqa: E402
 from mmcl.eval import seqrec  # noqa: E402
+from mmcl.tasks import get_task_class  # noqa: E402
 from mmcl.tasks.demure.loss import flag_lowest, lowest_fraction_threshold  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def main() -> None:
   p.add_argument("--table", required=True, help="[N + 1, M] .npy of item scores")
   p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
   a = p.parse_args()
-  wd = workdir_lib.TrainedWorkdir(a.workdir)
+  wd = workdir_lib.TrainedWorkdir(a.workdir, resolve_task=get_task_class)
   if not wd.config.task.plant_noise_modality:
     raise ValueError(f"{a.workdir}: task.plant_noise_modality is empty, nothing to detect")
   table = np.load(a.table)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from mmcl import workdir as workdir_lib  # noqa: E402
 from mmcl.eval import metrics as metrics_lib  # noqa: E402
 from mmcl.eval import seqrec  # noqa: E402
+from mmcl.tasks import get_task_class  # noqa: E402
 
 
 def per_case_metrics(ranks: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
@@ -53,7 +54,7 @@ def run_ranks(spec: str, splits: list[str]) -> dict[str, np.ndarray]:
   path, _, mode = spec.partition(":")
   if mode not in ("", "denoised"):
     raise ValueError(f"{spec}: expected WORKDIR or WORKDIR:denoised")
-  wd = workdir_lib.TrainedWorkdir(path)
+  wd = workdir_lib.TrainedWorkdir(path, resolve_task=get_task_class)
   task = wd.task
   if mode and task.item_score_table is None:
     raise ValueError(f"{spec}: the run has no task.item_scores, so no denoised history")

@@ -25,6 +25,7 @@ import sys
 import numpy as np
 
 from mmcl.eval import seqrec
+from mmcl.tasks import get_task_class
 from mmcl.tasks.mmsrec.data import cold_items
 
 ORIG = "data/scientific"
@@ -57,7 +58,7 @@ def prep() -> None:
 def evaluate(workdir: str, step: int) -> None:
   """Prints and writes SASRec's and popularity's metrics, all cases and held-out targets."""
   from mmcl.workdir import TrainedWorkdir  # pylint: disable=g-import-not-at-top
-  trained = TrainedWorkdir(workdir)
+  trained = TrainedWorkdir(workdir, resolve_task=get_task_class)
   cfg, task, mesh = trained.config, trained.task, trained.mesh
   params = trained.restore_params(trained.resolve_step(step))
   user_items, n = seqrec.load_interactions(ORIG)

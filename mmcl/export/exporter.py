@@ -85,12 +85,12 @@ def _shape_json(shape) -> list:
   return [d if isinstance(d, int) else str(d) for d in shape]
 
 
-def _restore(workdir: pathlib.Path, step: int | None):
+def _restore(workdir: pathlib.Path, step: int | None, resolve_task):
   """(config, task, step, params on this process's mesh) of a `mmcl train` workdir."""
   # Imported here: the export of a task module pulls in only what it needs.
   from mmcl.workdir import TrainedWorkdir
   from mmcl.eval import finite as finite_lib
-  wd = TrainedWorkdir(workdir)
+  wd = TrainedWorkdir(workdir, resolve_task=resolve_task)
   try:
     step, params = wd.restore_usable_params(step)
     finite_lib.require_finite_params(params, f"checkpoint step {step}: parameters")
@@ -139,8 +139,11 @@ def _staged(out: pathlib.Path, overwrite: bool, write) -> dict[str, Any]:
 def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
                    step: int | None = None, corpus: bool = False,
                    platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, resolve_task=None) -> dict[str, Any]:
   """Exports every tower of a `mmcl train` workdir's checkpoint (and optionally its corpus).
+
+  `resolve_task(task.name)` is the workdir's `Task` subclass (the CLI passes
+  `mmcl.tasks.get_task_class`); required.
 
   Args:
     workdir: the training workdir (config.json + checkpoints/).
@@ -157,7 +160,10 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} exists; pass overwrite=True (mmcl export --overwrite) to "
                           "replace it")
-  config, task, step, params = _restore(workdir, step)
+  if resolve_task is None:
+    raise ValueError("export_workdir: pass resolve_task (e.g. mmcl.tasks.get_task_class), the "
+                     "function that names the workdir's Task class")
+  config, task, step, params = _restore(workdir, step, resolve_task)
   host_params = jax.device_get(params)
   towers = task.export_towers(host_params)
   if not towers:

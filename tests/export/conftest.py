@@ -2,6 +2,7 @@
 import pytest
 
 from mmcl.export import export_workdir
+from mmcl.tasks import get_task_class
 
 
 @pytest.fixture(scope="session")
@@ -12,5 +13,5 @@ def workdir(tiny_clip_workdir):
 @pytest.fixture(scope="session")
 def exported(workdir, tmp_path_factory):
   out = tmp_path_factory.mktemp("out") / "serving"
-  manifest = export_workdir(workdir, out, corpus=True)
+  manifest = export_workdir(workdir, out, corpus=True, resolve_task=get_task_class)
   return out, manifest

@@ -12,10 +12,10 @@ from mmcl.config import load_config_file
 from mmcl.eval.evaluator import Evaluator
 from mmcl.losses import infonce, multimodal_infonce
 from mmcl.parallel import mesh as mesh_lib
+from mmcl.tasks import get_task_class
 from mmcl.tasks.artist_retrieval import evaluate
 from mmcl.tasks.artist_retrieval.loss import multi_positive_infonce, neighbour_matrix
 from mmcl.tasks.artist_retrieval.task import ArtistRetrievalTask
-from mmcl.tasks import get_task_class
 from mmcl.train import loop as loop_lib
 from mmcl.train.metric_log import read_metrics
 
@@ -70,7 +70,7 @@ def test_trains_and_evaluates_on_planted_artists(planted_dir, tmp_path):
   loop_lib.train(c, tmp_path, get_task_class("artist_retrieval"))
   rows = [r for r in read_metrics(tmp_path) if "loss" in r]
   assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
-  metrics = Evaluator(tmp_path).evaluate(60)
+  metrics = Evaluator(tmp_path, resolve_task=get_task_class).evaluate(60)
   n = metrics["num_catalogue"]
   chance_recall = 10 / (n - 1)
   # The shared space retrieves similar artists far above chance, also across modalities (which the

@@ -15,6 +15,7 @@ from mmcl.config import load_config_file
 from mmcl.eval import metrics as metrics_lib
 from mmcl.losses import infonce
 from mmcl.parallel import mesh as mesh_lib
+from mmcl.tasks import get_task_class
 from mmcl.tasks.gcl.evaluate import (SplitTable, gcl_metrics, relevance_grades,
                                      sample_eval_queries)
 from mmcl.tasks.gcl.loss import score_weights
@@ -226,7 +227,7 @@ def test_tiny_train_and_evaluate(tiny_products, tmp_path):
   losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [m["loss"] for m in losses if "loss" in m]
   assert losses[-1] < losses[0]
-  metrics = run_evaluator(str(tmp_path))
+  metrics = run_evaluator(str(tmp_path), resolve_task=get_task_class)
   for split in c.task.eval_splits:
     for name in ("ndcg@10", "map@100", "mrr@100", "err", "rbp.7", "rbp.8", "rbp.9"):
       assert 0.0 <= metrics[f"{split}/{name}"] <= 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmcl.eval import seqrec
+from mmcl.tasks.demure.task import DemureTask
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,9 +34,11 @@ def main(argv: list[str] | None = None) -> None:
   sa.add_argument("--workdir", required=True)
   sa.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   a = ap.parse_args(argv)
-  wd = workdir_lib.TrainedWorkdir(a.workdir)
-  if wd.config.task.name != "demure":
-    raise ValueError(f"{a.workdir}: task {wd.config.task.name!r}, expected demure")
+  def demure_only(name: str) -> type[DemureTask]:
+    if name != "demure":
+      raise ValueError(f"{a.workdir}: task {name!r}, expected demure")
+    return DemureTask
+  wd = workdir_lib.TrainedWorkdir(a.workdir, resolve_task=demure_only)
   if a.cmd == "oracle-scores":
     table = wd.task.oracle_scores()
     np.save(a.output, table)
