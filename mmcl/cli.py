@@ -82,7 +82,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-  from mmcl.export import export_pretrained, export_workdir
+  from mmcl.export import export_workdir
+  from mmcl.pretrained.export import export_pretrained
   from mmcl.tasks import get_task_class
   if (args.workdir is None) == (args.tower is None):
     print("mmcl export: error: pass exactly one of --workdir DIR (a trained checkpoint) and "
@@ -134,7 +135,7 @@ def cmd_data(args) -> int:
     from data_pipelines.recipes import BUILDERS
     kwargs = {}
     if args.name == "artists":  # biographies embedded by the pretrained text tower (--text-encoder)
-      from mmcl.models.pretrained import encode_texts
+      from mmcl.pretrained.text import encode_texts
       kwargs["encode_texts"] = encode_texts
     result = importlib.import_module(BUILDERS[args.name]).main(args.args, **kwargs)
     return result if isinstance(result, int) else 0
@@ -157,7 +158,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_features(args) -> int:
-  from mmcl.features import compute_features, output_paths
+  from mmcl.pretrained.features import compute_features, output_paths
   from mmcl.tasks import get_task_class
   try:
     result = compute_features(

@@ -24,7 +24,7 @@ Modalities per artist (availability bit `has_{m}`):
       mmcl data build artists --hetrec DIR --write-tag-profiles profiles.jsonl
       mmcl features --tower MINILM_FOLDER --input profiles.jsonl --field text --output PATH
   * `text` the biography embedded by a pretrained sentence encoder (all-MiniLM-L6-v2 through
-    `mmcl.models.pretrained.encode_texts`, mean-pooled and normalised as sentence-transformers
+    `mmcl.pretrained.text.encode_texts`, mean-pooled and normalised as sentence-transformers
     does) or, with `text_encoder="tfidf"`, the documented fallback: TF-IDF over lower-cased word
     tokens (document frequency ≥ 2) reduced by truncated SVD (`converters.lastfm.
     truncated_svd_embedding`). Biographies have their Markdown links `[x](url)` replaced by `x`.

@@ -453,7 +453,7 @@ class MultiFieldBatch:
   Text ids come from the dataset's own tokenisation (`query_ids`, `title_ids`, `description_ids`,
   BPE of the dataset's tokenizer) or, when `text_tokenizer` is given, from tokenising the raw
   texts (`query`, `title`, `description`) with it, e.g. the WordPiece tokenizer of a pretrained
-  text tower (`mmcl.models.pretrained.load_tokenizer`), padded with `pad_id`.
+  text tower (`mmcl.pretrained.text.load_tokenizer`), padded with `pad_id`.
 
   Batch (b rows):
     query [b, L] int32 ids; title [b, L]; description [b, L] (when the dataset has it);

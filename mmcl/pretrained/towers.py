@@ -1,9 +1,9 @@
 """The towers `mmcl features` embeds with, behind one interface, placed on a device mesh.
 
 `load_feature_tower(spec, mesh=...)` accepts:
-  * a BERT-family Hugging Face folder (`mmcl.models.pretrained`): a text tower, batches sorted by
+  * a BERT-family Hugging Face folder (`mmcl.pretrained.text`): a text tower, batches sorted by
     length and padded to a multiple of 32 tokens;
-  * an open_clip / timm ViT folder (`mmcl.export.pretrained`): an image tower;
+  * an open_clip / timm ViT folder (`mmcl.pretrained.export`): an image tower;
   * a `mmcl train` workdir, `WORKDIR` with `tower_name=` or `WORKDIR:NAME` (NAME one of the
     task's `export_towers`, e.g. "text" / "image"; `step` default the newest checkpoint): the
     trained tower with the preprocessing its export describes (the dataset's tokenizer.json and
@@ -184,7 +184,7 @@ class _BertFeatureTower(FeatureTower):
 
   def __init__(self, folder: pathlib.Path, *, max_length: int, dtype: str, mesh: Mesh,
                param_sharding: str):
-    from mmcl.models import pretrained  # pylint: disable=g-import-not-at-top
+    from mmcl.pretrained import text as pretrained  # pylint: disable=g-import-not-at-top
     self.pretrained = pretrained.load_text_tower(folder, max_length=max_length, dtype=dtype)
     self.params = pretrained.place_params(self.pretrained.params, mesh, param_sharding)
     self.sharding = mesh_lib.batch_sharding(mesh)
@@ -249,8 +249,8 @@ def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
   Returns:
     The `FeatureTower`.
   """
-  from mmcl.export import pretrained as pretrained_export  # pylint: disable=g-import-not-at-top
-  from mmcl.models.pretrained import as_dtype  # pylint: disable=g-import-not-at-top
+  from mmcl.pretrained import export as pretrained_export  # pylint: disable=g-import-not-at-top
+  from mmcl.pretrained.text import as_dtype  # pylint: disable=g-import-not-at-top
 
   as_dtype(dtype)  # validates the spelling
   path, name = split_spec(spec, tower_name)
@@ -273,7 +273,7 @@ def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
     return _BertFeatureTower(path, max_length=max_length, dtype=dtype, mesh=mesh,
                              param_sharding=param_sharding)
   if kind == "image":
-    from mmcl.models.pretrained import place_params  # pylint: disable=g-import-not-at-top
+    from mmcl.pretrained.text import place_params  # pylint: disable=g-import-not-at-top
     with tempfile.TemporaryDirectory() as scratch:
       loaded = pretrained_export.pretrained_towers(path, scratch, dtype=dtype)
     tower = loaded.towers["image"]
