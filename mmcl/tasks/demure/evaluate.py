@@ -7,19 +7,13 @@ import numpy as np
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-  """Area under the ROC curve of `scores` for binary `labels` (ties get average ranks)."""
+  """Area under the ROC curve of `scores` for binary `labels` (scikit-learn's `roc_auc_score`:
+  tied scores count one half); NaN when one class is absent."""
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
-  n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-  if n_pos == 0 or n_neg == 0:
+  if labels.all() or not labels.any():
     return float("nan")
-  order = np.argsort(scores, kind="mergesort")
-  ranks = np.empty(len(scores))
-  sorted_scores = scores[order]
-  # Average ranks over ties.
-  _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-  avg = first + (counts - 1) / 2.0 + 1.0
-  ranks[order] = np.repeat(avg, counts)
-  return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+  return float(roc_auc_score(labels, scores))
 
 
 def pool_by_item(scores: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
