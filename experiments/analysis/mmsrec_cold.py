@@ -1,7 +1,7 @@
 """Cold-start baselines beside MMSRec's `:scientific_cold` run: ID-based SASRec and popularity.
 
 The held-out items are those of `experiments/mmsrec.py:scientific_cold` (cold_item_fraction 0.1,
-seed 0: `mmcl.tasks.cold_items(4385, 0.1, 0)`, 438 items).
+seed 0: `mmcl.tasks.mmsrec.data.cold_items(4385, 0.1, 0)`, 438 items).
 
   prep              writes workdirs/mmsrec_tools/scientific_cold.txt ("user item" lines, SASRec's
                     format): amazon-scientific-unisrec with the held-out items removed from every

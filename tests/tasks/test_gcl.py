@@ -180,7 +180,7 @@ def _tiny_config(data_dir, *variants):
 
 
 def test_loss_is_the_weighted_gcl_loss_with_duplicates_masked(tiny_products):
-  from mmcl.tasks.gcl import GCLTask
+  from mmcl.tasks.gcl.task import GCLTask
   c = _tiny_config(tiny_products)
   mesh = mesh_lib.make_mesh(-1, 1)
   task = GCLTask(c, mesh)
@@ -206,7 +206,7 @@ def test_loss_is_the_weighted_gcl_loss_with_duplicates_masked(tiny_products):
 
 def test_config_errors_name_the_key(tiny_products):
   from mmcl.config import ConfigError
-  from mmcl.tasks.gcl import GCLTask
+  from mmcl.tasks.gcl.task import GCLTask
   c = _tiny_config(tiny_products)
   c.model.doc_field_weights = (1.0, 1.0)
   with pytest.raises(ConfigError, match="model.doc_field_weights"):
@@ -215,7 +215,7 @@ def test_config_errors_name_the_key(tiny_products):
 
 def test_tiny_train_and_evaluate(tiny_products, tmp_path):
   from mmcl.eval.evaluator import run_evaluator
-  from mmcl.tasks.gcl import GCLTask
+  from mmcl.tasks.gcl.task import GCLTask
   from mmcl.train.loop import train
   c = _tiny_config(tiny_products)
   c.train.total_steps = 12
@@ -260,7 +260,7 @@ def test_pretrained_locked_text_tower(tiny_products, minilm_folder):
   of the raw texts; training changes only the projection (and the logit scale), frozen parameters
   have no optimizer state; the trained model beats random rankings by a wide margin."""
   from mmcl.models.lock import count_frozen
-  from mmcl.tasks.gcl import GCLTask
+  from mmcl.tasks.gcl.task import GCLTask
   from mmcl.train.loop import build_state
   from mmcl.train.step import make_train_step
   c = _tiny_config(tiny_products, "minilm", "title_only")
@@ -317,7 +317,7 @@ def test_pretrained_locked_text_tower(tiny_products, minilm_folder):
 
 def test_pretrained_text_config_errors_name_the_key(tiny_products, minilm_folder, tmp_path):
   from mmcl.config import ConfigError
-  from mmcl.tasks.gcl import GCLTask
+  from mmcl.tasks.gcl.task import GCLTask
   c = _tiny_config(tiny_products, "minilm")
   c.model.pretrained_text.folder = str(tmp_path / "absent")
   with pytest.raises(ConfigError, match="model.pretrained_text.folder"):
