@@ -1,15 +1,13 @@
-"""Features computed on the host: the one TF-IDF + truncated-SVD featuriser of the project
-(scikit-learn; nothing here runs on a device), and the per-modality item tables of the
-recommendation recipes.
+"""Item features computed from a dataset's item text: the one TF-IDF + truncated-SVD featuriser of
+the project, and the per-modality item tables of the recommendation recipes.
 
-  svd_embedding           a (sparse) matrix → [R, k] row embeddings U_k Σ_k^p, rows unit norm
   tfidf_svd               texts → [N, k] LSA vectors (TF-IDF, truncated SVD), rows unit norm
   load_modality_features  an interactions dataset → one [N + 1, D_m] table per item modality
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import re
 
 import numpy as np
 
@@ -19,60 +17,43 @@ from data_pipelines import records
 MODALITIES = ("text", "lexical")
 
 
-def svd_embedding(matrix: Any, dim: int, *, seed: int = 0, singular_power: float = 1.0,
-                  algorithm: str = "randomized") -> np.ndarray:
-  """Row embeddings U_k Σ_k^p of a rank-k truncated SVD (scikit-learn `TruncatedSVD`), rows unit
-  norm, zero columns appended when the matrix has fewer than `dim` dimensions.
-
-  Args:
-    matrix: [R, C] scipy sparse or dense; R rows to embed.
-    dim: output width.
-    seed: the SVD's random state (randomized range finder / ARPACK start vector).
-    singular_power: p (1 = the LSA document vectors U Σ; 0.5 = U Σ^{1/2}).
-    algorithm: "randomized" (Halko et al. 2011) or "arpack" (exact to its tolerance).
-
-  Returns:
-    [R, dim] float32; the signs of the components are deterministic (scikit-learn's svd_flip).
-  """
-  from sklearn.decomposition import TruncatedSVD  # pylint: disable=g-import-not-at-top
-  r, c = matrix.shape
-  k = min(dim, min(r, c) - (1 if algorithm == "arpack" else 0))  # ARPACK needs k < min(R, C)
-  out = np.zeros((r, dim), np.float64)
-  if k > 0:
-    svd = TruncatedSVD(k, algorithm=algorithm, random_state=seed)
-    u_sigma = svd.fit_transform(matrix)
-    sv = svd.singular_values_
-    scale = np.where(sv > 0, np.abs(sv) ** (singular_power - 1.0), 0.0)
-    out[:, :k] = u_sigma * scale[None, :]
-  norm = np.linalg.norm(out, axis=1, keepdims=True)
-  return (out / np.where(norm > 0, norm, 1.0)).astype(np.float32)
-
-
-def tfidf_svd(texts: Sequence[str], dim: int, *, seed: int = 0, max_vocab: int | None = 5000,
-              min_df: int = 1, sublinear_tf: bool = False,
-              token_pattern: str = r"[a-z0-9]+") -> np.ndarray:
-  """TF-IDF (scikit-learn `TfidfVectorizer`: lower-cased `token_pattern` words, smooth idf, L2
-  rows) → truncated SVD (`svd_embedding`, randomized, seeded): the LSA vectors U_k Σ_k, rows unit
-  norm.
+def tfidf_svd(texts: list[str], dim: int, *, seed: int = 0, max_vocab: int = 5000) -> np.ndarray:
+  """TF-IDF (lower-cased word tokens, smooth idf, L2 rows) → randomized truncated SVD.
 
   Args:
     texts: N strings.
-    dim: output width k (columns past min(N, vocabulary) are zero).
-    max_vocab: keep the most frequent words (None = all).
-    min_df: ignore words in fewer texts.
-    sublinear_tf: tf → 1 + log(tf).
-    token_pattern: the regular expression of a word (after lower-casing).
+    dim: output width k (<= min(N, vocabulary)).
   Returns:
-    [N, dim] float32.
+    [N, k] float32 = U_k Σ_k (the LSA document vectors), rows L2-normalised.
   """
-  from sklearn.feature_extraction.text import TfidfVectorizer  # pylint: disable=g-import-not-at-top
-  vectorizer = TfidfVectorizer(lowercase=True, token_pattern=token_pattern, max_features=max_vocab,
-                               min_df=min_df, sublinear_tf=sublinear_tf, dtype=np.float64)
-  try:
-    x = vectorizer.fit_transform(list(texts))
-  except ValueError:  # no word survives (empty texts): no lexical signal
-    return np.zeros((len(texts), dim), np.float32)
-  return svd_embedding(x, dim, seed=seed)
+  docs = [re.findall(r"[a-z0-9]+", t.lower()) for t in texts]
+  df: dict[str, int] = {}
+  for d in docs:
+    for w in set(d):
+      df[w] = df.get(w, 0) + 1
+  vocab = sorted(df, key=lambda w: (-df[w], w))[:max_vocab]
+  index = {w: j for j, w in enumerate(vocab)}
+  n = len(texts)
+  x = np.zeros((n, len(vocab)), np.float32)
+  for i, d in enumerate(docs):
+    for w in d:
+      j = index.get(w)
+      if j is not None:
+        x[i, j] += 1.0
+  idf = np.log((1 + n) / (1 + np.asarray([df[w] for w in vocab], np.float32))) + 1.0
+  x *= idf
+  x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+  k = min(dim, *x.shape)
+  rng = np.random.default_rng(seed)
+  y = x @ rng.normal(size=(x.shape[1], k + 16)).astype(np.float32)
+  for _ in range(2):  # power iterations sharpen the spectrum
+    y = x @ (x.T @ y)
+    y, _ = np.linalg.qr(y)
+  q, _ = np.linalg.qr(y)
+  u, s, _ = np.linalg.svd(q.T @ x, full_matrices=False)
+  out = (q @ u[:, :k]) * s[:k]
+  out = np.concatenate([out, np.zeros((n, dim - k), np.float32)], 1) if k < dim else out
+  return (out / (np.linalg.norm(out, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
 
 
 def load_modality_features(data_dir: str, num_items: int, modalities: tuple[str, ...], *,

@@ -11,14 +11,14 @@ assignments (390 in the original data, a known quirk); their name is ''.
 
 * `cf` [cf_dim]: truncated SVD of the user × artist matrix of log(1 + plays): with
   X ≈ U S Vᵀ, the artist vector is the row of V S^{1/2}, L2-normalised (Hu et al. 2008 use
-  log-scaled confidence for implicit feedback; SVD keeps it deterministic).
+  log-scaled confidence for implicit feedback; SVD keeps it deterministic and dependency-free).
   `has_cf` = the artist has a play count.
 * `tags` [tag_dim]: the artist's weighted tag profile — w(a, t) = log(1 + n(a, t)) · log(A / df(t)),
   n = number of users who gave tag t to artist a, df = number of artists with tag t, A = tagged
   artists (TF-IDF) — reduced by truncated SVD the same way, L2-normalised. `has_tags` = the artist
   has a tag assignment.
-The SVD is the project's one (`data_pipelines.featurize.svd_embedding`: scikit-learn's
-TruncatedSVD with ARPACK, seeded, deterministic signs), so conversions are reproducible. A play count or tag assignment naming an unknown tag id, a negative weight or a
+Singular vectors' signs are fixed (largest-magnitude artist loading positive), so conversions are
+reproducible. A play count or tag assignment naming an unknown tag id, a negative weight or a
 malformed row raises an error naming file, line and field. `metadata["top_tags"]` is not stored;
 tag names are kept in `metadata["tag_names"]` (id → value) for inspection.
 """
@@ -31,10 +31,35 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse
+import scipy.sparse.linalg
 
-from data_pipelines import featurize
 from data_pipelines.converters import common
 from data_pipelines.converters import entities
+
+
+def truncated_svd_embedding(matrix: scipy.sparse.csr_matrix, dim: int) -> np.ndarray:
+  """Column embeddings V S^{1/2} of a rank-`dim` truncated SVD, rows L2-normalised.
+
+  Args:
+    matrix: [R, C] sparse, C columns to embed.
+    dim: k < min(R, C).
+
+  Returns:
+    [C, k] float32, components in decreasing singular-value order, deterministic signs.
+  """
+  r, c = matrix.shape
+  if not 0 < dim < min(r, c):
+    raise ValueError(f"embedding dim must be in [1, {min(r, c) - 1}] for a {r}×{c} matrix, "
+                     f"got {dim}")
+  v0 = np.full(min(r, c), 1.0 / np.sqrt(min(r, c)))  # fixed start vector: reproducible
+  _, s, vt = scipy.sparse.linalg.svds(matrix.astype(np.float64), k=dim, v0=v0)
+  order = np.argsort(-s)
+  s, vt = s[order], vt[order]
+  idx = np.argmax(np.abs(vt), axis=1)
+  vt *= np.sign(vt[np.arange(dim), idx])[:, None]
+  emb = (vt.T * np.sqrt(s)[None, :])
+  norm = np.linalg.norm(emb, axis=1, keepdims=True)
+  return (emb / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
 
 def _int(row: dict, name: str, path, line: int) -> int:
@@ -89,7 +114,7 @@ def read(folder: str | os.PathLike, *, cf_dim: int = 64, tag_dim: int = 64) -> d
                                               [pos[a] for a in p[:, 1]])), shape=(len(users), e))
   has_cf = np.zeros(e, bool)
   has_cf[[pos[a] for a in p[:, 1]]] = True
-  cf = featurize.svd_embedding(play_matrix.T, cf_dim, singular_power=0.5, algorithm="arpack")
+  cf = truncated_svd_embedding(play_matrix, cf_dim)
 
   t = np.asarray(tagged, np.int64)
   tag_ids = sorted(set(t[:, 2].tolist()))
@@ -104,8 +129,7 @@ def read(folder: str | os.PathLike, *, cf_dim: int = 64, tag_dim: int = 64) -> d
   tfidf = counts.copy()
   tfidf.data = np.log1p(tfidf.data)
   tfidf = scipy.sparse.diags(idf) @ tfidf
-  tags_emb = featurize.svd_embedding(tfidf.T.tocsr(), tag_dim, singular_power=0.5,
-                                     algorithm="arpack")
+  tags_emb = truncated_svd_embedding(tfidf.tocsr(), tag_dim)
   return {"ids": [str(a) for a in all_ids], "names": names,
           "modalities": {"cf": (cf, has_cf), "tags": (tags_emb, has_tags)},
           "tag_names": {str(k): v for k, v in sorted(tag_names.items())},

@@ -26,9 +26,8 @@ Modalities per artist (availability bit `has_{m}`):
   * `text` the biography embedded by a pretrained sentence encoder (all-MiniLM-L6-v2 through
     `mmcl.pretrained.text.encode_texts`, mean-pooled and normalised as sentence-transformers
     does) or, with `text_encoder="tfidf"`, the documented fallback: TF-IDF over lower-cased word
-    tokens (1 + log tf, document frequency ≥ 2) reduced by truncated SVD
-    (`data_pipelines.featurize.tfidf_svd`). Biographies have their Markdown links `[x](url)`
-    replaced by `x`.
+    tokens (document frequency ≥ 2) reduced by truncated SVD (`converters.lastfm.
+    truncated_svd_embedding`). Biographies have their Markdown links `[x](url)` replaced by `x`.
 Besides what the join leaves missing, `drop_fraction` of the (artist, modality) availability bits
 are cleared at random (seeded), never the last modality of an artist.
 
@@ -66,8 +65,8 @@ import unicodedata
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import scipy.sparse
 
-from data_pipelines import featurize
 from data_pipelines import image_text
 from data_pipelines import permutation
 from data_pipelines import pipelines
@@ -154,6 +153,40 @@ def read_sas(folder: str | os.PathLike) -> dict[str, Any]:
           "biographies": bios, "inputs": [names_path, gold_path]}
 
 
+def tfidf_svd_text_embedding(texts: Sequence[str], dim: int) -> np.ndarray:
+  """The text fallback: TF-IDF (log tf, words in ≥ 2 texts) → truncated SVD, rows unit norm.
+
+  Args:
+    texts: N strings.
+    dim: output dimension (< min(N, vocabulary)).
+
+  Returns:
+    [N, dim] float32.
+  """
+  docs = [_WORD.findall(t.casefold()) for t in texts]
+  df: dict[str, int] = {}
+  for d in docs:
+    for w in set(d):
+      df[w] = df.get(w, 0) + 1
+  vocab = {w: i for i, w in enumerate(sorted(w for w, c in df.items() if c >= 2))}
+  rows, cols, vals = [], [], []
+  for r, d in enumerate(docs):
+    counts: dict[int, int] = {}
+    for w in d:
+      if w in vocab:
+        counts[vocab[w]] = counts.get(vocab[w], 0) + 1
+    for c, n in counts.items():
+      rows.append(r)
+      cols.append(c)
+      vals.append(np.log1p(n))
+  n_docs = len(docs)
+  idf = np.log(n_docs / np.asarray([df[w] for w in sorted(vocab)], np.float64))
+  mat = scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(n_docs, len(vocab)))
+  mat = mat @ scipy.sparse.diags(idf)
+  # Texts are the columns to embed, words the rows.
+  return lastfm.truncated_svd_embedding(mat.T.tocsr(), dim)
+
+
 TextEncoder = Callable[..., np.ndarray]
 
 
@@ -167,9 +200,7 @@ def embed_texts(texts: Sequence[str], *, text_encoder: str | os.PathLike, text_d
   imports mmcl).
   """
   if str(text_encoder) == "tfidf":
-    return (featurize.tfidf_svd(texts, text_dim, max_vocab=None, min_df=2,
-                                sublinear_tf=True, token_pattern=_WORD.pattern),
-            f"tfidf+svd{text_dim}")
+    return tfidf_svd_text_embedding(texts, text_dim), f"tfidf+svd{text_dim}"
   folder = pathlib.Path(text_encoder)
   if not (folder / "config.json").is_file():
     raise FileNotFoundError(f"text encoder folder {folder} has no config.json (expected a "
