@@ -1,5 +1,5 @@
-"""Item features computed from a dataset's item text: the one TF-IDF + truncated-SVD featuriser of
-the project, and the per-modality item tables of the recommendation recipes.
+"""Item features computed from a dataset's item text, shared by the recommendation recipes (Demure,
+MMSRec): TF-IDF + truncated SVD of the item text, and the per-modality item tables.
 
   tfidf_svd               texts → [N, k] LSA vectors (TF-IDF, truncated SVD), rows unit norm
   load_modality_features  an interactions dataset → one [N + 1, D_m] table per item modality
