@@ -42,7 +42,8 @@ Batches (this host's rows; B/P = b):
                   prefix: history [b, L] int32, target [b] int32, weight [b] float32;
                   masked: inputs [b, L] (mask id = num_items + 1), labels [b, L] int32;
                   eval (valid/test): history [b, L], target [b] int32, valid [b] bool.
-  `put_on_mesh(batch, mesh)` assembles the host rows into globally sharded `jax.Array`s.
+  `mmcl.parallel.mesh.put_on_mesh(batch, mesh)` assembles the host rows into globally sharded
+  `jax.Array`s.
 """
 
 from __future__ import annotations
@@ -563,10 +564,3 @@ def build_eval_iterator(cfg: Any, *, batch_size: int | None = None, mode: str | 
                     process_index=process_index, process_count=process_count)
   return image_text.to_iterator(ds, worker_count=0, num_threads=int(_get(cfg, "num_threads")),
                                 prefetch_buffer_size=int(_get(cfg, "prefetch_buffer_size")))
-
-
-def put_on_mesh(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, Any]:
-  """This host's rows → global `jax.Array`s sharded over the mesh's data axis (leading dim)."""
-  from mmcl.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  return mesh_lib.host_batch_to_global(mesh, {k: v for k, v in batch.items()
-                                              if np.asarray(v).dtype != object})

@@ -1,7 +1,7 @@
 """Cross-modal artist retrieval (Ferraro et al. 2023) on SAS ⋈ hetrec2011-lastfm-2k.
 Results, evidence and what was rejected: docs/results/artist_retrieval.md.
 
-  python -m data_pipelines.artists --sas ../shared/data/artist-similarity-sas \
+  mmcl data build artists --sas ../shared/data/artist-similarity-sas \
       --hetrec ../shared/data/hetrec2011-lastfm-2k --output data/artists --drop-fraction 0.2
   mmcl train --config experiments/artist_retrieval.py --workdir workdirs/artist_retrieval
   mmcl eval  --workdir workdirs/artist_retrieval

@@ -1,15 +1,15 @@
-"""GCL: graded-relevance, multi-field product search (arXiv:2404.08535; mmcl/tasks/gcl.py).
+"""GCL: graded-relevance, multi-field product search (arXiv:2404.08535; mmcl/tasks/gcl/).
 Results, evidence and what was rejected: docs/results/gcl.md.
 
 Procedural product-search set (built-in, Marqo-GS schema; a few seconds to build):
 
-  python -m data_pipelines.products --output data/products
+  mmcl data build products --output data/products
   mmcl train --config experiments/gcl.py --workdir workdirs/gcl_products
   mmcl eval  --workdir workdirs/gcl_products
 
-Real product photos (../shared/data/fashion-product-images, see data_pipelines/fashion_search.py):
+Real product photos (../shared/data/fashion-product-images, see data_pipelines/recipes/fashion_search.py):
 
-  python -m data_pipelines.fashion_search --input ../shared/data/fashion-product-images \
+  mmcl data build fashion-search --input ../shared/data/fashion-product-images \
       --output data/fashion_search
   mmcl train --config experiments/gcl.py:fashion --workdir workdirs/gcl_fashion
   mmcl train --config experiments/gcl.py:fashion,minilm --workdir workdirs/gcl_fashion_minilm \

@@ -15,7 +15,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("config", "eval", "export", "features", "losses", "models", "parallel", "sweep",
+_SUBMODULES = ("config", "eval", "export", "losses", "models", "parallel", "pretrained", "sweep",
                "tasks", "train", "workdir")
 __all__ = ["__version__", *_SUBMODULES]
 

@@ -14,6 +14,7 @@
   mmcl launch --launcher slurm --config F --workdir DIR [--nodes N] [--tasks-per-node T]
               [--gpus-per-node G] [--partition P] [--account A] [--time T] [--sbatch-arg=...]
               [--setup 'module load ...'] [--set key=value ...] [--eval [--eval-gpus G]] [--dry-run]
+  mmcl data  build NAME --output DIR [...]   (shapes, products, fashion-search, artists, music)
   mmcl data  build-shapes --output DIR [--num-train N] [--num-test N] [--image-size P]
   mmcl data  convert --format F --input PATH --output DIR [--split-by ...]   (see --help)
   mmcl features --tower FOLDER|WORKDIR[:NAME]|EXPORT[:NAME] --input DATASET|FILE --field NAME
@@ -72,17 +73,21 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
   from mmcl.eval.evaluator import run_evaluator
+  from mmcl.tasks import get_task_class
   if args.set and not args.tag:
     print("mmcl eval: error: --set needs --tag NAME (results then go to WORKDIR/eval-NAME/, apart "
           "from the default protocol's eval/)", file=sys.stderr)
     return 2
   run_evaluator(args.workdir, step=args.step, watch=args.watch, poll_seconds=args.poll,
-                timeout_seconds=args.timeout, overrides=args.set or [], tag=args.tag)
+                timeout_seconds=args.timeout, overrides=args.set or [], tag=args.tag,
+                resolve_task=get_task_class)
   return 0
 
 
 def cmd_export(args) -> int:
-  from mmcl.export import ExportError, export_pretrained, export_workdir
+  from mmcl.export import ExportError, export_workdir
+  from mmcl.pretrained.export import export_pretrained
+  from mmcl.tasks import get_task_class
   if (args.workdir is None) == (args.tower is None):
     print("mmcl export: error: pass exactly one of --workdir DIR (a trained checkpoint) and "
           "--tower FOLDER (a pretrained model folder)", file=sys.stderr)
@@ -91,7 +96,7 @@ def cmd_export(args) -> int:
     if args.workdir is not None:
       manifest = export_workdir(args.workdir, args.out, step=args.step, corpus=args.corpus,
                                 platforms=tuple(args.platforms), overwrite=args.overwrite,
-                                fmt=args.format, index=args.index)
+                                fmt=args.format, index=args.index, resolve_task=get_task_class)
     else:
       if args.index is not None:
         raise ExportError("--index needs a trained workdir's corpus (--workdir ... --corpus)")
@@ -146,6 +151,17 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_data(args) -> int:
+  if args.data_command == "build":
+    if args.name == "shapes":  # the built-in set keeps its own options (as `data build-shapes`)
+      return cmd_data(build_parser().parse_args(["data", "build-shapes", *args.args]))
+    import importlib
+    from data_pipelines.recipes import BUILDERS
+    kwargs = {}
+    if args.name == "artists":  # biographies embedded by the pretrained text tower (--text-encoder)
+      from mmcl.pretrained.text import encode_texts
+      kwargs["encode_texts"] = encode_texts
+    result = importlib.import_module(BUILDERS[args.name]).main(args.args, **kwargs)
+    return result if isinstance(result, int) else 0
   if args.data_command == "build-shapes":
     from data_pipelines.image_text import build_shapes_dataset
     info = build_shapes_dataset(args.output, num_train=args.num_train, num_test=args.num_test,
@@ -165,13 +181,15 @@ def cmd_data(args) -> int:
 
 
 def cmd_features(args) -> int:
-  from mmcl.features import compute_features, output_paths
+  from mmcl.pretrained.features import compute_features, output_paths
+  from mmcl.tasks import get_task_class
   try:
     result = compute_features(
         args.tower, args.input, args.field, args.output, tower_name=args.tower_name,
         step=args.step, split=args.split, batch_size=args.batch_size,
         max_length=args.max_length, dtype=args.dtype, param_sharding=args.param_sharding,
-        chunk_size=args.chunk_size, id_field=args.id_field, overwrite=args.overwrite)
+        chunk_size=args.chunk_size, id_field=args.id_field, overwrite=args.overwrite,
+        resolve_task=get_task_class)
   except (ValueError, FileExistsError) as e:
     print(f"mmcl features: error: {e}", file=sys.stderr)
     return 2
@@ -270,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
 
   d = sub.add_parser("data", help="build or convert datasets")
   dsub = d.add_subparsers(dest="data_command", required=True)
+  from data_pipelines.recipes import BUILDERS
+  bn = dsub.add_parser("build", help="build a recipe's dataset (data_pipelines/recipes/): "
+                                     + ", ".join(["shapes", *BUILDERS]),
+                       description="`mmcl data build NAME --help` lists NAME's options")
+  bn.add_argument("name", choices=["shapes", *BUILDERS])
+  bn.add_argument("args", nargs=argparse.REMAINDER, help="the builder's own options")
   b = dsub.add_parser("build-shapes", help="the built-in procedural image–caption set")
   b.add_argument("--output", required=True)
   b.add_argument("--num-train", type=int, default=5000)

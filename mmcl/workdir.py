@@ -2,19 +2,25 @@
 
 The evaluator (`mmcl eval`) and the exporter (`mmcl export`) both read a workdir the same way: the
 saved `config.json`, the task it names, a mesh over this process's own devices (whatever the trainer
-used), and the finalized orbax checkpoints. This module is that one way.
+used), and the finalized orbax checkpoints. This module is that one way. The task class comes
+from the caller (`resolve_task`, e.g. the CLI's `mmcl.tasks.get_task_class`): nothing below the
+command line knows the table of methods.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from mmcl.tasks import config_from_dict, get_task_class
+from mmcl.config import ConfigError
 from mmcl.train import checkpoint as ckpt_lib
 from mmcl.train import loop as loop_lib
+from mmcl.train.config import task_config
+from mmcl.train.task import Task
+
+TaskResolver = Callable[[str], type[Task]]
 
 
 class TrainedWorkdir:
@@ -25,14 +31,21 @@ class TrainedWorkdir:
     mesh, task: built from it. ckpt: a read-only `Checkpointer`.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, overrides: Sequence[str] = ()):
+  def __init__(self, workdir: str | pathlib.Path, overrides: Sequence[str] = (), *,
+               resolve_task: TaskResolver):
     """Opens `workdir`; `overrides` ("key=value", as `mmcl train --set`) change the saved config
-    before the task is built (evaluation settings: a restore still needs the trained shapes)."""
+    before the task is built (evaluation settings: a restore still needs the trained shapes);
+    `resolve_task(task.name)` is the saved config's `Task` subclass."""
     self.workdir = pathlib.Path(workdir)
     cfg_path = self.workdir / "config.json"
     if not cfg_path.is_file():
       raise FileNotFoundError(f"{cfg_path} not found: is {self.workdir} a `mmcl train` workdir?")
-    config = config_from_dict(json.loads(cfg_path.read_text()))
+    saved = json.loads(cfg_path.read_text())
+    name = saved.get("task", {}).get("name")
+    if not name:
+      raise ConfigError(f"{cfg_path}: the saved config has no task.name")
+    task_class = resolve_task(name)
+    config = task_config(task_class, saved)
     # One process on its own devices, whatever the trainer used.
     config.distributed.coordinator_address = None
     config.distributed.num_processes = None
@@ -41,7 +54,8 @@ class TrainedWorkdir:
     for o in overrides:
       config.override(o)
     self.config = config
-    self.mesh, self.task = loop_lib.setup(config, get_task_class(config.task.name))
+    self.task_class = task_class
+    self.mesh, self.task = loop_lib.setup(config, task_class)
     _, abstract, shardings, _, _ = loop_lib.build_state(config, self.task, self.mesh)
     self._abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
     self.ckpt = ckpt_lib.Checkpointer(self.workdir, read_only=True)

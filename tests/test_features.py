@@ -1,4 +1,4 @@
-"""Tests for precomputed embeddings (mmcl.features): format, resuming, agreement with encode_texts.
+"""Tests for precomputed embeddings (mmcl.pretrained.features): format, resuming, agreement with encode_texts.
 
 The tower is a tiny random BERT written as a Hugging Face folder in the test (config.json,
 model.safetensors with "bert."-prefixed names and a pooler, vocab.txt without tokenizer.json,
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from mmcl.features import compute_features, output_paths, read_features, read_text_records
-from mmcl.models.pretrained import encode_texts, load_text_tower
+from mmcl.pretrained.features import compute_features, output_paths, read_features, read_text_records
+from mmcl.pretrained.text import encode_texts, load_text_tower
 
 WIDTH, DEPTH, MLP = 32, 2, 64
 TEXTS = ["a red bicycle", "", "jazz piano trio live in tokyo", "x", "the quick brown fox jumps",
@@ -230,7 +230,7 @@ def test_images_are_center_cropped_resized_from_bytes_or_arrays():
 
   from PIL import Image
 
-  from mmcl.feature_towers import images_to_uint8
+  from mmcl.pretrained.towers import images_to_uint8
   rng = np.random.default_rng(0)
   wide = rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8)
   png = io.BytesIO()

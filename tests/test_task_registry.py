@@ -20,7 +20,7 @@ USER_TASK = '''
 """A user's method: CLIP with a fixed logit scale, declared outside mmcl."""
 import jax.numpy as jnp
 
-from mmcl.tasks.clip import ClipTask
+from mmcl.tasks.clip.task import ClipTask
 
 
 class FixedTemperatureClip(ClipTask):
@@ -59,11 +59,12 @@ def test_a_task_from_a_users_package_trains_evaluates_and_exports(shapes_dir, tm
   c.train.total_steps, c.train.checkpoint_every = 2, 2
   workdir = tmp_path / "run"
   loop_lib.train(c, workdir, get_task_class(name))
-  metrics = run_evaluator(str(workdir))
+  metrics = run_evaluator(str(workdir), resolve_task=get_task_class)
   assert 0.0 < metrics["t2i/recall@10"] <= 1.0 and metrics["num_pairs"] == 128
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert all(r["logit_scale"] == 20.0 for r in rows if "logit_scale" in r)  # the user's loss ran
-  manifest = export_workdir(workdir, tmp_path / "export", platforms=("cpu",))
+  manifest = export_workdir(workdir, tmp_path / "export", platforms=("cpu",),
+                            resolve_task=get_task_class)
   assert set(manifest["towers"]) == {"image", "text"} and manifest["step"] == 2
 
 

@@ -4,7 +4,7 @@ the precomputed-embeddings converter.
 Precomputed embeddings, one or more modalities (INPUT: comma-separated paths; modality name =
 the file's stem, or `name=path`):
   * `X.npy` (float [N, D]) + `X.ids.txt` (N lines, one id each) — the format
-    `mmcl.features` writes; its manifest `X.json` (when present) is checked: format, count, dim
+    `mmcl.pretrained.features` writes; its manifest `X.json` (when present) is checked: format, count, dim
     and the sha256 of both files;
   * `X.parquet` with an id column (`id_column`, default "id") and either one list-valued column
     (`embedding_column`, default "embedding") or, when that is absent, every other numeric

@@ -30,13 +30,15 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from mmcl import workdir as workdir_lib  # noqa: E402
-from mmcl.tasks import demure, sasrec  # noqa: E402
+from mmcl.eval import seqrec  # noqa: E402
+from mmcl.tasks import get_task_class  # noqa: E402
+from mmcl.tasks.demure.loss import flag_lowest, lowest_fraction_threshold  # noqa: E402
 
 
 def lowest_global(scores: np.ndarray, valid: np.ndarray, fraction: float) -> np.ndarray:
   """The lowest `fraction` of all valid entries, by one threshold as `task.flag_scope=global`
   (ties at the threshold included). scores, valid: [...] float / bool. Returns [...] bool."""
-  return (scores <= demure.lowest_fraction_threshold(scores[valid], fraction)) & valid
+  return (scores <= lowest_fraction_threshold(scores[valid], fraction)) & valid
 
 
 def rules(table: np.ndarray, inputs: np.ndarray, valid: np.ndarray, labels: np.ndarray, j: int,
@@ -51,7 +53,7 @@ def rules(table: np.ndarray, inputs: np.ndarray, valid: np.ndarray, labels: np.n
             "recall": round(float(flags[labels].mean()), 4),
             "flagged_share": round(float(flags[valid].mean()), 4)}
   for rho in fractions:
-    seq = np.asarray(demure.flag_lowest(jnp.asarray(c.reshape(r, length * m)),
+    seq = np.asarray(flag_lowest(jnp.asarray(c.reshape(r, length * m)),
                                         jnp.asarray(valid.reshape(r, length * m)),
                                         rho)).reshape(c.shape)
     only = np.zeros_like(valid)
@@ -67,11 +69,11 @@ def main() -> None:
   p.add_argument("--table", required=True, help="[N + 1, M] .npy of item scores")
   p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
   a = p.parse_args()
-  wd = workdir_lib.TrainedWorkdir(a.workdir)
+  wd = workdir_lib.TrainedWorkdir(a.workdir, resolve_task=get_task_class)
   if not wd.config.task.plant_noise_modality:
     raise ValueError(f"{a.workdir}: task.plant_noise_modality is empty, nothing to detect")
   table = np.load(a.table)
-  user_items = sasrec.load_interactions(wd.config.data.dir)[0]
+  user_items = seqrec.load_interactions(wd.config.data.dir)[0]
   inputs, _ = wd.task.training_rows(user_items)
   j, valid, labels = wd.task.planted_labels(inputs)
   if table.shape != (wd.task.num_items + 1, valid.shape[-1]):

@@ -6,7 +6,7 @@
 Each run is WORKDIR (original history) or WORKDIR:denoised (the history with the run's
 `task.item_scores` flags removed, as `mmcl eval` reports under "<split>_denoised/"); the newest
 checkpoint of each workdir is read. For every leave-one-out case the target's full-ranking rank is
-computed by the evaluator's own `sasrec.full_ranking_ranks` (all items ranked, padding
+computed by the evaluator's own `mmcl.eval.seqrec.full_ranking_ranks` (all items ranked, padding
 excluded), so the per-run means equal `mmcl eval`'s full Recall@10 / NDCG@10. The
 difference to the base is paired: the same users, the same targets, so its standard error is that
 of the per-user differences (analytic, and a bootstrap over users with a fixed seed as a check).
@@ -26,7 +26,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from mmcl import workdir as workdir_lib  # noqa: E402
 from mmcl.eval import metrics as metrics_lib  # noqa: E402
-from mmcl.tasks import sasrec  # noqa: E402
+from mmcl.eval import seqrec  # noqa: E402
+from mmcl.tasks import get_task_class  # noqa: E402
 
 
 def per_case_metrics(ranks: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
@@ -53,18 +54,18 @@ def run_ranks(spec: str, splits: list[str]) -> dict[str, np.ndarray]:
   path, _, mode = spec.partition(":")
   if mode not in ("", "denoised"):
     raise ValueError(f"{spec}: expected WORKDIR or WORKDIR:denoised")
-  wd = workdir_lib.TrainedWorkdir(path)
+  wd = workdir_lib.TrainedWorkdir(path, resolve_task=get_task_class)
   task = wd.task
   if mode and task.item_score_table is None:
     raise ValueError(f"{spec}: the run has no task.item_scores, so no denoised history")
   params = wd.restore_params(wd.resolve_step(None))
-  user_items, _ = sasrec.load_interactions(wd.config.data.dir)
+  user_items, _ = seqrec.load_interactions(wd.config.data.dir)
   item_emb = np.asarray(task.item_table(params), np.float32)
   out = {}
   for split in splits:
-    _, history, target = sasrec.eval_cases(user_items, split, wd.config.data.max_len)
+    _, history, target = seqrec.eval_cases(user_items, split, wd.config.data.max_len)
     q = np.asarray(task.user_embeddings(params, history, denoised=bool(mode)), np.float32)
-    out[split] = sasrec.full_ranking_ranks(q, item_emb, target, task.mesh)
+    out[split] = seqrec.full_ranking_ranks(q, item_emb, target, task.mesh)
   return out
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from mmcl.eval import metrics as metrics_lib
 from mmcl.eval import trec
-from mmcl.tasks import gcl
+from mmcl.tasks.gcl.evaluate import gcl_metrics
 
 SPLITS = ("in_domain", "novel_query", "novel_document", "zero_shot")
 THRESHOLDS = (1, 26, 51, 76, 91)
@@ -39,7 +39,7 @@ def per_query(run, judged, qids, min_rel=1):
   for i, q in enumerate(qids):
     ordered = list(run[q])[:1000]  # file order = rank order
     ranked[i, :len(ordered)] = [index[doc] for doc in ordered]
-  out = gcl.gcl_metrics(ranked, qrels)
+  out = gcl_metrics(ranked, qrels)
   grades = metrics_lib.ranked_grades(ranked, qrels)
   out["top1_grade"] = grades[:, 0]
   out["top10_grade"] = grades[:, :10].mean(1)

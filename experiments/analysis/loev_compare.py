@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from mmcl.eval import probes  # noqa: E402
+from mmcl.tasks.loev import probes  # noqa: E402
 
 
 def _items(workdir: str, step: int | None) -> tuple[int, dict[str, np.ndarray]]:

@@ -1,7 +1,7 @@
 """Cold-start baselines beside MMSRec's `:scientific_cold` run: ID-based SASRec and popularity.
 
 The held-out items are those of `experiments/mmsrec.py:scientific_cold` (cold_item_fraction 0.1,
-seed 0: `mmcl.tasks.mmsrec.cold_items(4385, 0.1, 0)`, 438 items).
+seed 0: `mmcl.tasks.mmsrec.data.cold_items(4385, 0.1, 0)`, 438 items).
 
   prep              writes workdirs/mmsrec_tools/scientific_cold.txt ("user item" lines, SASRec's
                     format): amazon-scientific-unisrec with the held-out items removed from every
@@ -24,15 +24,17 @@ import sys
 
 import numpy as np
 
-from mmcl.tasks import mmsrec, sasrec
+from mmcl.eval import seqrec
+from mmcl.tasks import get_task_class
+from mmcl.tasks.mmsrec.data import cold_items
 
 ORIG = "data/scientific"
 
 
 def prep() -> None:
   """Writes the cold split in SASRec's text format."""
-  user_items, n = sasrec.load_interactions(ORIG)
-  cold = mmsrec.cold_items(n, 0.1, 0)
+  user_items, n = seqrec.load_interactions(ORIG)
+  cold = cold_items(n, 0.1, 0)
   lines, kept, dropped = [], 0, 0
   for u, items in enumerate(user_items):
     if len(items) < 3:
@@ -56,19 +58,19 @@ def prep() -> None:
 def evaluate(workdir: str, step: int) -> None:
   """Prints and writes SASRec's and popularity's metrics, all cases and held-out targets."""
   from mmcl.workdir import TrainedWorkdir  # pylint: disable=g-import-not-at-top
-  trained = TrainedWorkdir(workdir)
+  trained = TrainedWorkdir(workdir, resolve_task=get_task_class)
   cfg, task, mesh = trained.config, trained.task, trained.mesh
   params = trained.restore_params(trained.resolve_step(step))
-  user_items, n = sasrec.load_interactions(ORIG)
-  cold = mmsrec.cold_items(n, 0.1, 0)
-  users, history, target = sasrec.eval_cases(user_items, "test", cfg.data.max_len)
+  user_items, n = seqrec.load_interactions(ORIG)
+  cold = cold_items(n, 0.1, 0)
+  users, history, target = seqrec.eval_cases(user_items, "test", cfg.data.max_len)
   seen = [user_items[u] for u in users]
   item_emb = np.asarray(task.item_table(params))
   q = task.user_embeddings(params, history)
   kw = dict(ks=(10, 50), num_negatives=100, max_users=10000, seed=0, full_ranking=True, mesh=mesh)
   out = {"step": int(step)}
-  out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix="sasrec_test", **kw))
-  out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix="sasrec_test_cold",
+  out.update(seqrec.next_item_metrics(q, item_emb, target, seen, prefix="sasrec_test", **kw))
+  out.update(seqrec.next_item_metrics(q, item_emb, target, seen, prefix="sasrec_test_cold",
                                       case_mask=cold[target], **kw))
   # Popularity: training-part counts of the cold split (held-out items never occur: count 0).
   counts = np.zeros(n + 1, np.float32)
@@ -76,9 +78,9 @@ def evaluate(workdir: str, step: int) -> None:
     tr = items[:-2] if len(items) >= 3 else items
     np.add.at(counts, tr[~cold[tr]], 1.0)
   pop_q = np.ones((len(users), 1), np.float32)
-  out.update(sasrec.next_item_metrics(pop_q, counts[:, None], target, seen, prefix="pop_test",
+  out.update(seqrec.next_item_metrics(pop_q, counts[:, None], target, seen, prefix="pop_test",
                                       **kw))
-  out.update(sasrec.next_item_metrics(pop_q, counts[:, None], target, seen, prefix="pop_test_cold",
+  out.update(seqrec.next_item_metrics(pop_q, counts[:, None], target, seen, prefix="pop_test_cold",
                                       case_mask=cold[target], **kw))
   print(json.dumps(out, indent=1))
   (pathlib.Path(workdir) / f"cold_eval_{step}.json").write_text(json.dumps(out, indent=1))

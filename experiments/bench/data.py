@@ -143,18 +143,15 @@ def main() -> None:
   p.add_argument("--work", default="/tmp/mmcl_bench")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--repeats", type=int, default=8)
-<<<<<<< HEAD
   p.add_argument("--sources", action="store_true",
                  help="also measure the webdataset, tfds and parquet sources (image_text only)")
   p.add_argument("--only-image-text", action="store_true",
                  help="skip the interactions, audio and shapes measurements")
-=======
   p.add_argument("--peers", action="store_true", help="mmcl vs tf.data vs open_clip (see above)")
   p.add_argument("--cache", default="/tmp/mmcl_peers",
                  help="--peers: photo sets, TFRecords, shards and peer environments")
   p.add_argument("--rounds", type=int, default=3, help="--peers: alternated rounds")
   p.add_argument("--peer_batches", type=int, default=40, help="--peers: timed batches per run")
->>>>>>> hostspeed
   args = p.parse_args()
   if args.peers:
     peers(args)

@@ -2,7 +2,7 @@
 
   .venv/bin/python experiments/bench/loev_data.py --data workdirs/loev/music_train [--batches 3]
 
-`--data` is a rendered procedural music set (`data_pipelines.music_synth.render`); the view bank
+`--data` is a rendered procedural music set (`data_pipelines.recipes.music_synth.render`); the view bank
 is read from `<data>/view_bank_m<--bank>_seed0` when it exists (`mmcl train` renders it for a
 config with `data.view_bank` = M, e.g. `experiments/loev.py:long`).
 Everything runs in this one thread, so the rates are per CPU core. Prints one JSON line each:
@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from data_pipelines import audio_augment  # noqa: E402
-from data_pipelines import music_synth  # noqa: E402
+from data_pipelines.recipes import music_synth  # noqa: E402
 
 
 def _ms(fn, repeats: int) -> float:

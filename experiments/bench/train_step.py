@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     it = pipelines.build_train_iterator(
         {"dir": args.data, "global_batch_size": args.batch, "image_size": s,
          "max_text_len": cfg["context"], "seed": 0, "num_threads": os.cpu_count() or 2})
-    t_fed = timed(lambda: pipelines.put_on_mesh(
+    t_fed = timed(lambda: mesh_lib.put_on_mesh(
         {k: v for k, v in next(it).items() if k in ("image", "text")}, mesh), args.steps)
     out["fed_step_s"] = t_fed
     out["fed_samples_per_s"] = args.batch / t_fed

@@ -5,6 +5,8 @@
               coverage, per-bucket splits, sampled-negative protocol)
   image_text  image<->text Recall@k / MRR / median rank from embeddings
   retrieval   the full-ranking protocol (exact top-k, optional seen-item filtering, metrics)
+  seqrec      the sequential-recommendation protocol (leave-one-out cases, sampled and full
+              ranking) shared by the recommendation recipes
   trec        TREC run and qrels files
   report      metrics.json, plots and report.md
   watch       evaluate each finished checkpoint once, resumable
@@ -20,8 +22,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("artist_eval", "atomic", "evaluator", "finite", "image_text", "metrics", "probes",
-               "report", "retrieval", "topk", "trec", "watch")
+_SUBMODULES = ("atomic", "evaluator", "finite", "image_text", "metrics",
+               "report", "retrieval", "seqrec", "topk", "trec", "watch")
 __all__ = list(_SUBMODULES)
 
 

@@ -25,7 +25,7 @@ from mmcl.eval import watch as watch_lib
 from mmcl.eval.atomic import write_json_atomic
 from mmcl.train import checkpoint as ckpt_lib
 from mmcl.train import finished as finished_lib
-from mmcl.workdir import TrainedWorkdir
+from mmcl.workdir import TaskResolver, TrainedWorkdir
 
 log = logging.getLogger("mmcl.eval")
 
@@ -34,7 +34,7 @@ class Evaluator(TrainedWorkdir):
   """Evaluates checkpoints of one workdir."""
 
   def __init__(self, workdir: str | pathlib.Path, overrides: Sequence[str] = (),
-               tag: str | None = None):
+               tag: str | None = None, *, resolve_task: TaskResolver):
     """`overrides` change evaluation settings of the saved config (e.g. another protocol); their
     results go to eval-<tag>/ instead of eval/, so the default reports are never mixed with them."""
     if overrides and not tag:
@@ -42,7 +42,7 @@ class Evaluator(TrainedWorkdir):
                        "their results go to eval-NAME/, apart from the default eval/")
     if tag is not None and (not tag or not all(c.isalnum() or c in "-_." for c in tag)):
       raise ValueError(f"eval tag {tag!r}: use letters, digits, '-', '_' or '.'")
-    super().__init__(workdir, overrides)
+    super().__init__(workdir, overrides, resolve_task=resolve_task)
     self.eval_dir = self.workdir / ("eval" if tag is None else f"eval-{tag}")
 
   def evaluate(self, step: int, params: Any = None) -> dict[str, float]:
@@ -141,10 +141,13 @@ def final_step(workdir: str | pathlib.Path, total_steps: int) -> int:
 
 def run_evaluator(workdir: str, *, step: int | None = None, watch: bool = False,
                   poll_seconds: float = 10.0, timeout_seconds: float | None = None,
-                  overrides: Sequence[str] = (), tag: str | None = None) -> dict:
+                  overrides: Sequence[str] = (), tag: str | None = None,
+                  resolve_task: TaskResolver) -> dict:
+  """Evaluates `step` (default: the newest usable) or, with `watch`, every finished checkpoint;
+  `resolve_task(task.name)` is the workdir's `Task` subclass (`mmcl.tasks.get_task_class`)."""
   if watch:
     wait_for_workdir(workdir, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)
-  ev = Evaluator(workdir, overrides, tag)
+  ev = Evaluator(workdir, overrides, tag, resolve_task=resolve_task)
   if watch:
     tc = ev.config.train
     state_path = ev.eval_dir / "state.json"

@@ -265,28 +265,46 @@ def _log2_discount(k: int) -> np.ndarray:
   return 1.0 / np.log2(np.arange(2, k + 2))
 
 
-def dcg_at_k(ranked: np.ndarray, qrels: Qrels, k: int) -> np.ndarray:
-  """DCG@k = sum_{r<=k} (2^rel_r - 1) / log2(r + 1) (exponential gain, Burges et al. 2005).
+GAINS = ("exponential", "linear")
+
+
+def _gains(grades: np.ndarray, gain: str) -> np.ndarray:
+  if gain == "exponential":
+    return np.exp2(grades) - 1.0
+  if gain == "linear":
+    return grades
+  raise ValueError(f"gain {gain!r}: expected one of {GAINS}")
+
+
+def per_query_max_grade(qrels: Qrels) -> np.ndarray:
+  """[Q] float64: the largest grade judged for each query (0 for a query without judgments)."""
+  max_rel = np.zeros(qrels.num_queries)
+  np.maximum.at(max_rel, qrels.query_of_entry, qrels.rels)
+  return max_rel
+
+
+def dcg_at_k(ranked: np.ndarray, qrels: Qrels, k: int, gain: str = "exponential") -> np.ndarray:
+  """DCG@k = sum_{r<=k} g(rel_r) / log2(r + 1), g(rel) = 2^rel - 1 (gain="exponential", Burges
+  et al. 2005) or rel (gain="linear", trec_eval `ndcg_cut`).
 
   Shapes as in `recall_at_k`; defined (not NaN) for every query.
   """
   ranked = _check_run(ranked, qrels, k)
-  gains = np.exp2(ranked_grades(ranked[:, :k], qrels)) - 1.0
-  return gains @ _log2_discount(k)
+  return _gains(ranked_grades(ranked[:, :k], qrels), gain) @ _log2_discount(k)
 
 
-def ndcg_at_k(ranked: np.ndarray, qrels: Qrels, k: int) -> np.ndarray:
+def ndcg_at_k(ranked: np.ndarray, qrels: Qrels, k: int, gain: str = "exponential") -> np.ndarray:
   """NDCG@k = DCG@k / IDCG@k with graded relevance.
 
-  DCG@k = sum_{r<=k} (2^rel_r - 1) / log2(r + 1): exponential gain and log2 discount (Burges et
-  al. 2005; ranx `ndcg_burges`, trec_eval `ndcg_cut` uses linear gain rel_r instead; both agree on
-  binary grades). IDCG@k is the DCG@k of the ideal ranking: the query's judged items sorted by
-  decreasing grade.
+  DCG@k = sum_{r<=k} g(rel_r) / log2(r + 1) with a log2 discount and the exponential gain
+  2^rel_r - 1 (Burges et al. 2005; ranx `ndcg_burges`) or, gain="linear", rel_r (trec_eval
+  `ndcg_cut`, the GCL reference); both agree on binary grades. IDCG@k is the DCG@k of the ideal
+  ranking: the query's judged items sorted by decreasing grade.
 
   Shapes as in `recall_at_k`.
   """
-  dcg = dcg_at_k(ranked, qrels, k)
-  idcg = (np.exp2(ideal_grades(qrels, k)) - 1.0) @ _log2_discount(k)
+  dcg = dcg_at_k(ranked, qrels, k, gain)
+  idcg = _gains(ideal_grades(qrels, k), gain) @ _log2_discount(k)
   with np.errstate(invalid="ignore", divide="ignore"):
     return _undefined_to_nan(dcg / idcg, qrels)
 
@@ -312,7 +330,8 @@ def map_at_k(ranked: np.ndarray, qrels: Qrels, k: int) -> np.ndarray:
     return _undefined_to_nan((hits * precision_at_r).sum(1) / qrels.num_relevant, qrels)
 
 
-def err_at_k(ranked: np.ndarray, qrels: Qrels, k: int, max_rel: float | None = None) -> np.ndarray:
+def err_at_k(ranked: np.ndarray, qrels: Qrels, k: int,
+             max_rel: float | str | None = None) -> np.ndarray:
   """ERR@k, expected reciprocal rank under the cascade model (Chapelle et al. 2009).
 
   ERR@k = sum_{r<=k} (1/r) R_r prod_{i<r} (1 - R_i), with stopping probability
@@ -323,28 +342,36 @@ def err_at_k(ranked: np.ndarray, qrels: Qrels, k: int, max_rel: float | None = N
     qrels: judgments of the Q queries.
     k: cutoff.
     max_rel: the top grade of the scale; defaults to the largest grade in `qrels` (pass it
-      explicitly to compare runs judged with different qrels).
+      explicitly to compare runs judged with different qrels); "per_query" = each query's own
+      largest judged grade (the GCL reference evaluation).
 
   Returns:
     [Q] float64, NaN where R = 0.
   """
   ranked = _check_run(ranked, qrels, k)
-  if max_rel is None:
-    max_rel = float(qrels.rels.max(initial=0.0))
   grades = ranked_grades(ranked[:, :k], qrels)
-  if np.any(grades > max_rel):
-    raise ValueError(f"err_at_k: a grade {grades.max()} exceeds max_rel={max_rel}")
-  stop = (np.exp2(grades) - 1.0) / 2.0**max_rel
+  if max_rel == "per_query":
+    top = per_query_max_grade(qrels)
+    scale = np.exp2(np.where(top > 0, top, 1.0))[:, None]
+  else:
+    if max_rel is None:
+      max_rel = float(qrels.rels.max(initial=0.0))
+    if np.any(grades > max_rel):
+      raise ValueError(f"err_at_k: a grade {grades.max()} exceeds max_rel={max_rel}")
+    scale = 2.0**max_rel
+  stop = (np.exp2(grades) - 1.0) / scale
   reach = np.cumprod(np.concatenate([np.ones((grades.shape[0], 1)), 1.0 - stop[:, :-1]], 1), 1)
   return _undefined_to_nan((stop * reach / np.arange(1, k + 1)).sum(1), qrels)
 
 
-def rbp(ranked: np.ndarray, qrels: Qrels, p: float, k: int | None = None) -> np.ndarray:
-  """Rank-biased precision (Moffat & Zobel 2008), binary relevance.
+def rbp(ranked: np.ndarray, qrels: Qrels, p: float, k: int | None = None,
+        graded: bool = False) -> np.ndarray:
+  """Rank-biased precision (Moffat & Zobel 2008), binary or graded relevance.
 
   RBP(p) = (1 - p) sum_{r<=k} h_r p^(r-1): the expected rate of relevant items seen by a user who
   moves on to the next rank with probability p. Ranks past the run (or past k) contribute 0, so
-  this is the lower bound of RBP's [lower, lower + p^k] interval.
+  this is the lower bound of RBP's [lower, lower + p^k] interval. graded=True replaces h_r by
+  rel_r / (the query's largest judged grade) (graded RBP, as in the GCL reference evaluation).
 
   Args:
     ranked: [Q, K] int corpus indices, best first, -1 = padding.
@@ -358,7 +385,12 @@ def rbp(ranked: np.ndarray, qrels: Qrels, p: float, k: int | None = None) -> np.
   if not 0.0 < p < 1.0:
     raise ValueError(f"rbp: expected persistence 0 < p < 1, got {p}")
   k = np.asarray(ranked).shape[-1] if k is None else k
-  hits = _hits(ranked, qrels, k)
+  if graded:
+    top = per_query_max_grade(qrels)
+    hits = ranked_grades(_check_run(ranked, qrels, k)[:, :k], qrels) / np.where(
+        top > 0, top, 1.0)[:, None]
+  else:
+    hits = _hits(ranked, qrels, k)
   return _undefined_to_nan((1.0 - p) * hits @ (p ** np.arange(k)), qrels)
 
 

@@ -8,8 +8,8 @@ StableHLO runtime that reads `jax.export` serializations) to call it:
   exported = jax.export.deserialize(open("image.jax_exported", "rb").read())
   embeddings = exported.call(x)          # x: the manifest's input shape with any b
 
-`export_pretrained` does the same for a local pretrained folder (`mmcl export --tower FOLDER`,
-see `mmcl.export.pretrained`): the same files, with "task" and "step" null and "source" naming
+`mmcl.pretrained.export.export_pretrained` does the same for a local pretrained folder (`mmcl
+export --tower FOLDER`): the same files, with "task" and "step" null and "source" naming
 the folder.
 
 Output directory (written under a temporary name, renamed into place when complete):
@@ -94,12 +94,12 @@ def _shape_json(shape) -> list:
   return [d if isinstance(d, int) else str(d) for d in shape]
 
 
-def _restore(workdir: pathlib.Path, step: int | None):
+def _restore(workdir: pathlib.Path, step: int | None, resolve_task):
   """(config, task, step, params on this process's mesh) of a `mmcl train` workdir."""
   # Imported here: the export of a task module pulls in only what it needs.
   from mmcl.workdir import TrainedWorkdir
   from mmcl.eval import finite as finite_lib
-  wd = TrainedWorkdir(workdir)
+  wd = TrainedWorkdir(workdir, resolve_task=resolve_task)
   try:
     step, params = wd.restore_usable_params(step)
     finite_lib.require_finite_params(params, f"checkpoint step {step}: parameters")
@@ -154,8 +154,11 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
                    step: int | None = None, corpus: bool = False,
                    platforms: Sequence[str] = DEFAULT_PLATFORMS,
                    overwrite: bool = False, fmt: str = "jax",
-                   index: str | None = None) -> dict[str, Any]:
+                   index: str | None = None, resolve_task=None) -> dict[str, Any]:
   """Exports every tower of a `mmcl train` workdir's checkpoint (and optionally its corpus).
+
+  `resolve_task(task.name)` is the workdir's `Task` subclass (the CLI passes
+  `mmcl.tasks.get_task_class`); required.
 
   Args:
     workdir: the training workdir (config.json + checkpoints/).
@@ -180,7 +183,10 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} exists; pass overwrite=True (mmcl export --overwrite) to "
                           "replace it")
-  config, task, step, params = _restore(workdir, step)
+  if resolve_task is None:
+    raise ValueError("export_workdir: pass resolve_task (e.g. mmcl.tasks.get_task_class), the "
+                     "function that names the workdir's Task class")
+  config, task, step, params = _restore(workdir, step, resolve_task)
   return export_task(task, params, out, step=step, corpus=corpus, platforms=platforms,
                      overwrite=overwrite, fmt=fmt, index=index,
                      source={"source_workdir": str(workdir.absolute())})
@@ -226,53 +232,6 @@ def export_task(task: Task, params: Any, out: str | os.PathLike, *, step: int | 
         "corpus": corpus_entries, "config": json.loads(config.to_json())})
 
   return _staged(out, overwrite, write)
-
-
-def export_pretrained(folder: str | os.PathLike, out: str | os.PathLike, *,
-                      max_length: int = 256, dtype: str = "float32",
-                      num_heads: int | None = None,
-                      platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                      overwrite: bool = False, fmt: str = "jax") -> dict[str, Any]:
-  """Exports a pretrained folder's tower (`mmcl.export.pretrained`) as a serving artifact.
-
-  The same artifact kind as `export_workdir`: `<tower>.jax_exported` with a symbolic batch,
-  the files its preprocessing needs (the text tower's tokenizer.json, truncation built in) and
-  manifest.json; "task" and "step" are null, "source" names the folder, "config" is its
-  config.json (or open_clip_config.json).
-
-  Args:
-    folder: a BERT-family Hugging Face folder or an open_clip / timm ViT folder.
-    out: output directory; must not exist unless `overwrite`.
-    max_length: text tower: tokens per text (the artifact's fixed sequence length).
-    dtype: compute dtype, "float32" or "bfloat16".
-    num_heads: ViT heads when the folder does not record them.
-    platforms: lowering platforms.
-    overwrite: replace an existing `out` once the new export is complete.
-    fmt: "jax" or "onnx" (as in `export_workdir`).
-
-  Returns:
-    The manifest (also written to out/manifest.json).
-  """
-  _check_format(fmt)
-  import tempfile  # pylint: disable=g-import-not-at-top
-
-  from mmcl.export.pretrained import pretrained_towers  # pylint: disable=g-import-not-at-top
-
-  out = pathlib.Path(out)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f"{out} exists; pass overwrite=True (mmcl export --overwrite) to "
-                          "replace it")
-  with tempfile.TemporaryDirectory() as scratch:
-    loaded = pretrained_towers(folder, scratch, max_length=max_length, dtype=dtype,
-                               num_heads=num_heads)
-
-    def write(stage: pathlib.Path) -> dict[str, Any]:
-      entries = _write_towers(stage, loaded.towers, loaded.params, platforms=platforms,
-                              owner=str(folder), fmt=fmt)
-      return _write_manifest(stage, {"task": None, "step": None, "source": loaded.source,
-                                     "towers": entries, "corpus": {}, "config": loaded.config})
-
-    return _staged(out, overwrite, write)
 
 
 def _write_towers(stage: pathlib.Path, towers: dict[str, TowerExport], host_params, *,

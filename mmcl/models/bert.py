@@ -8,7 +8,7 @@ projection → optional L2 normalisation → [B, D] float32.
 This is the architecture of `BertModel` (`model_type: "bert"` in a Hugging Face config.json: BERT,
 MiniLM, all-MiniLM-*, BGE, E5, GTE, ...), and with two attributes also of `DistilBertModel`
 (`type_vocab_size=0`: no token types) and `RobertaModel` / `XLMRobertaModel` (`position_offset =
-pad_token_id + 1`). `mmcl.models.pretrained` converts such a folder's weights
+pad_token_id + 1`). `mmcl.pretrained.text` converts such a folder's weights
 into this module's parameters. The self-attention is `mmcl.models.layers.MultiHeadSelfAttention`
 (the same fused-qkv layout as the other towers, so the same sharding rules apply); HF's pooler
 (dense + tanh on [CLS]) is not part of it: sentence embeddings do not use it.

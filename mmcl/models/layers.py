@@ -48,6 +48,12 @@ def normalize_pixels(pixels: jax.Array, mean, std) -> jax.Array:
   return pixels.astype(jnp.float32) * scale - shift
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """x: [..., D] → rows of unit L2 norm, float32 (ε = 1e-12 under the root: a zero row stays 0)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
 def check_array(x: jax.Array, *, where: str, name: str, ndim: int, kind: str) -> None:
   """Raises a clear error when `x` does not have `ndim` dims or the dtype kind `kind`.
 

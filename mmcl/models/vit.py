@@ -4,7 +4,7 @@ images [B, H, W, C] → patches (Conv, stride = patch) → + learned position em
 when pool="cls") → [LayerNorm when pre_norm, as in CLIP] → pre-LN Transformer encoder → final
 LayerNorm → pool → linear projection → [B, D].
 The output is not normalised: the task L2-normalises it where the loss needs it.
-Pretrained open_clip / timm weights load into this module with `mmcl.models.pretrained_vit`.
+Pretrained open_clip / timm weights load into this module with `mmcl.pretrained.vit`.
 """
 from __future__ import annotations
 

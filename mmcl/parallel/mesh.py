@@ -7,6 +7,7 @@ parallelism for rules that name it). `mesh_shape` -1 on one axis means "all rema
 from __future__ import annotations
 
 import os
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -110,3 +111,31 @@ def describe_devices() -> str:
       pass
     return f"CPU {model}, {os.cpu_count()} cores, {len(devices)} device(s)"
   return f"{len(devices)} x {dev.device_kind}"
+
+
+def embed_rows(fn: Callable[..., jax.Array], arrays: Sequence[np.ndarray], mesh: Mesh,
+               batch_size: int = 1024) -> np.ndarray:
+  """Applies a jitted row-wise `fn(*batch_arrays) -> [b, D]` to all rows, batch-sharded on the mesh.
+
+  arrays: each [R, ...]; the last batch is padded with row 0 and the padding dropped.
+  Returns [R, D] float32 numpy.
+  """
+  n_dev = mesh.shape[DATA_AXIS]
+  bs = max(n_dev, batch_size // n_dev * n_dev)
+  sharding = batch_sharding(mesh)
+  rows = arrays[0].shape[0]
+  out = []
+  for start in range(0, rows, bs):
+    chunk = [a[start:start + bs] for a in arrays]
+    real = chunk[0].shape[0]
+    if real < bs:
+      chunk = [np.concatenate([c, np.repeat(c[:1], bs - real, 0)]) for c in chunk]
+    out.append(np.asarray(fn(*[jax.device_put(c, sharding) for c in chunk]))[:real])
+  return np.concatenate(out).astype(np.float32)
+
+
+def put_on_mesh(batch: dict, mesh: Mesh) -> dict:
+  """A data pipeline's host rows → global `jax.Array`s sharded over the mesh's data axis (leading
+  dim); fields of Python objects (ids, raw strings) are left out."""
+  return host_batch_to_global(mesh, {k: v for k, v in batch.items()
+                                     if np.asarray(v).dtype != object})

@@ -11,18 +11,19 @@ import importlib
 from typing import Any
 
 from mmcl.config import Config, ConfigError
-from mmcl.train.config import base_config
+from mmcl.train.config import task_config
 from mmcl.train.task import Task
 
-# name -> "module:Class"; imported lazily so that one task's dependencies never load for another.
+# name -> "module:Class" (one package per method, mmcl/tasks/<name>/); imported lazily so that one
+# task's dependencies never load for another.
 TASKS: dict[str, str] = {
-    "clip": "mmcl.tasks.clip:ClipTask",
-    "sasrec": "mmcl.tasks.sasrec:SASRecTask",
-    "demure": "mmcl.tasks.demure:DemureTask",
-    "mmsrec": "mmcl.tasks.mmsrec:MMSRecTask",
-    "artist_retrieval": "mmcl.tasks.artist_retrieval:ArtistRetrievalTask",
-    "loev": "mmcl.tasks.loev:LOEVTask",
-    "gcl": "mmcl.tasks.gcl:GCLTask",
+    "clip": "mmcl.tasks.clip.task:ClipTask",
+    "sasrec": "mmcl.tasks.sasrec.task:SASRecTask",
+    "demure": "mmcl.tasks.demure.task:DemureTask",
+    "mmsrec": "mmcl.tasks.mmsrec.task:MMSRecTask",
+    "artist_retrieval": "mmcl.tasks.artist_retrieval.task:ArtistRetrievalTask",
+    "loev": "mmcl.tasks.loev.task:LOEVTask",
+    "gcl": "mmcl.tasks.gcl.task:GCLTask",
 }
 
 
@@ -46,10 +47,7 @@ def get_task_class(name: str) -> type[Task]:
 
 def make_config(name: str) -> Config:
   """The trainer's base config plus the keys task `name` declares, all at their defaults."""
-  c = base_config()
-  c.task.name = name
-  get_task_class(name).declare_config(c)
-  return c
+  return task_config(get_task_class(name), {"task": {"name": name}})
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
@@ -58,6 +56,4 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     name = d["task"]["name"]
   except KeyError as e:
     raise ConfigError("saved config has no task.name") from e
-  c = make_config(name)
-  c.update_from_dict(d)
-  return c
+  return task_config(get_task_class(name), d)

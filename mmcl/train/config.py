@@ -6,6 +6,8 @@ file starts from `mmcl.tasks.make_config(name)`, which is this base plus the tas
 
 from __future__ import annotations
 
+from typing import Any
+
 from mmcl.config import Config
 
 
@@ -88,4 +90,24 @@ def base_config() -> Config:
               "cluster's environment", type=(str, type(None)))
   dist.define("num_processes", None, "number of processes", type=(int, type(None)))
   dist.define("process_id", None, "this process's index", type=(int, type(None)))
+  return c
+
+
+def data_view(config: Config, **overrides: Any) -> dict[str, Any]:
+  """The data section plus the global seed as the plain mapping `data_pipelines` reads."""
+  view = {k.split(".", 1)[1]: v for k, v in config.data.items()}
+  view["seed"] = config.seed
+  view.update(overrides)
+  return view
+
+
+def task_config(task_class: Any, saved: dict[str, Any] | None = None) -> Config:
+  """The trainer's keys plus those `task_class` (a `mmcl.train.task.Task` subclass) declares, at
+  their defaults, then the values of `saved` (a `Config.to_dict()`, e.g. workdir/config.json)."""
+  c = base_config()
+  if saved is not None:
+    c.task.name = saved.get("task", {}).get("name", c.task.name)
+  task_class.declare_config(c)
+  if saved is not None:
+    c.update_from_dict(saved)
   return c

@@ -146,7 +146,7 @@ class Task(abc.ABC):
     """
     raise NotImplementedError(
         f"task {type(self).__name__} does not implement Task.export_towers(params), so it cannot "
-        "be exported; see mmcl/train/task.py and mmcl/tasks/clip.py for an example")
+        "be exported; see mmcl/train/task.py and mmcl/tasks/clip/ for an example")
 
   def export_corpus(self, params: Params) -> dict[str, CorpusExport]:
     """{corpus name: CorpusExport} of the items a serving stack retrieves (`mmcl export --corpus`).
@@ -155,4 +155,4 @@ class Task(abc.ABC):
     """
     raise NotImplementedError(
         f"task {type(self).__name__} does not implement Task.export_corpus(params), so "
-        "`mmcl export --corpus` is not available for it; see mmcl/tasks/clip.py for an example")
+        "`mmcl export --corpus` is not available for it; see mmcl/tasks/clip/ for an example")

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from data_pipelines import artists
+from data_pipelines.recipes import artists
 from data_pipelines.converters import common
 
 

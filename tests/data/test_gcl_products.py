@@ -5,8 +5,8 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipelines import fashion_search
-from data_pipelines import products
+from data_pipelines.recipes import fashion_search
+from data_pipelines.recipes import products
 from data_pipelines import records
 from data_pipelines import schemas
 

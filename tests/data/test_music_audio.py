@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import audio_augment
-from data_pipelines import music_synth
+from data_pipelines.recipes import music_synth
 
 librosa = pytest.importorskip("librosa")
 

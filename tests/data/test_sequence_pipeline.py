@@ -135,7 +135,7 @@ def test_put_on_mesh_shards_batch_over_data_axis(seq_dir):
   mesh = mesh_lib.make_mesh(data=jax.device_count())
   cfg = {"dir": str(seq_dir), "global_batch_size": 8, "max_len": 6}
   batch = pipelines.build_train_dataset(cfg)[0][0]
-  arrays = pipelines.put_on_mesh(batch, mesh)
+  arrays = mesh_lib.put_on_mesh(batch, mesh)
   assert arrays["inputs"].shape == (8, 6)
   assert len(arrays["inputs"].sharding.device_set) == jax.device_count()
   np.testing.assert_array_equal(np.asarray(arrays["inputs"]), batch["inputs"])

@@ -22,6 +22,7 @@ import shared_runs
 
 from mmcl.eval import evaluator as evaluator_lib
 from mmcl.eval import watch as watch_lib
+from mmcl.tasks import get_task_class
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = (2, 4, 6, 8)
@@ -126,7 +127,7 @@ def test_restarted_watcher_after_the_final_step_does_nothing(watched_run, monkey
 
   monkeypatch.setattr(evaluator_lib.Evaluator, "evaluate", fail)
   state = evaluator_lib.run_evaluator(str(workdir), watch=True, poll_seconds=0.05,
-                                      timeout_seconds=5)
+                                      timeout_seconds=5, resolve_task=get_task_class)
   assert sorted(state.done) == list(STEPS)
   after = {p: p.stat().st_mtime_ns for p in (workdir / "eval").rglob("*") if p.is_file()}
   assert after == before
@@ -141,7 +142,7 @@ def test_checkpoint_being_written_is_never_listed_or_evaluated(watched_run, tmp_
   in_flight = ckpts / "10.orbax-checkpoint-tmp"
   shutil.copytree(ckpts / "8", in_flight)
   (in_flight / "commit_success.txt").unlink(missing_ok=True)
-  ev = evaluator_lib.Evaluator(workdir)
+  ev = evaluator_lib.Evaluator(workdir, resolve_task=get_task_class)
   assert ev.finished_steps() == list(STEPS)
 
   evaluated, polls = [], []
@@ -167,7 +168,7 @@ def test_checkpoint_being_written_is_never_listed_or_evaluated(watched_run, tmp_
 def test_checkpoint_deleted_after_listing_is_skipped(watched_run, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(watched_run["workdir"], workdir, ignore=shutil.ignore_patterns("eval"))
-  ev = evaluator_lib.Evaluator(workdir)
+  ev = evaluator_lib.Evaluator(workdir, resolve_task=get_task_class)
   listed = ev.finished_steps()
   # The trainer's retention removes step 2 between the listing and the restore.
   shutil.rmtree(workdir / "checkpoints" / "2")

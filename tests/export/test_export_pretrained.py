@@ -10,8 +10,8 @@ import numpy as np
 
 from mmcl import cli
 from mmcl.export import verify_export
-from mmcl.features import compute_features, read_features
-from mmcl.models.pretrained import encode_texts
+from mmcl.pretrained.features import compute_features, read_features
+from mmcl.pretrained.text import encode_texts
 
 MAX_LENGTH = 32  # every text fits one length bucket: one compilation per path
 TEXTS = ["A man is eating food.", "", "Two dogs play in the snow near a red barn.",

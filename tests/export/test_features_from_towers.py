@@ -4,7 +4,8 @@ workdir and export fixtures are in tests/export/conftest.py)."""
 import numpy as np
 import pytest
 
-from mmcl.features import compute_features, read_features
+from mmcl.pretrained.features import compute_features, read_features
+from mmcl.tasks import get_task_class
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,8 @@ def reference(exported):
 
 
 def test_workdir_towers_embed_image_and_text_fields(workdir, shapes_dir, reference, tmp_path):
-  kw = dict(split="test", batch_size=48, chunk_size=64, progress=False)
+  kw = dict(split="test", batch_size=48, chunk_size=64, progress=False,
+            resolve_task=get_task_class)
   image = compute_features(f"{workdir}:image", shapes_dir, "image", tmp_path / "img", **kw)
   text = compute_features(workdir, shapes_dir, "caption", tmp_path / "txt", tower_name="text",
                           **kw)

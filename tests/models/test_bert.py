@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mmcl.models.bert import BertTower, masked_pool
-from mmcl.models.pretrained import (
+from mmcl.pretrained.text import (
     bert_params_from_state_dict,
     encode_texts,
     load_safetensors,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmcl.models.pretrained import load_safetensors, load_text_params
+from mmcl.pretrained.text import load_safetensors, load_text_params
 
 torch = pytest.importorskip("torch", reason="torch is needed for the reference outputs")
 transformers = pytest.importorskip(

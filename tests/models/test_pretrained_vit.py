@@ -1,4 +1,4 @@
-"""Parity of `mmcl.models.pretrained_vit` with PyTorch ViTs in the open_clip and timm layouts.
+"""Parity of `mmcl.pretrained.vit` with PyTorch ViTs in the open_clip and timm layouts.
 
 open_clip cannot be imported here (its torchvision dependency fails beside the CPU torch), and no
 pretrained image weights can be fetched, so the references are small PyTorch modules written below
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmcl.models.pretrained_vit import load_vit, vit_from_state_dict
+from mmcl.pretrained.vit import load_vit, vit_from_state_dict
 
 torch = pytest.importorskip("torch", reason="torch (the test extra) is needed for ViT parity")
 nn = torch.nn
@@ -201,8 +201,8 @@ def test_open_clip_folder_under_the_mesh_in_bf16_and_as_a_features_tower(tmp_pat
   import jax
 
   from data_pipelines import image_text as data_lib
-  from mmcl.features import compute_features, read_features
-  from mmcl.models.pretrained import place_params
+  from mmcl.pretrained.features import compute_features, read_features
+  from mmcl.pretrained.text import place_params
   from mmcl.parallel.mesh import batch_sharding, make_mesh
 
   torch.manual_seed(0)

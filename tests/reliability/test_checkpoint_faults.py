@@ -73,7 +73,7 @@ def test_evaluator_falls_back_to_the_previous_valid_step(workdir, caplog):
   overwrite_in_place(workdir / "checkpoints/8")
   garbage_metadata(workdir / "checkpoints/6")
   with caplog.at_level(logging.WARNING, logger="mmcl.checkpoint"):
-    metrics = evaluator_lib.run_evaluator(str(workdir))
+    metrics = evaluator_lib.run_evaluator(str(workdir), resolve_task=get_task_class)
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warnings) == 2
   assert "checkpoint step 8" in warnings[0]
@@ -89,7 +89,7 @@ def test_watch_skips_a_corrupt_step_and_evaluates_the_rest(workdir, caplog):
   truncate(workdir / "checkpoints/6")
   with caplog.at_level(logging.WARNING):
     state = evaluator_lib.run_evaluator(str(workdir), watch=True, poll_seconds=0.0,
-                                        timeout_seconds=0.0)
+                                        timeout_seconds=0.0, resolve_task=get_task_class)
   assert sorted(state.done) == [2, 4, 8]
   assert any("checkpoint step 6" in r.getMessage() and "skipped" in r.getMessage()
              for r in caplog.records)
@@ -140,7 +140,8 @@ def test_export_uses_the_newest_valid_step(workdir, tmp_path, caplog):
   from mmcl.export import export_workdir
   garbage_metadata(workdir / "checkpoints/8")
   with caplog.at_level(logging.WARNING, logger="mmcl.checkpoint"):
-    manifest = export_workdir(workdir, tmp_path / "export", platforms=("cpu",))
+    manifest = export_workdir(workdir, tmp_path / "export", platforms=("cpu",),
+                              resolve_task=get_task_class)
   assert manifest["step"] == 6
   assert any("checkpoint step 8" in r.getMessage() for r in caplog.records)
   shutil.rmtree(tmp_path / "export")

@@ -76,7 +76,7 @@ def test_diverged_resume_keeps_last_good_checkpoint_evaluable(workdir):
   assert f"Last good checkpoint: step {steps[-1]} in" in msg
   assert "not saved" in msg or "update was not applied" in msg
   # Every saved checkpoint is finite and evaluates to a real (not perfect) score.
-  ev = evaluator_lib.Evaluator(workdir)
+  ev = evaluator_lib.Evaluator(workdir, resolve_task=get_task_class)
   for step in steps:
     finite.require_finite_params(ev.restore_params(step))
   metrics = ev.evaluate(steps[-1])

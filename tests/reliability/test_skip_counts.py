@@ -47,7 +47,7 @@ def test_skips_are_counted_in_metrics_summary_and_report(shapes_dir, tmp_path):
   assert summary["data/skipped"] == last["data/skipped"] == sum(
       v for k, v in summary.items() if k.startswith("data/skipped/"))
   assert summary["data/skipped/test/<record>"] >= 1  # the validation batch read the test split
-  metrics = evaluator_lib.run_evaluator(str(workdir))
+  metrics = evaluator_lib.run_evaluator(str(workdir), resolve_task=get_task_class)
   # The evaluator reads each of the 128 test records once: exactly one was skipped.
   assert metrics["data/skipped"] == 1.0 and metrics["data/skipped/test/<record>"] == 1.0
   assert "data/skipped" in (workdir / "eval/4/report.md").read_text()

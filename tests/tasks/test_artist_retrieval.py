@@ -7,14 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import artists
+from data_pipelines.recipes import artists
 from mmcl.config import load_config_file
-from mmcl.eval import artist_eval
 from mmcl.eval.evaluator import Evaluator
 from mmcl.losses import infonce, multimodal_infonce
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.tasks import artist_retrieval as ar
 from mmcl.tasks import get_task_class
+from mmcl.tasks.artist_retrieval import evaluate
+from mmcl.tasks.artist_retrieval.loss import multi_positive_infonce, neighbour_matrix
+from mmcl.tasks.artist_retrieval.task import ArtistRetrievalTask
 from mmcl.train import loop as loop_lib
 from mmcl.train.metric_log import read_metrics
 
@@ -69,7 +70,7 @@ def test_trains_and_evaluates_on_planted_artists(planted_dir, tmp_path):
   loop_lib.train(c, tmp_path, get_task_class("artist_retrieval"))
   rows = [r for r in read_metrics(tmp_path) if "loss" in r]
   assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
-  metrics = Evaluator(tmp_path).evaluate(60)
+  metrics = Evaluator(tmp_path, resolve_task=get_task_class).evaluate(60)
   n = metrics["num_catalogue"]
   chance_recall = 10 / (n - 1)
   # The shared space retrieves similar artists far above chance, also across modalities (which the
@@ -95,7 +96,7 @@ def test_rank_catalogue_masks_and_self_exclusion():
   corpus = np.eye(4, dtype=np.float32)
   corpus[3] = [0.9, 0.1, 0, 0]
   queries = corpus[[0, 1]]
-  ranked = artist_eval.rank_catalogue(queries, np.array([True, False]), np.array([0, 1]),
+  ranked = evaluate.rank_catalogue(queries, np.array([True, False]), np.array([0, 1]),
                                       corpus, np.array([True, True, False, True]), 4)
   assert ranked[0].tolist() == [3, 1, -1, -1]  # self and the corpus item without embedding left out
   assert ranked[1].tolist() == [-1, -1, -1, -1]  # a query without embedding retrieves nothing
@@ -104,12 +105,12 @@ def test_rank_catalogue_masks_and_self_exclusion():
 def test_modality_bias_and_popularity_buckets():
   avail = {"a": np.array([True, True, False, False]), "b": np.ones(4, bool)}
   ranked = np.array([[1, 2], [0, -1], [3, 1]])
-  bias = artist_eval.modality_bias(ranked, avail, np.array([0, 1, 2]), k=2)
+  bias = evaluate.modality_bias(ranked, avail, np.array([0, 1, 2]), k=2)
   assert bias["bias/a/share_if_query_has"] == pytest.approx(2 / 3)  # items 1, 2, 0
   assert bias["bias/a/share_if_query_lacks"] == pytest.approx(1 / 2)  # items 3, 1
   assert bias["bias/a/base_rate"] == 0.5
   listeners = np.array([0, 1, 1, 1, 1, 2, 3, 4, 5, 9, 9])
-  b = artist_eval.popularity_buckets(listeners, np.arange(11))
+  b = evaluate.popularity_buckets(listeners, np.arange(11))
   assert b[0] == "pop_unknown"
   assert b[1:].tolist() == ["pop_q1", "pop_q1", "pop_q2", "pop_q2", "pop_q3", "pop_q3", "pop_q4",
                             "pop_q4", "pop_q5", "pop_q5"]
@@ -120,7 +121,7 @@ def test_baselines_concat_and_average():
   vecs = {"a": rng.normal(size=(6, 3)).astype(np.float32),
           "b": rng.normal(size=(6, 5)).astype(np.float32)}
   avail = {"a": np.array([1, 1, 1, 0, 1, 1], bool), "b": np.array([1, 0, 1, 1, 1, 1], bool)}
-  base = artist_eval.baseline_embeddings(vecs, avail, np.arange(6))
+  base = evaluate.baseline_embeddings(vecs, avail, np.arange(6))
   concat, ok = base["concat"]
   assert concat.shape == (6, 8) and ok.all()
   np.testing.assert_allclose(np.linalg.norm(concat, axis=1), 1.0, atol=1e-6)
@@ -128,7 +129,7 @@ def test_baselines_concat_and_average():
   avg, _ = base["average"]
   assert avg.shape == (6, 3)  # the PCA common dimension is the smallest modality's
   # An artist with only modality a: its average is its (PCA-projected) a vector alone.
-  a_proj = artist_eval.l2_normalize(artist_eval.pca_project(vecs["a"], np.flatnonzero(avail["a"]),
+  a_proj = evaluate.l2_normalize(evaluate.pca_project(vecs["a"], np.flatnonzero(avail["a"]),
                                                             3))
   np.testing.assert_allclose(avg[1], a_proj[1], atol=1e-5)
 
@@ -163,13 +164,13 @@ def test_multi_positive_loss_on_four_artists():
   a_ok = np.array([1, 1, 0, 1, 1], bool)
   b_ok = np.array([1, 1, 1, 0, 1], bool)
   table = np.array([[1, -1], [-1, -1], [3, -1], [-1, -1]], np.int32)
-  nb = np.asarray(ar.neighbour_matrix(jnp.asarray(artist), jnp.asarray(table)))
+  nb = np.asarray(neighbour_matrix(jnp.asarray(artist), jnp.asarray(table)))
   expected_nb = np.zeros((5, 5), bool)
   for i, j in ((0, 1), (4, 1), (2, 3)):
     expected_nb[i, j] = expected_nb[j, i] = True
   np.testing.assert_array_equal(nb, expected_nb)  # symmetrised, copies share their artist's links
   for lam in (1.0, 0.3):
-    got, count = ar.multi_positive_infonce(jnp.asarray(a), jnp.asarray(b), jnp.asarray(a_ok),
+    got, count = multi_positive_infonce(jnp.asarray(a), jnp.asarray(b), jnp.asarray(a_ok),
                                            jnp.asarray(b_ok), jnp.asarray(artist), jnp.asarray(nb),
                                            logit_scale=10.0, neighbour_weight=lam)
     ref, ref_count = _reference_multi_positive(a, b, a_ok, b_ok, artist, nb, 10.0, lam)
@@ -178,7 +179,7 @@ def test_multi_positive_loss_on_four_artists():
     assert int(count) == ref_count == 8
   # Without neighbours and with every modality present it is InfoNCE with group ids.
   ones = jnp.ones(5, bool)
-  got, _ = ar.multi_positive_infonce(jnp.asarray(a), jnp.asarray(b), ones, ones,
+  got, _ = multi_positive_infonce(jnp.asarray(a), jnp.asarray(b), ones, ones,
                                      jnp.asarray(artist), jnp.asarray(nb), logit_scale=10.0,
                                      neighbour_weight=0.0)
   ref = infonce(jnp.asarray(a), jnp.asarray(b), logit_scale=10.0, group_ids=jnp.asarray(artist),
@@ -188,7 +189,7 @@ def test_multi_positive_loss_on_four_artists():
   # Positives only ever link two role-train artists (queries and blocked neighbours never).
   meta = {"catalogue": {"gold": [[1, 2], [0, 3], [3, 0], [2, 1]],
                         "role": ["train", "train", "test", "blocked"]}}
-  np.testing.assert_array_equal(ar.ArtistRetrievalTask.training_neighbours(meta),
+  np.testing.assert_array_equal(ArtistRetrievalTask.training_neighbours(meta),
                                 [[1, -1], [0, -1], [-1, -1], [-1, -1]])
 
 
@@ -204,5 +205,5 @@ def test_residual_text_path_is_frozen_and_keeps_text_geometry(planted_dir):
   assert task.frozen_params_filter("skip/text/basis")
   # A dominant residual path is the (centred) principal-direction projection of the raw vector.
   fit = task.skip_fits()["text"]
-  ref = artist_eval.l2_normalize((np.asarray(x) - fit["mean"]) @ fit["basis"])
+  ref = evaluate.l2_normalize((np.asarray(x) - fit["mean"]) @ fit["basis"])
   np.testing.assert_allclose(np.asarray(project(params)), ref, atol=1e-3)

@@ -7,8 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data_pipelines.featurize import tfidf_svd
 from mmcl.config import load_config_file
-from mmcl.tasks import demure, get_task_class, sasrec
+from mmcl.eval import seqrec
+from mmcl.tasks import get_task_class
+from mmcl.tasks.demure.data import (StepCountingIterator, per_occurrence_noise, plant_noise,
+                                    planted_item_side)
+from mmcl.tasks.demure.evaluate import pool_by_item, roc_auc
+from mmcl.tasks.demure.loss import flag_lowest
+from mmcl.tasks.demure.model import DemureModel
 from mmcl.train import loop as loop_lib
 from mmcl.train.metric_log import read_metrics
 
@@ -20,31 +27,31 @@ def test_roc_auc_matches_pair_counting():
   s = rng.integers(0, 5, size=60).astype(float)  # many ties
   y = rng.random(60) < 0.3
   pairs = [(a > b) + 0.5 * (a == b) for a in s[y] for b in s[~y]]
-  assert demure.roc_auc(s, y) == pytest.approx(np.mean(pairs))
-  assert demure.roc_auc(np.arange(4.0), np.asarray([0, 0, 1, 1], bool)) == 1.0
+  assert roc_auc(s, y) == pytest.approx(np.mean(pairs))
+  assert roc_auc(np.arange(4.0), np.asarray([0, 0, 1, 1], bool)) == 1.0
 
 
 def test_flag_lowest_per_row():
   s = jnp.asarray([[5., 1., 3., 2., 9.], [1., 2., 3., 4., 5.]])
   valid = jnp.asarray([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], bool)
-  f = np.asarray(demure.flag_lowest(s, valid, 0.4))
+  f = np.asarray(flag_lowest(s, valid, 0.4))
   np.testing.assert_array_equal(f, [[0, 1, 0, 1, 0], [0, 0, 1, 0, 0]])
 
 
 def test_tfidf_svd_groups_similar_texts():
   texts = ["red apple fruit", "green apple fruit", "steel drill tool", "power drill tool"]
-  x = demure.tfidf_svd(texts, 3, seed=0)
+  x = tfidf_svd(texts, 3, seed=0)
   assert x.shape == (4, 3)
   np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
   sim = x @ x.T
   assert sim[0, 1] > sim[0, 2] and sim[2, 3] > sim[1, 3]
-  np.testing.assert_array_equal(x, demure.tfidf_svd(texts, 3, seed=0))
+  np.testing.assert_array_equal(x, tfidf_svd(texts, 3, seed=0))
 
 
 def test_plant_noise_keeps_norms_and_fraction():
   f = np.random.default_rng(1).normal(size=(101, 6)).astype(np.float32)
   f[0] = 0
-  g, noisy = demure.plant_noise(f, 0.2, seed=3)
+  g, noisy = plant_noise(f, 0.2, seed=3)
   assert noisy.sum() == 20 and not noisy[0]
   np.testing.assert_allclose(np.linalg.norm(g, axis=1), np.linalg.norm(f, axis=1), rtol=1e-5)
   np.testing.assert_array_equal(g[~noisy], f[~noisy])
@@ -60,29 +67,29 @@ def test_per_occurrence_noise_resample_and_swap():
   norms = np.linalg.norm(clean, axis=1)
   items = jnp.asarray([[0, 2, 3, 2], [5, 7, 1, 2]], jnp.int32)
   args = (jnp.asarray(clean), jnp.asarray(noisy), jnp.asarray(norms))
-  a = np.asarray(demure.per_occurrence_noise(jax.random.PRNGKey(0), items, *args, "resample"))
-  b = np.asarray(demure.per_occurrence_noise(jax.random.PRNGKey(1), items, *args, "resample"))
+  a = np.asarray(per_occurrence_noise(jax.random.PRNGKey(0), items, *args, "resample"))
+  b = np.asarray(per_occurrence_noise(jax.random.PRNGKey(1), items, *args, "resample"))
   it = np.asarray(items)
   is_noisy = noisy[it]
   np.testing.assert_array_equal(a[~is_noisy], clean[it][~is_noisy])  # clean items untouched
   np.testing.assert_allclose(np.linalg.norm(a[is_noisy], axis=-1), norms[it][is_noisy], rtol=1e-5)
   assert not np.allclose(a[0, 1], a[0, 3])  # item 2 twice in a row: two different draws
   assert not np.allclose(a[is_noisy], b[is_noisy])  # and a new draw for a new key
-  s = np.asarray(demure.per_occurrence_noise(jax.random.PRNGKey(0), items, *args, "swap"))
+  s = np.asarray(per_occurrence_noise(jax.random.PRNGKey(0), items, *args, "swap"))
   np.testing.assert_array_equal(s[~is_noisy], clean[it][~is_noisy])
   for row in s[is_noisy]:  # a clean row of some real item
     assert np.any(np.all(clean[1:] == row, axis=1))
   # The candidate side holds the expectation of the draw: 0 (resample), the mean row (swap).
-  np.testing.assert_array_equal(demure.planted_item_side(clean, noisy, "resample")[noisy], 0.0)
-  np.testing.assert_allclose(demure.planted_item_side(clean, noisy, "swap")[5], clean[1:].mean(0),
+  np.testing.assert_array_equal(planted_item_side(clean, noisy, "resample")[noisy], 0.0)
+  np.testing.assert_allclose(planted_item_side(clean, noisy, "swap")[5], clean[1:].mean(0),
                              rtol=1e-6)
-  np.testing.assert_array_equal(demure.planted_item_side(clean, noisy, "fixed"), clean)
+  np.testing.assert_array_equal(planted_item_side(clean, noisy, "fixed"), clean)
 
 
 def test_pool_by_item_averages_occurrences():
   items = np.asarray([[0, 1, 2], [2, 2, 3]])
   scores = np.arange(18, dtype=np.float32).reshape(2, 3, 3)
-  t = demure.pool_by_item(scores, items, num_items=4)
+  t = pool_by_item(scores, items, num_items=4)
   assert t.shape == (5, 3)
   np.testing.assert_allclose(t[2], (scores[0, 2] + scores[1, 0] + scores[1, 1]) / 3)
   np.testing.assert_allclose(t[1], scores[0, 1])
@@ -100,11 +107,11 @@ def test_step_counting_iterator_resumes():
       return {"i": self.i}
     def set_state(self, st):
       self.i = st["i"]
-  it = demure.StepCountingIterator(Inner())
+  it = StepCountingIterator(Inner())
   assert [next(it)["step"].tolist() for _ in range(2)] == [[0, 0], [1, 1]]
   state = it.get_state()
   assert isinstance(state, bytes)
-  again = demure.StepCountingIterator(Inner())
+  again = StepCountingIterator(Inner())
   again.set_state(state)
   b = next(again)
   assert b["step"].tolist() == [2, 2] and b["inputs"][0, 0] == 3
@@ -136,7 +143,7 @@ def test_contribution_of_a_zero_modality_is_zero_and_flagged_first(text_seq_dir)
   zero = (np.asarray(inputs) <= 20) & (np.asarray(inputs) > 0)
   assert np.all(cvals[..., 0][zero] == 0.0)
   assert np.all(cvals[..., 0][~zero & (np.asarray(inputs) > 0)] > 0.0)
-  flags = np.asarray(demure.flag_lowest(jnp.asarray(cvals.reshape(2, -1)),
+  flags = np.asarray(flag_lowest(jnp.asarray(cvals.reshape(2, -1)),
                                         valid.reshape(2, -1), 0.2)).reshape(cvals.shape)
   assert flags.sum() == 2 + 3  # floor(0.2·12) and floor(0.2·16) real (t, m) pairs
   assert flags[..., 0][zero].all()  # the 2 + 2 zero-contribution pairs come first
@@ -153,7 +160,7 @@ def test_integrated_gradients_path_steps(text_seq_dir):
   targets = jnp.concatenate([inputs[:, 1:], jnp.asarray([[29], [27]])], 1)
   negs = jnp.full_like(inputs, 35)
   table = task.item_table(params)
-  xt = task._apply(params, demure.DemureModel.modality_tokens, task._feats(inputs))
+  xt = task._apply(params, DemureModel.modality_tokens, task._feats(inputs))
 
   def total(z):
     return task._rec_loss(params, z.sum(-2), inputs, targets, negs, table, train=False,
@@ -197,7 +204,7 @@ def test_planted_noise_is_found_then_flagged(group_seq_dir, tmp_path):
                                            "train.checkpoint_every": 40})
   loop_lib.train(c, tmp_path, get_task_class("demure"))
   task, params = _trained_params(c, tmp_path)
-  user_items = sasrec.load_interactions(c.data.dir)[0]
+  user_items = seqrec.load_interactions(c.data.dir)[0]
   m = task.noise_detection(params, user_items)
   assert m["noise/planted_share"] > 0.05
   # Random text hurts the loss: its signed contribution, averaged over an item's occurrences, is
@@ -210,8 +217,8 @@ def test_planted_noise_is_found_then_flagged(group_seq_dir, tmp_path):
   ig = task.item_scores(params, user_items, "signed", path_steps=8)[inputs]
   # Integrated gradients (task.contribution_path_steps) find the same noise at least as well
   # (here 0.97 against 0.95).
-  assert demure.roc_auc(-ig[valid], labels[valid]) >= max(
-      0.9, demure.roc_auc(-table[inputs][valid], labels[valid]))
+  assert roc_auc(-ig[valid], labels[valid]) >= max(
+      0.9, roc_auc(-table[inputs][valid], labels[valid]))
   path = tmp_path / "item_scores.npy"
   np.save(path, table)
   c2 = _config(group_seq_dir, **planted, **{"task.contribution": "signed",
@@ -288,7 +295,7 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
                   "task.noise_fraction": 0.05}
   c0 = _config(text_seq_dir, **oracle_flags, **{"task.cl_weight": 0.0})
   _, task0 = loop_lib.setup(c0, get_task_class("demure"))
-  rows = jnp.asarray(task0.training_rows(sasrec.load_interactions(c0.data.dir)[0])[0][:16])
+  rows = jnp.asarray(task0.training_rows(seqrec.load_interactions(c0.data.dir)[0])[0][:16])
   flags, _ = task0.noise_flags(None, rows)
   np.testing.assert_array_equal(np.asarray(flags)[..., 0], noisy[np.asarray(rows)])
   assert not np.asarray(flags)[..., 1].any()
@@ -331,9 +338,9 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   loss2, m2 = jax.jit(loss_fn(task2))(params)
   np.testing.assert_allclose(float(m2["rec_loss"]), float(metrics["rec_loss"]), rtol=1e-6)
   k_noise = jax.random.split(jax.random.PRNGKey(1), 4)[3]  # the loss's planted-noise draw
-  xt = task2._apply(params, demure.DemureModel.modality_tokens, task2._input_feats(rows, k_noise))
+  xt = task2._apply(params, DemureModel.modality_tokens, task2._input_feats(rows, k_noise))
   fl = np.asarray(flags)[..., None]
-  views = [np.asarray(task2._apply(params, demure.DemureModel.encode, v, rows != 0, False))
+  views = [np.asarray(task2._apply(params, DemureModel.encode, v, rows != 0, False))
            for v in (np.asarray(xt * ~fl).sum(-2), np.asarray(xt).sum(-2))]
 
   def reference(window):

@@ -10,12 +10,16 @@ import numpy as np
 import optax
 import pytest
 
-from data_pipelines import products
+from data_pipelines.recipes import products
 from mmcl.config import load_config_file
 from mmcl.eval import metrics as metrics_lib
 from mmcl.losses import infonce
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.tasks import gcl
+from mmcl.tasks import get_task_class
+from mmcl.tasks.gcl.evaluate import (SplitTable, gcl_metrics, relevance_grades,
+                                     sample_eval_queries)
+from mmcl.tasks.gcl.loss import score_weights
+from mmcl.tasks.gcl.model import fuse_fields
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "gcl.py"
 
@@ -25,7 +29,7 @@ def test_fuse_fields_renormalises_over_present_fields():
   e = rng.normal(size=(3, 4, 5)).astype(np.float32)
   present = np.asarray([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 0]], bool)
   w = np.asarray([0.5, 0.3, 0.2], np.float32)
-  fused, valid = gcl.fuse_fields(jnp.asarray(e), jnp.asarray(present), jnp.asarray(w))
+  fused, valid = fuse_fields(jnp.asarray(e), jnp.asarray(present), jnp.asarray(w))
   unit = e / np.linalg.norm(e, axis=-1, keepdims=True)
   for b in range(3):
     ww = w * present[:, b]
@@ -39,22 +43,22 @@ def test_score_weights():
   batch = {"query": jnp.zeros((4, 2), jnp.int32),
            "score_linear": jnp.asarray([1.0, 0.5, 0.25, 0.25]),
            "score_reciprocal": jnp.asarray([1.0, 0.5, 0.2, 0.1])}
-  np.testing.assert_allclose(gcl.score_weights(batch, "score_linear"), [2.0, 1.0, 0.5, 0.5])
-  np.testing.assert_allclose(gcl.score_weights(batch, "score_reciprocal", normalize=False),
+  np.testing.assert_allclose(score_weights(batch, "score_linear"), [2.0, 1.0, 0.5, 0.5])
+  np.testing.assert_allclose(score_weights(batch, "score_reciprocal", normalize=False),
                              [1.0, 0.5, 0.2, 0.1])
-  np.testing.assert_allclose(gcl.score_weights(batch, "no_score"), 1.0)
+  np.testing.assert_allclose(score_weights(batch, "no_score"), 1.0)
   with pytest.raises(ValueError, match="task.score_to_weight"):
-    gcl.score_weights(batch, "linear")
+    score_weights(batch, "linear")
 
 
 def test_relevance_grades_and_query_sampling():
-  np.testing.assert_array_equal(gcl.relevance_grades(np.asarray([0.01, 0.505, 1.0, 0.5])),
+  np.testing.assert_array_equal(relevance_grades(np.asarray([0.01, 0.505, 1.0, 0.5])),
                                 [1, 50, 100, 50])
-  np.testing.assert_array_equal(gcl.relevance_grades(np.asarray([0.3, 0.3])), [1, 1])
+  np.testing.assert_array_equal(relevance_grades(np.asarray([0.3, 0.3])), [1, 1])
   rel_sum = np.asarray([1.0, 100.0, 3.0, 50.0, 2.0])
-  chosen = gcl.sample_eval_queries(rel_sum, 3, seed=1)
+  chosen = sample_eval_queries(rel_sum, 3, seed=1)
   assert len(set(chosen.tolist())) == 3 and np.all(np.diff(rel_sum[chosen]) <= 0)
-  assert len(gcl.sample_eval_queries(rel_sum, 10, seed=1)) == 5
+  assert len(sample_eval_queries(rel_sum, 10, seed=1)) == 5
 
 
 def _reference_metrics(run, qrels, p_values=(0.7, 0.8, 0.9)):
@@ -97,7 +101,7 @@ def test_gcl_metrics_match_the_reference_formulas():
     docs = rng.choice(num_docs, size=rng.integers(1, 15), replace=False)
     judged.append({int(d): int(rng.integers(1, 101)) for d in docs})
   qrels = metrics_lib.Qrels.from_dict(judged)
-  got = {k: metrics_lib.mean_over_judged(v) for k, v in gcl.gcl_metrics(ranked, qrels).items()}
+  got = {k: metrics_lib.mean_over_judged(v) for k, v in gcl_metrics(ranked, qrels).items()}
   run = {q: [int(d) for d in ranked[q] if d >= 0] for q in range(num_q)}
   ref = _reference_metrics(run, dict(enumerate(judged)))
   assert set(got) == {"ndcg@10", "map@1000", "mrr@1000", "err", "rbp.7", "rbp.8", "rbp.9"}
@@ -150,7 +154,7 @@ def test_weighting_ranks_the_higher_graded_document_first():
     qe, de = train(weighted)
     ranked = np.argsort(-(qe @ de.T), axis=1, kind="stable")
     results[weighted] = {k: metrics_lib.mean_over_judged(v)
-                         for k, v in gcl.gcl_metrics(ranked, qrels).items()}
+                         for k, v in gcl_metrics(ranked, qrels).items()}
     strong_first = np.mean(ranked[:, 0] == 2 * np.arange(num_q))
     if weighted:
       assert strong_first == 1.0
@@ -176,7 +180,7 @@ def _tiny_config(data_dir, *variants):
 
 
 def test_loss_is_the_weighted_gcl_loss_with_duplicates_masked(tiny_products):
-  from mmcl.tasks.gcl import GCLTask
+  from mmcl.tasks.gcl.task import GCLTask
   c = _tiny_config(tiny_products)
   mesh = mesh_lib.make_mesh(-1, 1)
   task = GCLTask(c, mesh)
@@ -202,7 +206,7 @@ def test_loss_is_the_weighted_gcl_loss_with_duplicates_masked(tiny_products):
 
 def test_config_errors_name_the_key(tiny_products):
   from mmcl.config import ConfigError
-  from mmcl.tasks.gcl import GCLTask
+  from mmcl.tasks.gcl.task import GCLTask
   c = _tiny_config(tiny_products)
   c.model.doc_field_weights = (1.0, 1.0)
   with pytest.raises(ConfigError, match="model.doc_field_weights"):
@@ -211,7 +215,7 @@ def test_config_errors_name_the_key(tiny_products):
 
 def test_tiny_train_and_evaluate(tiny_products, tmp_path):
   from mmcl.eval.evaluator import run_evaluator
-  from mmcl.tasks.gcl import GCLTask
+  from mmcl.tasks.gcl.task import GCLTask
   from mmcl.train.loop import train
   c = _tiny_config(tiny_products)
   c.train.total_steps = 12
@@ -223,7 +227,7 @@ def test_tiny_train_and_evaluate(tiny_products, tmp_path):
   losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [m["loss"] for m in losses if "loss" in m]
   assert losses[-1] < losses[0]
-  metrics = run_evaluator(str(tmp_path))
+  metrics = run_evaluator(str(tmp_path), resolve_task=get_task_class)
   for split in c.task.eval_splits:
     for name in ("ndcg@10", "map@100", "mrr@100", "err", "rbp.7", "rbp.8", "rbp.9"):
       assert 0.0 <= metrics[f"{split}/{name}"] <= 1.0
@@ -236,16 +240,16 @@ def _chance_metrics(task, split: str, trials: int = 200) -> dict[str, float]:
   """The split's metrics (as `evaluate_split` computes them) for uniformly random rankings."""
   t = task.config.task
   source, _ = products.open_split(task.data_dir, split)
-  table = gcl.SplitTable(source)
+  table = SplitTable(source)
   rel_sum = np.bincount(table.pairs[:, 0], weights=table.rel, minlength=len(table.query_ids))
-  chosen = gcl.sample_eval_queries(rel_sum, t.eval_queries, t.eval_seed)
+  chosen = sample_eval_queries(rel_sum, t.eval_queries, t.eval_seed)
   qrels = table.qrels(chosen, t.eval_top_k)
   rng = np.random.default_rng(0)
   n_docs = len(table.doc_ids)
   sums: dict[str, float] = {}
   for _ in range(trials):
     ranked = np.stack([rng.permutation(n_docs) for _ in chosen])[:, :t.eval_top_k]
-    for name, v in gcl.gcl_metrics(ranked, qrels, cutoff=t.eval_top_k).items():
+    for name, v in gcl_metrics(ranked, qrels, cutoff=t.eval_top_k).items():
       sums[name] = sums.get(name, 0.0) + metrics_lib.mean_over_judged(v) / trials
   source.close()
   return sums
@@ -256,7 +260,7 @@ def test_pretrained_locked_text_tower(tiny_products, minilm_folder):
   of the raw texts; training changes only the projection (and the logit scale), frozen parameters
   have no optimizer state; the trained model beats random rankings by a wide margin."""
   from mmcl.models.lock import count_frozen
-  from mmcl.tasks.gcl import GCLTask
+  from mmcl.tasks.gcl.task import GCLTask
   from mmcl.train.loop import build_state
   from mmcl.train.step import make_train_step
   c = _tiny_config(tiny_products, "minilm", "title_only")
@@ -313,7 +317,7 @@ def test_pretrained_locked_text_tower(tiny_products, minilm_folder):
 
 def test_pretrained_text_config_errors_name_the_key(tiny_products, minilm_folder, tmp_path):
   from mmcl.config import ConfigError
-  from mmcl.tasks.gcl import GCLTask
+  from mmcl.tasks.gcl.task import GCLTask
   c = _tiny_config(tiny_products, "minilm")
   c.model.pretrained_text.folder = str(tmp_path / "absent")
   with pytest.raises(ConfigError, match="model.pretrained_text.folder"):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from mmcl.config import load_config_file
-from mmcl.tasks import get_task_class, mmsrec
+from mmcl.models.layers import l2_normalize
+from mmcl.tasks import get_task_class
+from mmcl.tasks.mmsrec.data import cold_items
 from mmcl.train import loop as loop_lib
 from mmcl.train.metric_log import read_metrics
 
@@ -27,7 +29,7 @@ def _config(data_dir, **overrides):
 
 
 def test_cold_items_fraction_and_padding():
-  cold = mmsrec.cold_items(100, 0.1, seed=0)
+  cold = cold_items(100, 0.1, seed=0)
   assert cold.shape == (101,) and cold.sum() == 10 and not cold[0]
 
 
@@ -81,7 +83,7 @@ def _plain_cloze_loss(task, params, batch, rng):
   k_seq, k_item = jax.random.split(rng)
   masked = (batch["labels"] > 0) & (items != 0)
   masked = masked.at[:, -1].set(items[:, -1] != 0)
-  h = mmsrec._unit(task.encode_sequences(params, items, masked, train=True, rng=k_seq))
+  h = l2_normalize(task.encode_sequences(params, items, masked, train=True, rng=k_seq))
   cand = task.item_tower(params, train=True, rng=k_item)
   logits = jnp.einsum("bld,nd->bln", h, cand) / task.config.task.temperature
   blocked = jnp.asarray(task.cold_np).at[0].set(True)

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmcl.config import load_config_file
+from mmcl.eval import seqrec
+from mmcl.losses.negatives import sample_train_negatives
 from mmcl.tasks import get_task_class
-from mmcl.tasks import sasrec
+from mmcl.tasks.sasrec.loss import bce_sampled_loss
 from mmcl.train import loop as loop_lib
 from mmcl.train.metric_log import read_metrics
 
@@ -16,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def test_train_negatives_avoid_seen_items():
   seen = jnp.asarray([[1, 2, 3, 4, 5, 6, 0, 0], [7, 8, 9, 10, 0, 0, 0, 0]], jnp.int32)
-  neg = np.asarray(sasrec.sample_train_negatives(jax.random.PRNGKey(0), seen, (2, 50), 12,
+  neg = np.asarray(sample_train_negatives(jax.random.PRNGKey(0), seen, (2, 50), 12,
                                                  tries=16))
   assert neg.min() >= 1 and neg.max() <= 12
   for row, s in zip(neg, np.asarray(seen)):
@@ -29,7 +31,7 @@ def test_bce_matches_reference():
   rng = np.random.default_rng(0)
   h, p, n = (rng.normal(size=(2, 3, 4)).astype(np.float32) for _ in range(3))
   w = np.asarray([[1, 1, 0], [0, 1, 1]], np.float32)
-  loss, acc = sasrec.bce_sampled_loss(h, p, n, w)
+  loss, acc = bce_sampled_loss(h, p, n, w)
   sig = lambda z: 1 / (1 + np.exp(-z))
   pos, neg = (h * p).sum(-1), (h * n).sum(-1)
   ref = -(np.log(sig(pos)) + np.log(1 - sig(neg)))
@@ -42,7 +44,7 @@ def test_next_item_metrics_on_known_scores():
   item_emb = np.eye(5, 4, k=-1).astype(np.float32)  # row 0 = padding (zeros)
   targets = np.asarray([1, 2, 3])
   q = item_emb[[1, 2, 4]]  # user 2's query points at item 4, its target 3 ties with 1, 2 at 0
-  out = sasrec.next_item_metrics(q, item_emb, targets, [np.asarray([t]) for t in targets],
+  out = seqrec.next_item_metrics(q, item_emb, targets, [np.asarray([t]) for t in targets],
                                  ks=(1,), num_negatives=2, max_users=None, seed=0,
                                  full_ranking=True, mesh=None, prefix="t")
   assert out["t/full/recall@1"] == 2 / 3

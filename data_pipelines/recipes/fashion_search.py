@@ -1,11 +1,11 @@
 """A product-search set with graded relevance built from real product photos: the 3,221-product
 fashion subset in ../shared/data/fashion-product-images (Myntra / Kaggle; see its SOURCE.md).
 
-  python -m data_pipelines.fashion_search --input ../shared/data/fashion-product-images \
+  mmcl data build fashion-search --input ../shared/data/fashion-product-images \
       --output data/fashion_search
 
 Construction (all draws from one seed; same Marqo-GS layout and splits as
-`data_pipelines.products`, so the GCL task and the marqo-gs converter's readers take it as is):
+`data_pipelines.recipes.products`, so the GCL task and the marqo-gs converter's readers take it as is):
 
   * Documents: every product of `styles.csv`. Fields: `title` = productDisplayName, `image` =
     the product photo re-encoded as a `image_size` px (default 64) JPEG (quality 90; the
@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from data_pipelines import products
+from data_pipelines.recipes import products
 from data_pipelines.converters import common
 
 ATTRIBUTE_SETS = (("articleType",), ("gender", "articleType"), ("baseColour", "articleType"),
@@ -201,8 +201,8 @@ def build_fashion_search_dataset(input: str | os.PathLike, output: str | os.Path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m data_pipelines.fashion_search --input DIR --output DIR`."""
-  p = argparse.ArgumentParser(description=main.__doc__)
+  """`mmcl data build fashion-search --input DIR --output DIR`."""
+  p = argparse.ArgumentParser(prog="mmcl data build fashion-search", description=main.__doc__)
   p.add_argument("--input", required=True, help="the fashion-product-images folder")
   p.add_argument("--output", required=True)
   p.add_argument("--num_queries", type=int, default=1000)

@@ -21,10 +21,10 @@ Modalities per artist (availability bit `has_{m}`):
     `tag_features=PATH`, the artist's *tag profile* — its most-applied tag names as one text,
     `write_tag_profiles` — embedded by a pretrained text tower with `mmcl features` (PATH is that
     command's output; ids = hetrec artist ids):
-      python -m data_pipelines.artists --hetrec DIR --write-tag-profiles profiles.jsonl
+      mmcl data build artists --hetrec DIR --write-tag-profiles profiles.jsonl
       mmcl features --tower MINILM_FOLDER --input profiles.jsonl --field text --output PATH
   * `text` the biography embedded by a pretrained sentence encoder (all-MiniLM-L6-v2 through
-    `mmcl.models.pretrained.encode_texts`, mean-pooled and normalised as sentence-transformers
+    `mmcl.pretrained.text.encode_texts`, mean-pooled and normalised as sentence-transformers
     does) or, with `text_encoder="tfidf"`, the documented fallback: TF-IDF over lower-cased word
     tokens (document frequency ≥ 2) reduced by truncated SVD (`converters.lastfm.
     truncated_svd_embedding`). Biographies have their Markdown links `[x](url)` replaced by `x`.
@@ -45,7 +45,7 @@ Roles: `test_fraction` / `val_fraction` of the SAS artists (seeded permutation) 
 validation queries; every ground-truth neighbour of a test or validation query is `blocked`; the
 rest are `train`. So test queries and their ground-truth neighbours never shape training.
 
-CLI: `python -m data_pipelines.artists --sas DIR --hetrec DIR --output DIR [options]`.
+CLI: `mmcl data build artists --sas DIR --hetrec DIR --output DIR [options]`.
 `train_iterator(...)` gives the grain training batches (with optional oversampling of the rows
 that have text, which are a small minority, and optionally the role-train SAS artists with a
 single modality, `single_modality_rows`, for the multi-positive loss; their number of available
@@ -62,7 +62,7 @@ import pathlib
 import re
 import sys
 import unicodedata
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse
@@ -187,17 +187,28 @@ def tfidf_svd_text_embedding(texts: Sequence[str], dim: int) -> np.ndarray:
   return lastfm.truncated_svd_embedding(mat.T.tocsr(), dim)
 
 
+TextEncoder = Callable[..., np.ndarray]
+
+
 def embed_texts(texts: Sequence[str], *, text_encoder: str | os.PathLike, text_dim: int,
-                max_length: int = 256) -> tuple[np.ndarray, str]:
-  """[N, D] float32 text embeddings and a description of the encoder used."""
+                max_length: int = 256, encode_texts: TextEncoder | None = None
+                ) -> tuple[np.ndarray, str]:
+  """[N, D] float32 text embeddings and a description of the encoder used.
+
+  A pretrained folder is run by `encode_texts(folder, texts, max_length=...) -> [N, D]` (the
+  caller's: `mmcl data build artists` passes mmcl's pretrained text tower; this package never
+  imports mmcl).
+  """
   if str(text_encoder) == "tfidf":
     return tfidf_svd_text_embedding(texts, text_dim), f"tfidf+svd{text_dim}"
-  from mmcl.models import pretrained  # pylint: disable=g-import-not-at-top
   folder = pathlib.Path(text_encoder)
   if not (folder / "config.json").is_file():
     raise FileNotFoundError(f"text encoder folder {folder} has no config.json (expected a "
                             "sentence-transformers folder, or 'tfidf')")
-  emb = pretrained.encode_texts(folder, list(texts), max_length=max_length)
+  if encode_texts is None:
+    raise ValueError(f"text encoder {folder}: a pretrained folder needs an encoder function "
+                     "(run `mmcl data build artists`, or pass --text-encoder tfidf)")
+  emb = encode_texts(folder, list(texts), max_length=max_length)
   return np.asarray(emb, np.float32), f"{folder.parent.name}/{folder.name}@{max_length}"
 
 
@@ -347,7 +358,8 @@ def build_artist_dataset(sas_dir: str | os.PathLike, hetrec_dir: str | os.PathLi
                          text_max_length: int = 256, drop_fraction: float = 0.0,
                          test_fraction: float = 0.1, val_fraction: float = 0.1, seed: int = 0,
                          num_shards: int = 2,
-                         tag_features: str | os.PathLike | None = None) -> dict[str, Any]:
+                         tag_features: str | os.PathLike | None = None,
+                         encode_texts: TextEncoder | None = None) -> dict[str, Any]:
   """Builds the joined artist dataset (see the module docstring); returns its metadata.
 
   Args:
@@ -359,6 +371,7 @@ def build_artist_dataset(sas_dir: str | os.PathLike, hetrec_dir: str | os.PathLi
       the `tags` modality instead of TF-IDF + SVD.
     test_fraction, val_fraction, seed: query splits (see `assign_roles`); `seed` also draws the
       dropped modalities.
+    encode_texts: runs a pretrained `text_encoder` folder (see `embed_texts`).
   """
   if text_encoder is None:
     text_encoder = default_text_encoder() or "tfidf"
@@ -387,7 +400,7 @@ def build_artist_dataset(sas_dir: str | os.PathLike, hetrec_dir: str | os.PathLi
   listeners_het = _listeners(hetrec_dir, het["ids"])
   match, join_stats = match_hetrec(sas["names"], het, listeners_het)
   text, text_desc = embed_texts(sas["biographies"], text_encoder=text_encoder, text_dim=text_dim,
-                                max_length=text_max_length)
+                                max_length=text_max_length, encode_texts=encode_texts)
   n_sas = len(sas["mbids"])
   cf_vec, cf_has = het["modalities"]["cf"]
   tag_vec, tag_has = (het["modalities"]["tags"] if tag_features is None
@@ -543,7 +556,7 @@ def single_modality_train_rows(meta: Mapping[str, Any]) -> np.ndarray:
   counts = info.get("num_available")
   if counts is None:
     raise ValueError("dataset metadata has no catalogue['num_available']: rebuild it with this "
-                     "version of `python -m data_pipelines.artists`, or read it with "
+                     "version of `mmcl data build artists`, or read it with "
                      "`catalogue_availability`")
   return np.flatnonzero((roles == "train") & (np.asarray(counts) == 1))
 
@@ -685,8 +698,9 @@ def write_planted_sources(root: pathlib.Path, *, num_sas: int = 192, num_extra: 
           "num_sas": num_sas}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m data_pipelines.artists",
+def main(argv: Sequence[str] | None = None, encode_texts: TextEncoder | None = None) -> int:
+  """`mmcl data build artists ...`; `encode_texts` runs a pretrained --text-encoder folder."""
+  p = argparse.ArgumentParser(prog="mmcl data build artists",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--sas", help="the artist-similarity-sas folder")
   p.add_argument("--hetrec", required=True, help="the hetrec2011-lastfm-2k folder")
@@ -716,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               text_encoder=a.text_encoder, text_dim=a.text_dim,
                               drop_fraction=a.drop_fraction, test_fraction=a.test_fraction,
                               val_fraction=a.val_fraction, seed=a.seed,
-                              tag_features=a.tag_features)
+                              tag_features=a.tag_features, encode_texts=encode_texts)
   print(json.dumps({k: meta[k] for k in ("join", "modality_counts", "roles", "train_rows",
                                          "text_encoder")}, indent=1))
   return 0

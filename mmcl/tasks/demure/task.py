@@ -5,8 +5,9 @@ Items are represented by frozen modality features x^m (`task.modalities`):
   text     sentence embeddings of the item text by the pretrained text tower (all-MiniLM-L6-v2,
            precomputed with `mmcl features`, path in `data.text_features`); when that path is
            empty, the TF-IDF + SVD fallback below is used instead;
-  lexical  TF-IDF + truncated SVD of the item text (`tfidf_svd`, computed at start-up, seeded),
-           a second, lexical view of the same text (the datasets here have no images).
+  lexical  TF-IDF + truncated SVD of the item text (`data_pipelines.featurize.tfidf_svd`,
+           computed at start-up, seeded), a second, lexical view of the same text (the datasets
+           here have no images).
 Backbone (1): token x̃_t^m = W_m x_t^m, token_t = Σ_m x̃_t^m (+ optional ID embedding), SASRec's
 causal encoder (`mmcl.models.seq_transformer`); the item side scores with e_i = Σ_m W_m x_i^m (+ ID).
 L_rec (`task.rec_loss`): SASRec's BCE with one sampled negative per position (default), or
@@ -42,11 +43,8 @@ Tool: `python -m mmcl.tasks.demure item-scores --workdir W --step S --mode signe
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,280 +52,22 @@ import numpy as np
 from data_pipelines import pipelines
 from data_pipelines import records
 from data_pipelines import sequences as seq_lib
+from data_pipelines.featurize import MODALITIES, load_modality_features
 from mmcl.config import Config
+from mmcl.eval import seqrec
+from mmcl.export import sequences
 from mmcl.losses import sharded as sharded_losses
+from mmcl.losses.negatives import sample_train_negatives
 from mmcl.models import seq_transformer
+from mmcl.models.layers import l2_normalize
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.tasks import sasrec
+from mmcl.tasks.demure.data import (PLANT_NOISE_MODES, StepCountingIterator, per_occurrence_noise,
+                                    plant_noise, planted_item_side)
+from mmcl.tasks.demure.evaluate import pool_by_item, roc_auc
+from mmcl.tasks.demure.loss import flag_lowest, lowest_fraction_threshold
+from mmcl.tasks.demure.model import DemureModel
+from mmcl.train.config import data_view
 from mmcl.train.task import CorpusExport, Task, TowerExport
-
-MODALITIES = ("text", "lexical")
-
-
-# --- modality features ---------------------------------------------------------------------------
-
-
-def tfidf_svd(texts: list[str], dim: int, *, seed: int = 0, max_vocab: int = 5000) -> np.ndarray:
-  """TF-IDF (lower-cased word tokens, smooth idf, L2 rows) → randomized truncated SVD.
-
-  Args:
-    texts: N strings.
-    dim: output width k (<= min(N, vocabulary)).
-  Returns:
-    [N, k] float32 = U_k Σ_k (the LSA document vectors), rows L2-normalised.
-  """
-  docs = [re.findall(r"[a-z0-9]+", t.lower()) for t in texts]
-  df: dict[str, int] = {}
-  for d in docs:
-    for w in set(d):
-      df[w] = df.get(w, 0) + 1
-  vocab = sorted(df, key=lambda w: (-df[w], w))[:max_vocab]
-  index = {w: j for j, w in enumerate(vocab)}
-  n = len(texts)
-  x = np.zeros((n, len(vocab)), np.float32)
-  for i, d in enumerate(docs):
-    for w in d:
-      j = index.get(w)
-      if j is not None:
-        x[i, j] += 1.0
-  idf = np.log((1 + n) / (1 + np.asarray([df[w] for w in vocab], np.float32))) + 1.0
-  x *= idf
-  x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
-  k = min(dim, *x.shape)
-  rng = np.random.default_rng(seed)
-  y = x @ rng.normal(size=(x.shape[1], k + 16)).astype(np.float32)
-  for _ in range(2):  # power iterations sharpen the spectrum
-    y = x @ (x.T @ y)
-    y, _ = np.linalg.qr(y)
-  q, _ = np.linalg.qr(y)
-  u, s, _ = np.linalg.svd(q.T @ x, full_matrices=False)
-  out = (q @ u[:, :k]) * s[:k]
-  out = np.concatenate([out, np.zeros((n, dim - k), np.float32)], 1) if k < dim else out
-  return (out / (np.linalg.norm(out, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
-
-
-def plant_noise(features: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Replaces the rows of a random `fraction` of items 1..N by Gaussian vectors of equal norm.
-
-  features: [N + 1, D] (row 0 = padding). Returns (features', noisy [N + 1] bool).
-  """
-  rng = np.random.default_rng(seed)
-  n = features.shape[0] - 1
-  noisy = np.zeros(n + 1, bool)
-  noisy[1 + rng.choice(n, size=int(round(fraction * n)), replace=False)] = True
-  out = features.copy()
-  g = rng.normal(size=(int(noisy.sum()), features.shape[1])).astype(np.float32)
-  norms = np.linalg.norm(features[noisy], axis=1, keepdims=True)
-  out[noisy] = g / np.linalg.norm(g, axis=1, keepdims=True) * norms
-  return out, noisy
-
-
-PLANT_NOISE_MODES = ("fixed", "resample", "swap")
-
-
-def planted_item_side(features: np.ndarray, noisy: np.ndarray, mode: str) -> np.ndarray:
-  """The item-side (candidate) features of a planted modality under `mode` (PLANT_NOISE_MODES).
-
-  features: [N + 1, D] clean features (row 0 = padding); noisy: [N + 1] bool planted items.
-  "fixed": the caller's table already holds the planted vectors (returned unchanged);
-  "resample": a noisy item's input vector is a fresh Gaussian draw at every occurrence, so its
-  candidate-side vector is the expectation of that draw, 0;
-  "swap": a noisy item's input vector is the clean vector of a uniformly drawn item at every
-  occurrence, so its candidate-side vector is the expectation, the mean clean row of items 1..N.
-  Returns [N + 1, D] float32.
-  """
-  if mode not in PLANT_NOISE_MODES:
-    raise ValueError(f"config key task.plant_noise_mode = {mode!r}: expected one of "
-                     f"{PLANT_NOISE_MODES}")
-  out = np.array(features, np.float32, copy=True)
-  if mode == "resample":
-    out[noisy] = 0.0
-  elif mode == "swap":
-    out[noisy] = features[1:].mean(0)
-  return out
-
-
-def per_occurrence_noise(key: jax.Array, items: jax.Array, clean: jax.Array, noisy: jax.Array,
-                         norms: jax.Array, mode: str) -> jax.Array:
-  """Input features of one planted modality with noise drawn at every occurrence.
-
-  Args:
-    key: PRNG key of this draw (one per training step / evaluation pass).
-    items: [...] int32 item ids (0 = padding).
-    clean: [N + 1, D] clean features; noisy: [N + 1] bool planted items; norms: [N + 1] float
-      the clean row norms.
-    mode: "resample" (a Gaussian vector with the item's clean norm) or "swap" (the clean vector
-      of a uniformly drawn item in 1..N).
-  Returns:
-    [..., D] float32: clean[items] where the item is not planted, the fresh draw where it is.
-  """
-  x = clean[items]
-  if mode == "resample":
-    g = jax.random.normal(key, x.shape, x.dtype)
-    g = g * (norms[items] * jax.lax.rsqrt(jnp.sum(g * g, -1) + 1e-12))[..., None]
-  elif mode == "swap":
-    g = clean[jax.random.randint(key, items.shape, 1, clean.shape[0])]
-  else:
-    raise ValueError(f"per_occurrence_noise: mode {mode!r} is not resample or swap")
-  return jnp.where(noisy[items][..., None], g, x)
-
-
-def load_modality_features(data_dir: str, num_items: int, modalities: tuple[str, ...], *,
-                           text_features: str, lexical_dim: int, seed: int) -> list[np.ndarray]:
-  """Frozen item features per modality: M arrays [N + 1, D_m] float32 (row 0 = padding = 0).
-
-  "text": the precomputed sentence embeddings at `text_features` (config key data.text_features),
-  or TF-IDF + SVD when that is ''; "lexical": TF-IDF + SVD of the item text (width lexical_dim).
-  """
-  texts = None
-  feats = []
-  for name in modalities:
-    if name not in MODALITIES:
-      raise ValueError(f"unknown modality {name!r} (config key task.modalities); known: "
-                       f"{MODALITIES}")
-    if name == "text" and text_features:
-      f, avail = pipelines.item_feature_table(data_dir, text_features)
-      if not avail[1:].all():
-        raise ValueError(f"config key data.text_features = {text_features}: "
-                         f"{int((~avail[1:]).sum())} items of {data_dir} have no vector")
-    else:
-      if texts is None:
-        src = records.ArrayRecordSource(data_dir, "items")
-        recs = src.read_many(list(range(len(src))))
-        src.close()
-        texts = [""] * (num_items + 1)
-        for r in recs:
-          texts[int(r["item_index"])] = r["text"]
-      f = np.concatenate([np.zeros((1, lexical_dim), np.float32),
-                          tfidf_svd(texts[1:], lexical_dim, seed=seed + (name == "text"))])
-    feats.append(np.asarray(f, np.float32))
-  return feats
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-  """Area under the ROC curve of `scores` for binary `labels` (ties get average ranks)."""
-  scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
-  n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-  if n_pos == 0 or n_neg == 0:
-    return float("nan")
-  order = np.argsort(scores, kind="mergesort")
-  ranks = np.empty(len(scores))
-  sorted_scores = scores[order]
-  # Average ranks over ties.
-  _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-  avg = first + (counts - 1) / 2.0 + 1.0
-  ranks[order] = np.repeat(avg, counts)
-  return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def flag_lowest(scores: jax.Array, valid: jax.Array, fraction: float) -> jax.Array:
-  """Per row, flags the lowest `fraction` of its valid entries.
-
-  scores: [B, K] float; valid: [B, K] bool. Returns [B, K] bool (floor(fraction · n_valid) per row).
-  """
-  s = jnp.where(valid, scores, jnp.inf)
-  rank = jnp.argsort(jnp.argsort(s, axis=1), axis=1)
-  k = jnp.floor(fraction * valid.sum(1, keepdims=True)).astype(rank.dtype)
-  return (rank < k) & valid
-
-
-def lowest_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
-  """The score at or below which the lowest `fraction` of `scores` [K] lies (the "lower"
-  quantile, so `scores <= threshold` flags about `fraction` of them, ties included)."""
-  return float(np.quantile(np.asarray(scores).reshape(-1), fraction, method="lower"))
-
-
-def pool_by_item(scores: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
-  """Mean score of every (item, modality) over its occurrences.
-
-  scores: [R, L, M] float per-position scores; items: [R, L] int (0 = padding, ignored).
-  Returns [N + 1, M] float32 (0 for items that never occur; row 0 = 0).
-  """
-  m = scores.shape[-1]
-  real = items.reshape(-1) != 0
-  flat_items, flat = items.reshape(-1)[real], scores.reshape(-1, m)[real]
-  sums = np.zeros((num_items + 1, m), np.float64)
-  np.add.at(sums, flat_items, flat)
-  counts = np.bincount(flat_items, minlength=num_items + 1)[:, None]
-  return (sums / np.maximum(counts, 1)).astype(np.float32)
-
-
-class StepCountingIterator:
-  """Adds the global step, "step": [B] int32, to every batch of a checkpointable iterator.
-
-  The loss reads it for `task.flag_after_steps` (the trainer passes no step to the task). The
-  state is the wrapped iterator's plus the count, as JSON bytes (what grain's checkpoint handler
-  stores for iterators that are not `grain.DatasetIterator`s), so a resumed run counts on.
-  """
-
-  def __init__(self, inner):
-    self.inner = inner
-    self.step = 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = dict(next(self.inner))
-    rows = len(next(iter(batch.values())))
-    batch["step"] = np.full((rows,), self.step, np.int32)
-    self.step += 1
-    return batch
-
-  def get_state(self) -> bytes:
-    inner = self.inner.get_state()
-    if isinstance(inner, bytes):
-      inner = {"bytes": inner.decode()}
-    return json.dumps({"inner": inner, "step": self.step}).encode()
-
-  def set_state(self, state: bytes) -> None:
-    d = json.loads(state.decode() if isinstance(state, bytes) else state)
-    inner = d["inner"]
-    self.inner.set_state(inner["bytes"].encode() if set(inner) == {"bytes"} else inner)
-    self.step = int(d["step"])
-
-
-# --- model ---------------------------------------------------------------------------------------
-
-
-class DemureModel(nn.Module):
-  """Modality projections W_m, optional ID table and the SASRec encoder."""
-  num_modalities: int
-  num_items: int
-  hidden: int
-  max_len: int
-  num_blocks: int = 2
-  num_heads: int = 1
-  dropout: float = 0.2
-  use_id_embedding: bool = False
-
-  def setup(self):
-    self.proj = [nn.Dense(self.hidden, use_bias=False, kernel_init=seq_transformer.XAVIER,
-                          name=f"proj_{m}") for m in range(self.num_modalities)]
-    if self.use_id_embedding:
-      self.id_embedding = self.param("id_embedding", seq_transformer.XAVIER,
-                                     (self.num_items + 1, self.hidden))
-    self.encoder = seq_transformer.SequenceEncoder(
-        max_len=self.max_len, num_blocks=self.num_blocks, num_heads=self.num_heads,
-        dropout=self.dropout, causal=True)
-
-  def modality_tokens(self, feats: tuple[jax.Array, ...]) -> jax.Array:
-    """feats: M arrays [..., D_m] → [..., M, d] projected modality tokens x̃^m."""
-    return jnp.stack([p(f) for p, f in zip(self.proj, feats)], axis=-2)
-
-  def id_tokens(self, items: jax.Array) -> jax.Array:
-    """items: [...] int → [..., d] (zeros without the ID table; row 0 is always zero)."""
-    if not self.use_id_embedding:
-      return jnp.zeros((*items.shape, self.hidden), jnp.float32)
-    return self.id_embedding[items] * (items != 0)[..., None]
-
-  def encode(self, tokens: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
-    """tokens: [B, L, d], mask: [B, L] bool → [B, L, d]."""
-    return self.encoder(tokens, mask, train=train)
-
-  def __call__(self, feats, items, mask):
-    tok = self.modality_tokens(feats).sum(-2) + self.id_tokens(items)
-    return self.encode(tok, mask, False)
 
 
 class DemureTask(Task):
@@ -422,14 +162,14 @@ class DemureTask(Task):
              "(the paper's backbone); softmax = cross-entropy over all N items (full softmax, a "
              "stronger backbone for both arms)", choices=("bce", "softmax"))
     t.define("num_candidate_draws", 4, "candidates drawn per position to find an unseen negative")
-    sasrec.declare_eval_config(t, ks=(5, 10, 20), num_negatives=0)
+    seqrec.declare_eval_config(t, ks=(5, 10, 20), num_negatives=0)
     m = c.model
     m.define("hidden", 64, "token / hidden width d")
     m.define("num_blocks", 2, "self-attention blocks")
     m.define("num_heads", 1, "attention heads")
     m.define("dropout", 0.2, "dropout rate")
     m.define("use_id_embedding", False, "add a learned item-ID embedding to the modality tokens")
-    sasrec.declare_sequence_data(c)
+    seqrec.declare_sequence_data(c)
     c.data.define("text_features", "", "precomputed item text embeddings (X.npy + X.ids.txt keyed "
                   "by item_id, from `mmcl features`); '' = TF-IDF + SVD fallback")
 
@@ -500,7 +240,7 @@ class DemureTask(Task):
   def _global_threshold(self) -> float:
     """The `task.noise_fraction` quantile of the item-score table over every real (t, m) pair of
     the training rows (task.flag_scope = global)."""
-    inputs, _ = self.training_rows(sasrec.load_interactions(self.config.data.dir)[0])
+    inputs, _ = self.training_rows(seqrec.load_interactions(self.config.data.dir)[0])
     scores = self.item_score_table[inputs[inputs != 0]]
     rho = self.config.task.noise_fraction
     threshold = lowest_fraction_threshold(scores, rho)
@@ -516,7 +256,7 @@ class DemureTask(Task):
 
   # --- data / params -------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):
-    it = pipelines.build_train_iterator(sasrec.data_view(self.config, sequence_mode="next_item"),
+    it = pipelines.build_train_iterator(data_view(self.config, sequence_mode="next_item"),
                                         process_index=process_index, process_count=process_count)
     return StepCountingIterator(it) if self.config.task.flag_after_steps else it
 
@@ -664,7 +404,7 @@ class DemureTask(Task):
     inputs, targets = batch["inputs"], batch["targets"]
     k_neg, k_d, k_n, k_noise = jax.random.split(rng, 4)
     seen = jnp.concatenate([inputs, targets], axis=1)
-    negs = sasrec.sample_train_negatives(k_neg, seen, targets.shape, self.num_items,
+    negs = sample_train_negatives(k_neg, seen, targets.shape, self.num_items,
                                          t.num_candidate_draws)
     table = self.item_table(params)
     xt = self._apply(params, DemureModel.modality_tokens,
@@ -702,13 +442,13 @@ class DemureTask(Task):
       b, length, d = h_d.shape
       real = (inputs[:, -window:] != 0).reshape(b * length)
       cl = sharded_losses.infonce_over_mesh(
-          _unit(h_d.reshape(b * length, d)), _unit(h_n.reshape(b * length, d)), self.mesh,
+          l2_normalize(h_d.reshape(b * length, d)), l2_normalize(h_n.reshape(b * length, d)), self.mesh,
           logit_scale=1.0 / t.cl_temperature, a_valid=real, b_valid=real,
           group_ids=jnp.repeat(jnp.arange(b, dtype=jnp.int32), length), impl=t.loss_impl)
     else:
       row_ok = inputs[:, -1] != 0
       cl = sharded_losses.infonce_over_mesh(
-          _unit(h_d[:, -1]), _unit(h_n[:, -1]), self.mesh, logit_scale=1.0 / t.cl_temperature,
+          l2_normalize(h_d[:, -1]), l2_normalize(h_n[:, -1]), self.mesh, logit_scale=1.0 / t.cl_temperature,
           a_valid=row_ok, b_valid=row_ok, impl=t.loss_impl)
     metrics["cl_loss"] = cl
     return rec + cl_weight * cl, metrics
@@ -737,7 +477,7 @@ class DemureTask(Task):
         xt = xt * (~self.noise_flags(params, x)[0])[..., None]
       tok = xt.sum(-2) + self._apply(params, DemureModel.id_tokens, x)
       return self._apply(params, DemureModel.encode, tok, x != 0, False)[:, -1]
-    return sasrec.embed_rows(jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh)),
+    return mesh_lib.embed_rows(jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh)),
                              [history], self.mesh, self.config.task.eval_batch_size)
 
   def training_rows(self, user_items: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -761,7 +501,7 @@ class DemureTask(Task):
 
       def fn(p, x, y):
         seen = jnp.concatenate([x, y], axis=1)
-        negs = sasrec.sample_train_negatives(jax.random.PRNGKey(t.eval_seed), seen, y.shape,
+        negs = sample_train_negatives(jax.random.PRNGKey(t.eval_seed), seen, y.shape,
                                              self.num_items, t.num_candidate_draws)
         c, _ = self.contributions(p, x, y, negs, mode, key=jax.random.PRNGKey(t.eval_seed + 1),
                                   normalisation=normalisation, pooling=pooling,
@@ -769,7 +509,7 @@ class DemureTask(Task):
         return c.reshape(c.shape[0], -1)
       self._score_fns[variant] = jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh))
     score = self._score_fns[variant]
-    c = sasrec.embed_rows(lambda x, y: score(params, x, y), [inputs, targets], self.mesh, 256)
+    c = mesh_lib.embed_rows(lambda x, y: score(params, x, y), [inputs, targets], self.mesh, 256)
     return c.reshape(*inputs.shape, len(t.modalities))
 
   def item_scores(self, params, user_items: list[np.ndarray], mode: str | None = None,
@@ -859,16 +599,16 @@ class DemureTask(Task):
 
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
     t = self.config.task
-    user_items, num_items = sasrec.load_interactions(self.config.data.dir)
+    user_items, num_items = seqrec.load_interactions(self.config.data.dir)
     item_emb = np.asarray(self.item_table(params))
     out: dict[str, float] = {"num_items": float(num_items)}
     for split in t.eval_splits:
-      users, history, target = sasrec.eval_cases(user_items, split, self.config.data.max_len)
+      users, history, target = seqrec.eval_cases(user_items, split, self.config.data.max_len)
       # With an item-score table the denoised history is scored too ("<split>_denoised/..."):
       # which of the two is used is chosen on the validation split.
       for denoised in (False, True) if self.item_score_table is not None else (False,):
         q = self.user_embeddings(params, history, denoised=denoised)
-        out.update(sasrec.next_item_metrics(
+        out.update(seqrec.next_item_metrics(
             q, item_emb, target, [user_items[u] for u in users], ks=t.eval_ks,
             num_negatives=t.eval_num_negatives, max_users=t.eval_max_users, seed=t.eval_seed,
             full_ranking=t.eval_full_ranking, mesh=self.mesh,
@@ -878,7 +618,7 @@ class DemureTask(Task):
 
   # --- export to serving --------------------------------------------------------------------------
   def export_towers(self, params) -> dict[str, TowerExport]:
-    """As SASRec's (`sasrec.sequence_export_towers`): "user", a history of item ids → the output at
+    """As SASRec's (`mmcl.export.sequences`): "user", a history of item ids → the output at
     the most recent position of the original sequence (`user_embeddings`, the frozen modality
     features embedded in the artifact), and "item", an item id → e_i = Σ_m W_m x_i^m (+ ID)."""
     key = jax.random.PRNGKey(self.config.task.eval_seed)
@@ -888,77 +628,19 @@ class DemureTask(Task):
       tok = xt.sum(-2) + self._apply(p, DemureModel.id_tokens, x)
       return self._apply(p, DemureModel.encode, tok, x != 0, False)[:, -1]
 
-    length = self.config.data.max_len
-    _, history, _ = sasrec.eval_cases(sasrec.load_interactions(self.config.data.dir)[0], "test",
-                                      length)
-    return sasrec.sequence_export_towers(
-        user, np.asarray(self.item_table(params)), max_len=length,
-        vocabulary=sasrec.item_vocabulary_file(self.config.data.dir, self.num_items),
-        example=history[:8])
+    return sequences.sequence_export_towers(
+        user, np.asarray(self.item_table(params)), max_len=self.config.data.max_len,
+        vocabulary=sequences.item_vocabulary_file(self.config.data.dir, self.num_items),
+        example=self._test_histories()[:8])
 
   def export_corpus(self, params) -> dict[str, CorpusExport]:
     """Every item (e_i), queried by the users of the test split."""
-    _, history, _ = sasrec.eval_cases(sasrec.load_interactions(self.config.data.dir)[0], "test",
-                                      self.config.data.max_len)
-    return sasrec.sequence_export_corpus(
+    return sequences.sequence_export_corpus(
         np.asarray(self.item_table(params)),
-        sasrec.item_vocabulary_file(self.config.data.dir, self.num_items),
-        self.user_embeddings(params, history))
+        sequences.item_vocabulary_file(self.config.data.dir, self.num_items),
+        self.user_embeddings(params, self._test_histories()))
 
-
-def _unit(x: jax.Array) -> jax.Array:
-  """[B, D] → rows of unit norm."""
-  return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
-
-
-def main(argv: list[str] | None = None) -> None:
-  """`python -m mmcl.tasks.demure item-scores --workdir W [--step S] --output F.npy` writes the
-  per-(item, modality) mean contribution table of a checkpoint (for `task.item_scores`);
-  `... score-auc --workdir W [--step S]` prints the noise AUC of every score variant."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  from mmcl import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  ap = argparse.ArgumentParser(prog="python -m mmcl.tasks.demure")
-  sub = ap.add_subparsers(dest="cmd", required=True)
-  sc = sub.add_parser("item-scores", help="per-(item, modality) scores of a checkpoint")
-  sc.add_argument("--workdir", required=True)
-  sc.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  sc.add_argument("--mode", default=None, choices=("abs", "signed"),
-                  help="contribution (default: the workdir's task.contribution)")
-  sc.add_argument("--path-steps", type=int, default=None,
-                  help="K of task.contribution_path_steps (default: the workdir's): 1 = "
-                  "gradient×input, K > 1 = integrated gradients over K steps")
-  sc.add_argument("--output", required=True, help=".npy path")
-  so = sub.add_parser("oracle-scores", help="the planted pairs as a table: -1 where the item's "
-                      "modality is planted noise, +1 elsewhere (flags from it are the planted "
-                      "pairs first: the ceiling of what denoising can gain)")
-  so.add_argument("--workdir", required=True)
-  so.add_argument("--output", required=True, help=".npy path")
-  sa = sub.add_parser("score-auc", help="noise AUC of every score variant of a checkpoint")
-  sa.add_argument("--workdir", required=True)
-  sa.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  a = ap.parse_args(argv)
-  wd = workdir_lib.TrainedWorkdir(a.workdir)
-  if wd.config.task.name != "demure":
-    raise ValueError(f"{a.workdir}: task {wd.config.task.name!r}, expected demure")
-  if a.cmd == "oracle-scores":
-    table = wd.task.oracle_scores()
-    np.save(a.output, table)
-    print(f"wrote {a.output}: {table.shape}, {int((table < 0).sum())} planted (item, modality) "
-          "pairs")
-    return
-  _, params = wd.restore_usable_params(a.step)
-  if a.cmd == "score-auc":
-    if not wd.config.task.plant_noise_modality:
-      raise ValueError(f"{a.workdir}: task.plant_noise_modality is empty, nothing to detect")
-    res = wd.task.score_variant_detection(params, sasrec.load_interactions(wd.config.data.dir)[0])
-    for k, v in res.items():
-      print(f"{k:40s} {v:.4f}")
-    return
-  table = wd.task.item_scores(params, sasrec.load_interactions(wd.config.data.dir)[0], a.mode,
-                              a.path_steps)
-  np.save(a.output, table)
-  print(f"wrote {a.output}: {table.shape}")
-
-
-if __name__ == "__main__":
-  main()
+  def _test_histories(self) -> np.ndarray:
+    """[U, L] the test users' histories before their targets."""
+    user_items, _ = seqrec.load_interactions(self.config.data.dir)
+    return seqrec.eval_cases(user_items, "test", self.config.data.max_len)[1]

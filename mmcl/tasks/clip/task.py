@@ -37,14 +37,9 @@ from mmcl.eval import trec as trec_lib
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models import flops as flops_lib
 from mmcl.models import tower_config
+from mmcl.models.layers import l2_normalize
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.train.task import CorpusExport, Task, TowerExport
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  """x: [B, D] → rows of unit norm (float32)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
 class ClipTask(Task):
@@ -159,14 +154,14 @@ class ClipTask(Task):
     """images: [B, H, W, C] uint8 pixels (or float32, already normalised) → [B, D] unit-norm
     float32."""
     rngs = {"dropout": rng} if train else None
-    return _l2_normalize(self.image_tower.apply({"params": params["image"]}, images, train=train,
+    return l2_normalize(self.image_tower.apply({"params": params["image"]}, images, train=train,
                                                 rngs=rngs))
 
   def embed_texts(self, params, texts: jax.Array, *, train: bool = False,
                   rng: jax.Array | None = None) -> jax.Array:
     """texts: [B, L] int32 → [B, D] unit-norm float32."""
     rngs = {"dropout": rng} if train else None
-    return _l2_normalize(self.text_tower.apply({"params": params["text"]}, texts, train=train,
+    return l2_normalize(self.text_tower.apply({"params": params["text"]}, texts, train=train,
                                                rngs=rngs))
 
   def logit_scale(self, params) -> jax.Array:

@@ -235,7 +235,7 @@ def load_rendered(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
   path = pathlib.Path(path)
   if not (path / "music.json").is_file():
     raise FileNotFoundError(f"{path}: no rendered music set (music.json missing); build it with "
-                            "data_pipelines.music_synth.render(MusicSet(...), path)")
+                            "data_pipelines.recipes.music_synth.render(MusicSet(...), path)")
   labels = np.load(path / "labels.npz")
   return (np.load(path / "waves.npy", mmap_mode="r"), labels["key"], labels["bpm"],
           json.loads((path / "music.json").read_text()))
@@ -427,3 +427,23 @@ def train_iterator(path, *, global_batch_size: int, seed: int, augment, num_view
     ds = ds.map(_ViewBatches(str(path), global_batch_size, process_index, process_count, seed,
                              num_views, augment))
   return image_text.to_iterator(ds, worker_count=worker_count)
+
+
+def main(argv=None) -> None:
+  """`mmcl data build music --output DIR [--num-clips N] [--seed S] [--seconds T]`: renders a set
+  (as LOEV does on its first run: data.dir with seed 0, data.eval_dir with seed 1)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(prog="mmcl data build music", description=main.__doc__)
+  p.add_argument("--output", required=True)
+  p.add_argument("--num-clips", type=int, default=MusicSet.num_clips)
+  p.add_argument("--seed", type=int, default=MusicSet.seed)
+  p.add_argument("--sample-rate", type=int, default=MusicSet.sample_rate)
+  p.add_argument("--seconds", type=float, default=MusicSet.seconds)
+  a = p.parse_args(argv)
+  spec = render(MusicSet(num_clips=a.num_clips, seed=a.seed, sample_rate=a.sample_rate,
+                         seconds=a.seconds), a.output)
+  print(f"music set in {a.output}: {spec}")
+
+
+if __name__ == "__main__":
+  main()

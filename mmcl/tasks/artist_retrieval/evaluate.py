@@ -26,7 +26,10 @@ from mmcl.eval import metrics as metrics_lib
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-  """x: [N, D] → rows of unit norm (zero rows stay zero), float32."""
+  """x: [N, D] → rows of unit norm (zero rows stay zero), float32: the exact host (numpy) division
+  of the baseline tables. `mmcl.models.layers.l2_normalize` (rsqrt with ε, on device) rounds
+  differently, and on these tables that reorders near-ties (NDCG of the concatenation baseline
+  moves by up to 1e-3), so the baselines keep this one."""
   x = np.asarray(x, np.float32)
   norm = np.linalg.norm(x, axis=-1, keepdims=True)
   return x / np.where(norm > 0, norm, 1.0)

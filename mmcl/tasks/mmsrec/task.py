@@ -1,6 +1,6 @@
 """MMSRec: ID-free multi-modal sequential recommendation (Song et al., arXiv:2304.13277).
 
-Items are only their frozen content features (`task.modalities`, see `mmcl.tasks.demure.
+Items are only their frozen content features (`task.modalities`, see `data_pipelines.featurize.
 load_modality_features`: "text" = all-MiniLM-L6-v2 sentence embeddings of the item text, "lexical" =
 TF-IDF + SVD of it; the datasets here have no images, so "lexical" stands in for the vision slot
 and the combinatorial loss's "v" view). One `mmcl.models.fusion.FusionEncoder` encodes sequences
@@ -40,27 +40,17 @@ import numpy as np
 
 from data_pipelines import pipelines
 from data_pipelines import records
+from data_pipelines.featurize import load_modality_features
 from mmcl.config import Config
+from mmcl.eval import seqrec
+from mmcl.export import sequences
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models import fusion
+from mmcl.models.layers import l2_normalize
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.tasks import demure
-from mmcl.tasks import sasrec
+from mmcl.tasks.mmsrec.data import cold_items
+from mmcl.train.config import data_view, task_config
 from mmcl.train.task import CorpusExport, Task, TowerExport
-
-
-def _unit(x: jax.Array) -> jax.Array:
-  """[..., D] → unit-norm rows."""
-  return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
-
-
-def cold_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
-  """[N + 1] bool: a random `fraction` of items 1..N held out of training (row 0 False)."""
-  cold = np.zeros(num_items + 1, bool)
-  if fraction > 0:
-    rng = np.random.default_rng(seed)
-    cold[1 + rng.choice(num_items, size=int(round(fraction * num_items)), replace=False)] = True
-  return cold
 
 
 class MMSRecTask(Task):
@@ -73,7 +63,7 @@ class MMSRecTask(Task):
     t = c.task
     t.define("stage", "finetune", "pretrain (combinatorial contrastive) or finetune (cloze)",
              choices=("pretrain", "finetune"))
-    t.define("modalities", ("lexical", "text"), "item modalities in fusion order (see demure)")
+    t.define("modalities", ("lexical", "text"), "item modalities in fusion order (see data_pipelines.featurize)")
     t.define("lexical_dim", 128, "width of the TF-IDF + SVD features")
     t.define("temperature", 0.05, "τ of the pretraining InfoNCE and of the cloze logits")
     t.define("init_from", "", "workdir whose newest checkpoint's parameters initialise this run "
@@ -84,16 +74,16 @@ class MMSRecTask(Task):
              choices=("auto", "dense", "tiled"))
     t.define("loss_block_size", None, "item chunk of the tiled kernel (None = the default)",
              type=(int, type(None)))
-    sasrec.declare_eval_config(t, ks=(10, 50), num_negatives=0)
+    seqrec.declare_eval_config(t, ks=(10, 50), num_negatives=0)
     m = c.model
     m.define("width", 512, "fusion width d")
     m.define("depth", 2, "fusion Transformer layers")
     m.define("num_heads", 8, "attention heads")
     m.define("mlp_dim", 1024, "feed-forward width")
     m.define("dropout", 0.1, "dropout rate")
-    sasrec.declare_sequence_data(c, max_len=20)
+    seqrec.declare_sequence_data(c, max_len=20)
     c.data.sequence_mode = "masked"
-    c.data.define("text_features", "", "precomputed item text embeddings (see demure)")
+    c.data.define("text_features", "", "precomputed item text embeddings (see data_pipelines.featurize)")
 
   def __init__(self, config: Config, mesh):
     super().__init__(config, mesh)
@@ -103,7 +93,7 @@ class MMSRecTask(Task):
     t = config.task
     meta = records.load_metadata(config.data.dir, build_hint=pipelines.BUILD_HINT)
     self.num_items = int(meta["num_items"])
-    self.features_np = demure.load_modality_features(
+    self.features_np = load_modality_features(
         config.data.dir, self.num_items, t.modalities, text_features=config.data.text_features,
         lexical_dim=t.lexical_dim, seed=config.seed)
     self.cold_np = cold_items(self.num_items, t.cold_item_fraction, t.cold_item_seed)
@@ -115,21 +105,20 @@ class MMSRecTask(Task):
 
   # --- data / params -------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):
-    return pipelines.build_train_iterator(sasrec.data_view(self.config),
+    return pipelines.build_train_iterator(data_view(self.config),
                                           process_index=process_index, process_count=process_count)
 
   def val_iterator(self, process_index: int, process_count: int):
     if self.config.task.stage != "finetune":
       return None
-    return pipelines.build_eval_iterator(sasrec.data_view(self.config), mode="valid",
+    return pipelines.build_eval_iterator(data_view(self.config), mode="valid",
                                          process_index=process_index, process_count=process_count)
 
   def _init_from_workdir(self, workdir: str) -> Any:
     """The newest checkpoint's params of another run (its own config rebuilds the abstract state)."""
-    from mmcl.tasks import config_from_dict  # pylint: disable=g-import-not-at-top
     from mmcl.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     from mmcl.train import loop as loop_lib  # pylint: disable=g-import-not-at-top
-    other = config_from_dict(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+    other = task_config(MMSRecTask, json.loads((pathlib.Path(workdir) / "config.json").read_text()))
     task = MMSRecTask(other, self.mesh)
     _, abstract, shardings, _, _ = loop_lib.build_state(other, task, self.mesh)
     ck = ckpt_lib.Checkpointer(workdir, read_only=True)
@@ -169,7 +158,7 @@ class MMSRecTask(Task):
     if items is None:
       items = jnp.arange(self.num_items + 1)
     h = self.encode_sequences(params, jnp.maximum(items, 1)[:, None], None, train=train, rng=rng)
-    return _unit(h[:, 0])
+    return l2_normalize(h[:, 0])
 
   # --- losses --------------------------------------------------------------------------------------
   def _original(self, batch) -> jax.Array:
@@ -197,7 +186,7 @@ class MMSRecTask(Task):
     for name, on in views.items():
       for copy in (1, 2):
         h = self.encode_sequences(params, items, None, modality_on=on, train=train, rng=keys[k])
-        reps[f"{name}{copy}"] = _unit(h[:, -1])
+        reps[f"{name}{copy}"] = l2_normalize(h[:, -1])
         k += 1
     valid = items[:, -1] != 0
     pairs = (("v1", "v2"), ("v1", "t1"), ("t1", "t2"), ("vt1", "vt2"))
@@ -212,7 +201,7 @@ class MMSRecTask(Task):
     k_seq, k_item = jax.random.split(rng)
     masked = (batch["labels"] > 0) & (items != 0)
     masked = masked.at[:, -1].set(items[:, -1] != 0)  # always the most recent position
-    h = _unit(self.encode_sequences(params, items, masked, train=train, rng=k_seq))  # [B, L, d]
+    h = l2_normalize(self.encode_sequences(params, items, masked, train=train, rng=k_seq))  # [B, L, d]
     cand = self.item_tower(params, train=train, rng=k_item)  # [N + 1, d]
     allowed = ~jnp.asarray(self.cold_np).at[0].set(True)  # not padding, not held out
     # Full softmax over all items through the loss core: the item table is split over the mesh's
@@ -230,7 +219,7 @@ class MMSRecTask(Task):
     """history: [B, L] left-padded → [B, d]: the output at an appended [MASK] slot."""
     seq = jnp.concatenate([history[:, 1:], jnp.ones_like(history[:, :1])], axis=1)
     masked = jnp.zeros(seq.shape, bool).at[:, -1].set(True)
-    return _unit(self.encode_sequences(params, seq, masked)[:, -1])
+    return l2_normalize(self.encode_sequences(params, seq, masked)[:, -1])
 
   def _val_metrics(self, params, batch):
     q = self._query(params, batch["history"])
@@ -253,21 +242,21 @@ class MMSRecTask(Task):
   # --- evaluation ----------------------------------------------------------------------------------
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
     t = self.config.task
-    user_items, num_items = sasrec.load_interactions(self.config.data.dir)
+    user_items, num_items = seqrec.load_interactions(self.config.data.dir)
     item_emb = np.asarray(jax.jit(self.item_tower)(params)).copy()
     item_emb[0] = 0.0
     q_fn = jax.jit(lambda x: self._query(params, x), out_shardings=mesh_lib.replicated(self.mesh))
     out: dict[str, float] = {"num_items": float(num_items),
                              "num_cold_items": float(self.cold_np.sum())}
     for split in t.eval_splits:
-      users, history, target = sasrec.eval_cases(user_items, split, self.config.data.max_len)
-      q = sasrec.embed_rows(q_fn, [history], self.mesh, t.eval_batch_size)
+      users, history, target = seqrec.eval_cases(user_items, split, self.config.data.max_len)
+      q = mesh_lib.embed_rows(q_fn, [history], self.mesh, t.eval_batch_size)
       seen = [user_items[u] for u in users]
       kw = dict(ks=t.eval_ks, num_negatives=t.eval_num_negatives, max_users=t.eval_max_users,
                 seed=t.eval_seed, full_ranking=t.eval_full_ranking, mesh=self.mesh)
-      out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix=split, **kw))
+      out.update(seqrec.next_item_metrics(q, item_emb, target, seen, prefix=split, **kw))
       if self.cold_np.any():
-        out.update(sasrec.next_item_metrics(q, item_emb, target, seen, prefix=f"{split}_cold",
+        out.update(seqrec.next_item_metrics(q, item_emb, target, seen, prefix=f"{split}_cold",
                                             case_mask=self.cold_np[target], **kw))
     return out
 
@@ -284,20 +273,17 @@ class MMSRecTask(Task):
     def item(p, x):  # = item_tower on a length-1 sequence of these features, all modalities on
       feats = tuple(f[:, None] for f in jnp.split(x, splits, axis=1))
       avail = jnp.ones((x.shape[0], 1, len(dims)), bool)
-      return _unit(self.encoder.apply({"params": p}, feats, avail, None, train=False)[:, 0])
+      return l2_normalize(self.encoder.apply({"params": p}, feats, avail, None, train=False)[:, 0])
 
     sources = {"text": f"the text tower's sentence embedding of the item text "
                        f"({self.config.data.text_features or 'TF-IDF + SVD fallback'})",
                "lexical": f"TF-IDF + truncated SVD (width {t.lexical_dim}) of the item text, fitted "
                           "on the dataset's items"}
     example = np.concatenate([f[1:9] for f in self.features_np], axis=1)
-    length = self.config.data.max_len
-    _, history, _ = sasrec.eval_cases(sasrec.load_interactions(self.config.data.dir)[0], "test",
-                                      length)
-    towers = sasrec.sequence_export_towers(
-        lambda p, x: self._query(p, x), None, max_len=length,
-        vocabulary=sasrec.item_vocabulary_file(self.config.data.dir, self.num_items),
-        example=history[:8])
+    towers = sequences.sequence_export_towers(
+        lambda p, x: self._query(p, x), None, max_len=self.config.data.max_len,
+        vocabulary=sequences.item_vocabulary_file(self.config.data.dir, self.num_items),
+        example=self._test_histories()[:8])
     item_tower = TowerExport(
         fn=item, input_spec=jax.ShapeDtypeStruct((1, sum(dims)), jnp.float32),
         preprocessing={"input": "item_features", "layout": "the modality vectors concatenated",
@@ -310,9 +296,12 @@ class MMSRecTask(Task):
     """Every item's content embedding (the evaluator's item table), queried by the test users."""
     t = self.config.task
     item_emb = np.asarray(jax.jit(self.item_tower)(params))
-    _, history, _ = sasrec.eval_cases(sasrec.load_interactions(self.config.data.dir)[0], "test",
-                                      self.config.data.max_len)
     q_fn = jax.jit(lambda x: self._query(params, x), out_shardings=mesh_lib.replicated(self.mesh))
-    queries = sasrec.embed_rows(q_fn, [history], self.mesh, t.eval_batch_size)
-    return sasrec.sequence_export_corpus(
-        item_emb, sasrec.item_vocabulary_file(self.config.data.dir, self.num_items), queries)
+    queries = mesh_lib.embed_rows(q_fn, [self._test_histories()], self.mesh, t.eval_batch_size)
+    return sequences.sequence_export_corpus(
+        item_emb, sequences.item_vocabulary_file(self.config.data.dir, self.num_items), queries)
+
+  def _test_histories(self) -> np.ndarray:
+    """[U, L] the test users' histories before their targets."""
+    user_items, _ = seqrec.load_interactions(self.config.data.dir)
+    return seqrec.eval_cases(user_items, "test", self.config.data.max_len)[1]

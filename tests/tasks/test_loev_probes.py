@@ -3,7 +3,7 @@ import functools
 
 import numpy as np
 
-from mmcl.eval import probes
+from mmcl.tasks.loev import probes
 
 
 def test_knn_hits_per_query_and_their_mean():

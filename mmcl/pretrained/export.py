@@ -5,12 +5,12 @@ task's `export_towers` returns, so `mmcl export --tower FOLDER` writes the same 
 `mmcl export --workdir DIR`, and `mmcl features` embeds with either alike.
 
   BERT family (config.json with `model_type` bert / distilbert / roberta / xlm-roberta, see
-  `mmcl.models.pretrained`): one tower "text"; input token ids [b, max_len] int32, right-padded
+  `mmcl.pretrained.text`): one tower "text"; input token ids [b, max_len] int32, right-padded
   with pad_id (the attention mask is `ids != pad_id`); the folder's pooling and normalisation are
   inside the artifact. Its tokenizer is written as one tokenizer.json with the truncation to
   max_len built in (and no padding), so a client needs only `Tokenizer.from_file(...).encode`.
   ViT (open_clip_model.safetensors / open_clip_config.json, or a timm model.safetensors with
-  `num_heads` given; see `mmcl.models.pretrained_vit`): one tower "image"; input [b, S, S, 3]
+  `num_heads` given; see `mmcl.pretrained.vit`): one tower "image"; input [b, S, S, 3]
   float32 normalised with the folder's mean / std (open_clip_config.json `preprocess_cfg`,
   else open_clip's CLIP or timm's ImageNet defaults).
 """
@@ -18,15 +18,18 @@ task's `export_towers` returns, so `mmcl export --tower FOLDER` writes the same 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmcl.models import pretrained as text_lib
-from mmcl.models import pretrained_vit as vit_lib
+from mmcl.export import exporter  # the artifact writer shared with `mmcl export --workdir`
+from mmcl.pretrained import text as text_lib
+from mmcl.pretrained import vit as vit_lib
 from mmcl.train.task import TowerExport
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -146,3 +149,49 @@ def pretrained_towers(folder: str | pathlib.Path, scratch: str | pathlib.Path, *
       f"{folder}: not a pretrained model folder: expected config.json with a 'model_type' "
       f"(BERT family: {text_lib.SUPPORTED_MODEL_TYPES}) or open_clip_model.safetensors / "
       "open_clip_config.json (ViT)")
+
+
+def export_pretrained(folder: str | os.PathLike, out: str | os.PathLike, *,
+                      max_length: int = 256, dtype: str = "float32",
+                      num_heads: int | None = None,
+                      platforms: Sequence[str] = exporter.DEFAULT_PLATFORMS,
+                      overwrite: bool = False, fmt: str = "jax") -> dict[str, Any]:
+  """Exports a pretrained folder's tower (`pretrained_towers`) as a serving artifact.
+
+  The same artifact kind as `export_workdir`: `<tower>.jax_exported` with a symbolic batch,
+  the files its preprocessing needs (the text tower's tokenizer.json, truncation built in) and
+  manifest.json; "task" and "step" are null, "source" names the folder, "config" is its
+  config.json (or open_clip_config.json).
+
+  Args:
+    folder: a BERT-family Hugging Face folder or an open_clip / timm ViT folder.
+    out: output directory; must not exist unless `overwrite`.
+    max_length: text tower: tokens per text (the artifact's fixed sequence length).
+    dtype: compute dtype, "float32" or "bfloat16".
+    num_heads: ViT heads when the folder does not record them.
+    platforms: lowering platforms.
+    overwrite: replace an existing `out` once the new export is complete.
+    fmt: "jax" or "onnx" (as in `mmcl.export.exporter.export_workdir`).
+
+  Returns:
+    The manifest (also written to out/manifest.json).
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  exporter._check_format(fmt)
+
+  out = pathlib.Path(out)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} exists; pass overwrite=True (mmcl export --overwrite) to "
+                          "replace it")
+  with tempfile.TemporaryDirectory() as scratch:
+    loaded = pretrained_towers(folder, scratch, max_length=max_length, dtype=dtype,
+                               num_heads=num_heads)
+
+    def write(stage: pathlib.Path) -> dict[str, Any]:
+      entries = exporter._write_towers(stage, loaded.towers, loaded.params, platforms=platforms,
+                                       owner=str(folder), fmt=fmt)
+      return exporter._write_manifest(stage, {"task": None, "step": None, "source": loaded.source,
+                                     "towers": entries, "corpus": {}, "config": loaded.config})
+
+    return exporter._staged(out, overwrite, write)

@@ -1,7 +1,7 @@
 """LOEV / LOEV++ — Leave-One-EquiVariant contrastive music representations (Guinot et al. 2025,
 arXiv:2412.18955), and the SimCLR-style all-invariant baseline.
 
-Batch: audio [B, V, S] float32 (V views of each clip, `data_pipelines.music_synth.train_iterator`),
+Batch: audio [B, V, S] float32 (V views of each clip, `data_pipelines.recipes.music_synth.train_iterator`),
 applied [B, V, K] bool (tracked augmentation k applied to the view: pitch shift, time stretch),
 params [B, V, K], key [B], tempo [B].
 Encoder: log-mel front end (librosa's definition, `mmcl.models.audio_cnn.LogMelFrontend`) → CNN
@@ -41,22 +41,17 @@ import numpy as np
 
 from data_pipelines import audio_augment
 from data_pipelines import locks
-from data_pipelines import music_synth
+from data_pipelines.recipes import music_synth
 from mmcl.config import Config
 from mmcl.eval import finite as finite_lib
-from mmcl.eval import probes
 from mmcl.losses import sharded as sharded_losses
 from mmcl.models.audio_cnn import AudioCNN, LogMelFrontend, audio_cnn_flops
+from mmcl.models.layers import l2_normalize
 from mmcl.models.mlp import MLP
+from mmcl.tasks.loev import probes
 from mmcl.train.task import Task, TowerExport
 
 VARIANTS = ("simclr", "loev", "loev++")
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  """x: [..., D] → unit-norm rows (float32)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
 class LOEVTask(Task):
@@ -205,7 +200,7 @@ class LOEVTask(Task):
     for h, z in enumerate(self.head_outputs(params, feats)):
       # Head 0: views of a clip are positives. Head k: only if neither view received augmentation k.
       exclude = None if h == 0 else applied[:, h - 1]
-      lh = sharded_losses.supcon_over_mesh(_l2_normalize(z), self.mesh, logit_scale=scale,
+      lh = sharded_losses.supcon_over_mesh(l2_normalize(z), self.mesh, logit_scale=scale,
                                            clip_ids=clip_ids, exclude=exclude,
                                            impl=self.config.task.loss_impl)
       metrics[f"loss/{self.head_names()[h]}"] = lh

@@ -1,9 +1,9 @@
 """The towers `mmcl features` embeds with, behind one interface, placed on a device mesh.
 
 `load_feature_tower(spec, mesh=...)` accepts:
-  * a BERT-family Hugging Face folder (`mmcl.models.pretrained`): a text tower, batches sorted by
+  * a BERT-family Hugging Face folder (`mmcl.pretrained.text`): a text tower, batches sorted by
     length and padded to a multiple of 32 tokens;
-  * an open_clip / timm ViT folder (`mmcl.export.pretrained`): an image tower;
+  * an open_clip / timm ViT folder (`mmcl.pretrained.export`): an image tower;
   * a `mmcl train` workdir, `WORKDIR` with `tower_name=` or `WORKDIR:NAME` (NAME one of the
     task's `export_towers`, e.g. "text" / "image"; `step` default the newest checkpoint): the
     trained tower with the preprocessing its export describes (the dataset's tokenizer.json and
@@ -184,7 +184,7 @@ class _BertFeatureTower(FeatureTower):
 
   def __init__(self, folder: pathlib.Path, *, max_length: int, dtype: str, mesh: Mesh,
                param_sharding: str):
-    from mmcl.models import pretrained  # pylint: disable=g-import-not-at-top
+    from mmcl.pretrained import text as pretrained  # pylint: disable=g-import-not-at-top
     self.pretrained = pretrained.load_text_tower(folder, max_length=max_length, dtype=dtype)
     self.params = pretrained.place_params(self.pretrained.params, mesh, param_sharding)
     self.sharding = mesh_lib.batch_sharding(mesh)
@@ -230,7 +230,7 @@ def _choose(names: Sequence[str], name: str | None, where: str) -> str:
 def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
                        tower_name: str | None = None, step: int | None = None,
                        max_length: int = 256, dtype: str = "float32",
-                       param_sharding: str = "replicate") -> FeatureTower:
+                       param_sharding: str = "replicate", resolve_task=None) -> FeatureTower:
   """Resolves a `--tower` argument (see the module docstring) into a `FeatureTower`.
 
   Args:
@@ -243,12 +243,14 @@ def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
     dtype: "float32" or "bfloat16" compute (not for export directories, which are fixed).
     param_sharding: "replicate" or "fsdp" for pretrained weights (trained ones keep the
       workdir's rules).
+    resolve_task: task.name → `Task` subclass (`mmcl.tasks.get_task_class`); needed for a
+      workdir's tower only.
 
   Returns:
     The `FeatureTower`.
   """
-  from mmcl.export import pretrained as pretrained_export  # pylint: disable=g-import-not-at-top
-  from mmcl.models.pretrained import as_dtype  # pylint: disable=g-import-not-at-top
+  from mmcl.pretrained import export as pretrained_export  # pylint: disable=g-import-not-at-top
+  from mmcl.pretrained.text import as_dtype  # pylint: disable=g-import-not-at-top
 
   as_dtype(dtype)  # validates the spelling
   path, name = split_spec(spec, tower_name)
@@ -260,7 +262,10 @@ def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
   if (path / "manifest.json").is_file():
     return _export_tower(path, name, mesh, dtype)
   if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-    return _workdir_tower(path, name, step, dtype)
+    if resolve_task is None:
+      raise ValueError(f"--tower {spec} is a `mmcl train` workdir: pass resolve_task (e.g. "
+                       "mmcl.tasks.get_task_class) to build its task")
+    return _workdir_tower(path, name, step, dtype, resolve_task)
   kind = pretrained_export.folder_kind(path)
   if kind is not None and name is not None and name != kind:
     raise ValueError(f"{path} holds one {kind} tower; --tower-name {name!r} does not name it")
@@ -268,7 +273,7 @@ def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
     return _BertFeatureTower(path, max_length=max_length, dtype=dtype, mesh=mesh,
                              param_sharding=param_sharding)
   if kind == "image":
-    from mmcl.models.pretrained import place_params  # pylint: disable=g-import-not-at-top
+    from mmcl.pretrained.text import place_params  # pylint: disable=g-import-not-at-top
     with tempfile.TemporaryDirectory() as scratch:
       loaded = pretrained_export.pretrained_towers(path, scratch, dtype=dtype)
     tower = loaded.towers["image"]
@@ -288,12 +293,11 @@ def load_feature_tower(spec: str | pathlib.Path, *, mesh: Mesh | None = None,
 
 
 def _workdir_tower(path: pathlib.Path, name: str | None, step: int | None,
-                   dtype: str) -> FeatureTower:
+                   dtype: str, resolve_task) -> FeatureTower:
   """A trained tower: the workdir's checkpoint, its task's `export_towers` entry."""
-  from mmcl.tasks import get_task_class  # pylint: disable=g-import-not-at-top
   from mmcl.workdir import TrainedWorkdir  # pylint: disable=g-import-not-at-top
 
-  wd = TrainedWorkdir(path)
+  wd = TrainedWorkdir(path, resolve_task=resolve_task)
   try:
     # sharded by the workdir's own rules on wd.mesh; the newest usable step when step is None
     step, params = wd.restore_usable_params(step)
@@ -302,7 +306,7 @@ def _workdir_tower(path: pathlib.Path, name: str | None, step: int | None,
   task = wd.task
   if dtype != wd.config.train.compute_dtype:
     wd.config.override(f"train.compute_dtype={dtype}")
-    task = get_task_class(wd.config.task.name)(wd.config, wd.mesh)
+    task = wd.task_class(wd.config, wd.mesh)
   towers = task.export_towers(params)
   name = _choose(list(towers), name, f"workdir {path} (task {wd.config.task.name!r})")
   tower = towers[name]

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmcl.models.layers import Dtype
-from mmcl.models.pretrained import Params, PathLike, check_params_match, load_safetensors, read_json
+from mmcl.pretrained.text import Params, PathLike, check_params_match, load_safetensors, read_json
 from mmcl.models.vit import ViT
 
 FORMATS = ("open_clip", "timm")
@@ -126,7 +126,7 @@ def vit_from_state_dict(state: Mapping[str, np.ndarray], *, num_heads: int,
   """Converts an open_clip or timm ViT state dict into a `ViT` and its parameters.
 
   Args:
-    state: {name: array}, e.g. from `mmcl.models.pretrained.load_safetensors`; a full open_clip
+    state: {name: array}, e.g. from `mmcl.pretrained.text.load_safetensors`; a full open_clip
       CLIP checkpoint works too (its "visual." tensors are used).
     num_heads: attention heads (not recorded in the weights).
     activation: feed-forward activation; default "gelu" ("quick_gelu" for OpenAI CLIP weights).

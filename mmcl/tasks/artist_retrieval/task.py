@@ -1,6 +1,6 @@
 """Cross-modal artist retrieval with missing modalities (Ferraro et al. 2023, arXiv:2308.06556).
 
-Data: an artist dataset from `data_pipelines.artists` (SAS ⋈ hetrec: `cf`, `tags`, `text` with
+Data: an artist dataset from `data_pipelines.recipes.artists` (SAS ⋈ hetrec: `cf`, `tags`, `text` with
 availability bits; splits train / validation / catalogue, ground truth in the metadata).
 Batch: {m} [B, D_m] float32, has_{m} [B] bool, artist [B] int32 (rows sharing an artist number are
 copies from oversampling and are kept out of each other's negatives).
@@ -31,7 +31,7 @@ Artist embedding: mean of the available projected modalities, re-normalised; cro
 (query modality m, corpus modality n) uses g_m and g_n directly.
 Evaluation (`evaluate`): the test (or validation) queries rank the whole catalogue; the trained
 embedding, each modality's projection, and the raw baselines (each raw modality, concatenation with
-zeros, PCA average) — see `mmcl.eval.artist_eval` for the metrics, buckets, matrix and bias.
+zeros, PCA average) — see `evaluate.py` for the metrics, buckets, matrix and bias.
 """
 
 from __future__ import annotations
@@ -44,21 +44,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import artists as data_lib
+from data_pipelines.recipes import artists as data_lib
 from data_pipelines import records
 from mmcl.config import Config
-from mmcl.eval import artist_eval
 from mmcl.eval import finite as finite_lib
 from mmcl.losses import sharded as sharded_losses
+from mmcl.models.layers import l2_normalize
 from mmcl.models.mlp import MLP
 from mmcl.parallel import mesh as mesh_lib
+from mmcl.tasks.artist_retrieval import evaluate
+from mmcl.tasks.artist_retrieval.loss import multi_positive_infonce, neighbour_matrix
+from mmcl.tasks.artist_retrieval.model import pca_basis
 from mmcl.train.task import CorpusExport, Task, TowerExport
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  """x: [B, D] → rows of unit norm (float32)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
 def _parse_per_modality(items, key: str, modalities) -> dict[str, float]:
@@ -75,87 +72,6 @@ def _parse_per_modality(items, key: str, modalities) -> dict[str, float]:
                        f"among {tuple(modalities)}, got {item!r}")
     out[name.strip()] = number
   return out
-
-
-def neighbour_matrix(artist: jax.Array, table: jax.Array) -> jax.Array:
-  """Which batch rows are ground-truth neighbours of which (symmetrised).
-
-  Args:
-    artist: [B] int, global artist number of each row (catalogue index for SAS artists).
-    table: [N, K] int32, table[i] = catalogue indices of artist i's neighbours allowed as
-      positives (-1 = none); artists ≥ N have none.
-
-  Returns:
-    [B, B] bool, true where row j's artist is a listed neighbour of row i's or vice versa.
-  """
-  n = table.shape[0]
-  artist = artist.astype(jnp.int32)
-  inside = (artist >= 0) & (artist < n)
-  nb = jnp.where(inside[:, None], table[jnp.clip(artist, 0, n - 1)], -1)  # [B, K]
-  hit = jnp.any((nb[:, None, :] == artist[None, :, None]) & (nb[:, None, :] >= 0), axis=-1)
-  same = artist[:, None] == artist[None, :]
-  return (hit | hit.T) & ~same
-
-
-def multi_positive_infonce(a: jax.Array, b: jax.Array, a_valid: jax.Array, b_valid: jax.Array,
-                           artist: jax.Array, neighbours: jax.Array, *,
-                           logit_scale: jax.Array | float,
-                           neighbour_weight: float) -> tuple[jax.Array, jax.Array]:
-  r"""Symmetric InfoNCE with the same artist and its neighbours as (weighted) positives.
-
-  With z_ij = s·<a_i, b_j>, C^{ab}_i = {j : b_valid_j, j = i or artist_j ≠ artist_i} and weights
-  w_ij = [j = i ∧ a_valid_i ∧ b_valid_i] + λ·neighbours_ij·[j ∈ C^{ab}_i],
-
-    ℓ^{a→b}_i = −Σ_j w_ij (z_ij − logΣ_{k∈C^{ab}_i} exp z_ik) / Σ_j w_ij,
-    anchors A = {i : a_valid_i, Σ_j w_ij > 0}; ℓ^{b→a} the same on zᵀ with the roles of a and b
-    swapped (anchors B);
-    L = (Σ_{i∈A} ℓ^{a→b}_i + Σ_{j∈B} ℓ^{b→a}_j) / (|A| + |B|).
-
-  With λ = 0 and every row valid in both, this is `mmcl.losses.infonce` with group_ids = artist.
-
-  Args:
-    a, b: [B, D] float32, unit-norm embeddings of the two modalities.
-    a_valid, b_valid: [B] bool availability.
-    artist: [B] int, rows sharing a number are copies (kept out of each other's softmax).
-    neighbours: [B, B] bool, `neighbour_matrix`.
-    logit_scale: [] s = 1/τ.
-    neighbour_weight: λ ≥ 0.
-
-  Returns:
-    ([] float32 loss (0 without anchors), [] float32 number of anchors |A| + |B|).
-  """
-  n = a.shape[0]
-  z = logit_scale * (a.astype(jnp.float32) @ b.astype(jnp.float32).T)  # [B, B]
-  eye = jnp.eye(n, dtype=bool)
-  other = eye | (artist[:, None] != artist[None, :])
-  both = a_valid & b_valid
-
-  def direction(logits, q_valid, c_valid):
-    cand = c_valid[None, :] & other
-    w = (eye & both[:, None]).astype(jnp.float32)
-    w = w + neighbour_weight * (neighbours & cand).astype(jnp.float32)
-    lse = jax.nn.logsumexp(jnp.where(cand, logits, -1e30), axis=1)
-    total_w = jnp.sum(w, axis=1)
-    anchor = q_valid & (total_w > 0)
-    per = -jnp.sum(w * (logits - lse[:, None]), axis=1) / jnp.maximum(total_w, 1e-12)
-    return jnp.sum(jnp.where(anchor, per, 0.0)), jnp.sum(anchor.astype(jnp.float32))
-
-  s_ab, c_ab = direction(z, a_valid, b_valid)
-  s_ba, c_ba = direction(z.T, b_valid, a_valid)
-  count = c_ab + c_ba
-  return jnp.where(count > 0, (s_ab + s_ba) / jnp.maximum(count, 1.0), 0.0), count
-
-
-def pca_basis(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-  """x: [N, d] float → (mean [d], basis [d, dim]) float32: the top principal directions (columns
-  beyond the rank of the centred data are zero)."""
-  x = np.asarray(x, np.float64)
-  mean = x.mean(0)
-  _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-  basis = np.zeros((x.shape[1], dim))
-  k = min(dim, vt.shape[0])
-  basis[:, :k] = vt[:k].T
-  return mean.astype(np.float32), basis.astype(np.float32)
 
 
 class ArtistRetrievalTask(Task):
@@ -213,7 +129,7 @@ class ArtistRetrievalTask(Task):
     dims = self.metadata.get("modalities")
     if not isinstance(dims, dict):
       raise ValueError(f"{self.data_dir}: metadata has no 'modalities' (build the dataset with "
-                       "`python -m data_pipelines.artists`)")
+                       "`mmcl data build artists`)")
     self.modalities = tuple(config.task.modalities)
     unknown = [m for m in self.modalities if m not in dims]
     if len(self.modalities) < 2 or unknown:
@@ -309,9 +225,9 @@ class ArtistRetrievalTask(Task):
     out = self.projectors[m].apply({"params": params["projectors"][m]}, x, train=train, rngs=rngs)
     if m in self.skip:
       sk = jax.tree.map(jax.lax.stop_gradient, params["skip"][m])
-      path = _l2_normalize((x.astype(jnp.float32) - sk["mean"]) @ sk["basis"])
+      path = l2_normalize((x.astype(jnp.float32) - sk["mean"]) @ sk["basis"])
       out = out + self.config.model.skip_weight * np.sqrt(out.shape[-1]) * path
-    return _l2_normalize(out)
+    return l2_normalize(out)
 
   def frozen_params_filter(self, path: str) -> bool:
     return path.startswith("skip/")
@@ -395,26 +311,26 @@ class ArtistRetrievalTask(Task):
                                  for m in self.modalities})
     # Mean of the available projected modalities, re-normalised.
     total = sum(proj[m] * avail[m][:, None] for m in self.modalities)
-    fused = artist_eval.l2_normalize(total)
+    fused = evaluate.l2_normalize(total)
     any_avail = np.any([avail[m] for m in self.modalities], axis=0)
     kmax = max(max(t.eval_ks), max(t.coverage_ks), t.bias_k)
-    groups = artist_eval.query_groups(avail, listeners, queries)
+    groups = evaluate.query_groups(avail, listeners, queries)
 
     systems: dict[str, tuple[np.ndarray, np.ndarray]] = {"contrastive": (fused, any_avail)}
     for m in self.modalities:
       systems[f"contrastive_{m}_only"] = (proj[m], avail[m])
     if t.baselines:
       fit_rows = np.flatnonzero(roles == "train")
-      systems.update(artist_eval.baseline_embeddings({m: cat[m] for m in self.modalities}, avail,
+      systems.update(evaluate.baseline_embeddings({m: cat[m] for m in self.modalities}, avail,
                                                      fit_rows))
     results: dict[str, dict[str, float]] = {}
     flat: dict[str, float] = {}
     for name, (emb, ok) in systems.items():
-      ranked = artist_eval.rank_catalogue(emb[queries], ok[queries], queries, emb, ok, kmax)
-      r = artist_eval.retrieval_metrics(ranked, gold[queries], corpus_size=n, ks=t.eval_ks,
+      ranked = evaluate.rank_catalogue(emb[queries], ok[queries], queries, emb, ok, kmax)
+      r = evaluate.retrieval_metrics(ranked, gold[queries], corpus_size=n, ks=t.eval_ks,
                                         coverage_ks=t.coverage_ks, groups=groups)
       if name == "contrastive":
-        r.update(artist_eval.modality_bias(ranked, avail, queries, t.bias_k))
+        r.update(evaluate.modality_bias(ranked, avail, queries, t.bias_k))
       results[name] = r
       flat.update({f"{name}/{k}": v for k, v in r.items()})
 
@@ -424,9 +340,9 @@ class ArtistRetrievalTask(Task):
       for cm in self.modalities:
         qsel = queries[avail[qm][queries]]
         g = np.where(avail[cm][np.maximum(gold[qsel], 0)] & (gold[qsel] >= 0), gold[qsel], -1)
-        ranked = artist_eval.rank_catalogue(proj[qm][qsel], np.ones(len(qsel), bool), qsel,
+        ranked = evaluate.rank_catalogue(proj[qm][qsel], np.ones(len(qsel), bool), qsel,
                                             proj[cm], avail[cm], kmax)
-        r = artist_eval.retrieval_metrics(ranked, g, corpus_size=n, ks=(10,), coverage_ks=(10,))
+        r = evaluate.retrieval_metrics(ranked, g, corpus_size=n, ks=(10,), coverage_ks=(10,))
         for k in ("ndcg@10", "recall@10", "num_queries"):
           flat[f"matrix/{qm}->{cm}/{k}"] = r[k]
     flat["num_catalogue"] = float(n)
@@ -439,11 +355,11 @@ class ArtistRetrievalTask(Task):
     out.mkdir(parents=True, exist_ok=True)
     cols = ["ndcg@10", "recall@10", "coverage@10", "ndcg@200", "recall@50", "recall@200",
             "pop_q1/ndcg@10", "pop_q1/recall@10", "missing_any/ndcg@10", "missing_any/recall@10"]
-    parts = ["## Systems\n", artist_eval.markdown_table(results, cols), "\n\n## By popularity\n"]
+    parts = ["## Systems\n", evaluate.markdown_table(results, cols), "\n\n## By popularity\n"]
     buckets = sorted({k.split("/")[0] for r in results.values() for k in r
                       if k.startswith("pop_")})
     pop_cols = [f"{b}/ndcg@10" for b in buckets] + [f"{b}/num_queries" for b in buckets]
-    parts += [artist_eval.markdown_table(results, pop_cols), "\n\n## Modality matrix (ndcg@10)\n"]
+    parts += [evaluate.markdown_table(results, pop_cols), "\n\n## Modality matrix (ndcg@10)\n"]
     ms = self.modalities
     parts.append("| query \\ corpus | " + " | ".join(ms) + " |\n|---|" + "---:|" * len(ms))
     for qm in ms:

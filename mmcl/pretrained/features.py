@@ -1,7 +1,7 @@
 """Precomputed embeddings: compute them with a pretrained or trained tower, write and read them.
 
 `compute_features` embeds one text or image field of every record of a dataset with a tower
-(`mmcl.feature_towers`: a local Hugging Face BERT-family or open_clip ViT folder, a `mmcl train`
+(`mmcl.pretrained.towers`: a local Hugging Face BERT-family or open_clip ViT folder, a `mmcl train`
 workdir's tower, or an `mmcl export` artifact) in batches sharded over all devices, and writes the
 precomputed-embeddings format below, resumably. It is what `mmcl features` runs.
 
@@ -348,12 +348,13 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
                      dtype: str = "float32", param_sharding: str = "replicate",
                      chunk_size: int = 8192, id_field: str | None = None,
                      overwrite: bool = False, progress: bool = True,
-                     stop_after_chunks: int | None = None, mesh: Any = None) -> FeaturesResult:
+                     stop_after_chunks: int | None = None, mesh: Any = None,
+                     resolve_task: Any = None) -> FeaturesResult:
   """Embeds `field` of every record of `input_dataset` with `tower`; writes the format at `output`.
 
   Args:
     tower: a pretrained folder, a `mmcl train` workdir or an `mmcl export` directory, optionally
-      "PATH:NAME" (see `mmcl.feature_towers.load_feature_tower`).
+      "PATH:NAME" (see `mmcl.pretrained.towers.load_feature_tower`).
     input_dataset: a converted dataset folder, a JSON Lines or a plain text file (see the module
       docstring).
     field: the text or image field to embed.
@@ -372,6 +373,8 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
     id_field: the id field (default: see the module docstring; "id" for JSON Lines).
     overwrite: replace a complete output computed with other settings or input.
     progress: print a progress bar with throughput and ETA to stderr.
+    resolve_task: task.name → `Task` subclass, for a workdir's tower (see
+      `mmcl.pretrained.towers.load_feature_tower`).
     stop_after_chunks: stop after this many chunks of this call, leaving a resumable partial
       output (for tests of resuming).
     mesh: the `jax.sharding.Mesh` to shard batches over; default every device on its data axis.
@@ -382,7 +385,7 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
   """
   # Imported here, not at the top: reading precomputed features (data pipelines) must not need JAX.
   from mmcl.eval.finite import require_finite
-  from mmcl.feature_towers import load_feature_tower
+  from mmcl.pretrained.towers import load_feature_tower
 
   if chunk_size < 1 or batch_size < 1:
     raise ValueError(f"compute_features: chunk_size and batch_size must be ≥ 1, found "
@@ -394,7 +397,7 @@ def compute_features(tower: PathLike, input_dataset: PathLike, field: str, outpu
     raise ValueError(f"{input_dataset}: no records to embed")
   embedder = load_feature_tower(tower, mesh=mesh, tower_name=tower_name, step=step,
                                 max_length=max_length, dtype=dtype,
-                                param_sharding=param_sharding)
+                                param_sharding=param_sharding, resolve_task=resolve_task)
   if embedder.kind != records.kind:
     raise ValueError(f"{input_dataset}: field {field!r} holds {records.kind}s but --tower {tower} "
                      f"is a{'n' if embedder.kind == 'image' else ''} {embedder.kind} tower")

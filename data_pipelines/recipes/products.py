@@ -8,7 +8,7 @@ the Marqo-GS format ignore the extra field; the GCL task uses it when present.
 
 Build the procedural set (a few seconds; idempotent)::
 
-  python -m data_pipelines.products --output data/products
+  mmcl data build products --output data/products
 
 How the procedural set is made (all draws from one seed):
   * Products: a category (8; the drawn shape), a colour (8; the fill), a pattern (4: plain,
@@ -453,7 +453,7 @@ class MultiFieldBatch:
   Text ids come from the dataset's own tokenisation (`query_ids`, `title_ids`, `description_ids`,
   BPE of the dataset's tokenizer) or, when `text_tokenizer` is given, from tokenising the raw
   texts (`query`, `title`, `description`) with it, e.g. the WordPiece tokenizer of a pretrained
-  text tower (`mmcl.models.pretrained.load_tokenizer`), padded with `pad_id`.
+  text tower (`mmcl.pretrained.text.load_tokenizer`), padded with `pad_id`.
 
   Batch (b rows):
     query [b, L] int32 ids; title [b, L]; description [b, L] (when the dataset has it);
@@ -549,8 +549,8 @@ def train_iterator(data_dir: str | os.PathLike, *, split: str, global_batch_size
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m data_pipelines.products --output DIR [...]`: builds the procedural set."""
-  p = argparse.ArgumentParser(description=main.__doc__)
+  """`mmcl data build products --output DIR [...]`: builds the procedural set."""
+  p = argparse.ArgumentParser(prog="mmcl data build products", description=main.__doc__)
   p.add_argument("--output", required=True)
   p.add_argument("--num_docs", type=int, default=2000)
   p.add_argument("--num_queries", type=int, default=1000)
