@@ -8,7 +8,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Bottom to top; a package may import its own modules and any package below it. `tasks` is the
 # registry (mmcl/tasks/__init__.py); each method package (mmcl/tasks/<method>/) sits above it
 # beside the others and may import none of them, nor the registry.
-LAYERS = ("config", "parallel", "losses", "models", "train", "workdir", "eval", "export",
+LAYERS = ("config", "parallel", "losses", "models", "train", "workdir", "eval", "export", "serve",
           "pretrained", "tasks", "methods", "sweep", "launch", "cli")
 METHODS = sorted(p.name for p in (REPO / "mmcl" / "tasks").iterdir()
                  if (p / "__init__.py").is_file())
