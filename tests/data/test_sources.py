@@ -298,6 +298,7 @@ def trained_runs(fashion_sources, tmp_path_factory):
   size, so the three runs share their compiled programs)."""
   from mmcl.cli import main as cli_main
   from mmcl.eval import evaluator
+  from mmcl.tasks import get_task_class
   out = {}
   cache = tmp_path_factory.mktemp("tokenizers")
   for name in ("webdataset", "tfds", "parquet"):
@@ -311,7 +312,7 @@ def trained_runs(fashion_sources, tmp_path_factory):
     for s in sets:
       args += ["--set", s]
     assert cli_main(args) in (0, None)
-    metrics = evaluator.run_evaluator(str(workdir))
+    metrics = evaluator.run_evaluator(str(workdir), resolve_task=get_task_class)
     out[name] = (workdir, metrics)
   return out
 
