@@ -139,8 +139,10 @@ class _Preprocess:
   def __call__(self, values: Sequence[Any], where: Callable[[int], str] = str) -> np.ndarray:
     if self.kind == "image":
       size, channels = self.shape[0], self.shape[2]
-      return normalize_images(images_to_uint8(values, size, channels=channels, where=where),
-                              self.pre["mean"], self.pre["std"])
+      pixels = images_to_uint8(values, size, channels=channels, where=where)
+      if self.pre.get("normalized_in_model"):  # the tower normalises uint8 pixels itself
+        return pixels
+      return normalize_images(pixels, self.pre["mean"], self.pre["std"])
     for i, text in enumerate(values):
       if not isinstance(text, str):
         raise TypeError(f"{where(i)}: a {type(text).__name__}, expected a str")

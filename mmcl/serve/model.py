@@ -6,7 +6,8 @@ ONNX Runtime, or `<tower>.jax_exported` run by jax) and which index holds each c
 
 Raw inputs by the tower's `preprocessing["input"]`:
   "image"      a base64 string of an encoded image (PNG, JPEG, ...) of the manifest's height and
-               width; RGB; normalised with the manifest's float32 scale / shift.
+               width; RGB; passed as uint8 pixels when the tower normalises them itself
+               (`normalized_in_model`), else normalised with the manifest's scale / shift.
   "token_ids"  a string, tokenized with the export's tokenizer.json, truncated and padded as the
                manifest says.
   "item_history"  a list of item ids (strings of the export's item_ids.txt), oldest first; the
@@ -75,13 +76,15 @@ def read_manifest(export_dir: pathlib.Path, *, verify: bool = True) -> dict[str,
 
 # --- preprocessing: one raw value → one row of the tower's input -------------------------------
 class ImageInput:
-  """base64 image bytes → [H, W, C] float32, `x = float32(pixel) * scale[c] - shift[c]`."""
+  """base64 image bytes → [H, W, C]: the uint8 pixels when the tower normalises them itself
+  (`normalized_in_model`), else float32 `x = float32(pixel) * scale[c] - shift[c]`."""
 
   def __init__(self, pre: dict, shape: list):
     self.height, self.width, self.channels = (int(pre["height"]), int(pre["width"]),
                                               int(pre["channels"]))
     self.scale = np.asarray(pre["scale"], np.float32)
     self.shift = np.asarray(pre["shift"], np.float32)
+    self.in_model = bool(pre.get("normalized_in_model", False))
     self.kind = "base64-encoded image bytes (PNG, JPEG, ...) of " \
                 f"{self.height}x{self.width} pixels"
 
@@ -104,6 +107,8 @@ class ImageInput:
       raise RequestError(field, f"image is {pixels.shape[1]}x{pixels.shape[0]} pixels; this tower "
                                 f"takes {self.width}x{self.height} (no resize or crop is done)",
                          422)
+    if self.in_model:
+      return np.ascontiguousarray(pixels, np.uint8)
     return pixels.astype(np.float32) * self.scale - self.shift
 
 

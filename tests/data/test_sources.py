@@ -143,8 +143,8 @@ def test_same_pairs_through_webdataset_and_parquet_give_the_same_batches(fashion
   by_index = {stream.key_index(k): (k, c) for k, _, c in fashion_sources["pairs"]}
   captions = [by_index[int(i)][1] for i in a[0]["index"]]
   np.testing.assert_array_equal(a[0]["text"], wds.tokenizer.encode(captions, L))
-  # The image normalisation is the ArrayRecord path's (CLIP mean/std).
-  assert a[0]["image"].min() >= -1.8 and a[0]["image"].max() <= 2.2
+  # uint8 pixels, as on the ArrayRecord path (the image tower normalises them on the device).
+  assert a[0]["image"].dtype == np.uint8 and a[0]["image"].max() > a[0]["image"].min()
   # Decoding threads change nothing.
   one = _take(_data(fashion_sources["webdataset"], tmp_path, decode_threads=1).train_iterator(
       global_batch_size=B, num_threads=0, prefetch_buffer_size=0), 2)

@@ -39,8 +39,8 @@ def test_onnx_runtime_reproduces_mmcl_embeddings_at_batch_1_and_7(exported, raw_
   out, manifest = exported
   pixels, captions = raw_test_split
   image_pre = manifest["towers"]["image"]["preprocessing"]
-  images = pixels.astype(np.float32) * np.asarray(image_pre["scale"], np.float32) \
-      - np.asarray(image_pre["shift"], np.float32)
+  assert image_pre["normalized_in_model"] and image_pre["dtype"] == "uint8"
+  images = np.asarray(pixels, np.uint8)  # the tower normalises them (scale / shift) itself
   text_pre = manifest["towers"]["text"]["preprocessing"]
   tok = Tokenizer.from_file(str(out / text_pre["tokenizer"]))
   ids = np.full((len(captions), text_pre["max_len"]), text_pre["pad_id"], np.int32)

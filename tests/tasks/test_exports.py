@@ -65,9 +65,9 @@ def _task(config_spec: str, **overrides):
 
 def _sasrec_like(task, params):
   """Raw inputs and the task's own embeddings of SASRec-style towers (user, item)."""
-  from mmcl.tasks import sasrec
-  user_items, _ = sasrec.load_interactions(task.config.data.dir)
-  _, history, _ = sasrec.eval_cases(user_items, "test", task.config.data.max_len)
+  from mmcl.eval import seqrec
+  user_items, _ = seqrec.load_interactions(task.config.data.dir)
+  _, history, _ = seqrec.eval_cases(user_items, "test", task.config.data.max_len)
   src_ids = [f"i{j}" for j in range(1, task.num_items + 1)]  # the planted data's item ids
   raw = {"user": [[src_ids[j - 1] for j in row if j] for row in history[:9]],
          "item": [src_ids[j - 1] for j in range(1, 10)]}
@@ -87,10 +87,10 @@ def _demure(text_seq_dir, **_):
 
 
 def _mmsrec(group_seq_dir, **_):
-  from mmcl.tasks import sasrec
+  from mmcl.eval import seqrec
   task, params = _task("mmsrec.py:tiny", **{"data.dir": str(group_seq_dir)})
-  user_items, _ = sasrec.load_interactions(task.config.data.dir)
-  _, history, _ = sasrec.eval_cases(user_items, "test", task.config.data.max_len)
+  user_items, _ = seqrec.load_interactions(task.config.data.dir)
+  _, history, _ = seqrec.eval_cases(user_items, "test", task.config.data.max_len)
   items = np.arange(1, 10)
   content = np.concatenate([f[items] for f in task.features_np], axis=1)  # ID-free item input
   raw = {"user": [[f"i{j}" for j in row if j] for row in history[:9]], "item": content.tolist()}
@@ -119,8 +119,8 @@ def _gcl(products_dir, **_):
 
 
 def _artists(artists_dir, **_):
-  from data_pipelines import artists
-  from mmcl.eval import artist_eval
+  from data_pipelines.recipes import artists
+  from mmcl.tasks.artist_retrieval import evaluate as artist_eval
   task, params = _task("artist_retrieval.py:tiny", **{"data.dir": str(artists_dir)})
   cat = artists.read_split(artists_dir, "catalogue")
   raw, expected = {}, {}
@@ -165,12 +165,12 @@ def served(request, tmp_path_factory):
   data = tmp_path_factory.mktemp("recipe_data")
   fixtures = {name: request.getfixturevalue(name) for name in ("planted_seq_dir",
                                                                "group_seq_dir")}
-  from data_pipelines import products
+  from data_pipelines.recipes import products
   fixtures["products_dir"] = data / "products"
   products.build_products_dataset(fixtures["products_dir"], num_docs=80, num_queries=50,
                                   eval_queries=8, max_position=20, num_shards=1, image_size=16,
                                   seed=0)
-  from data_pipelines import artists
+  from data_pipelines.recipes import artists
   facts = artists.write_planted_sources(data / "artist_sources")
   fixtures["artists_dir"] = data / "artists"
   artists.build_artist_dataset(facts["sas"], facts["hetrec"], fixtures["artists_dir"], cf_dim=8,

@@ -476,12 +476,15 @@ class GCLTask(Task):
         towers["doc_image"] = TowerExport(
             fn=lambda p, x: l2_normalize(self.image_tower.apply({"params": p["image"]}, x,
                                                                  train=False)),
-            input_spec=jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+            input_spec=jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8),
             preprocessing={"input": "image", "height": size, "width": size, "channels": 3,
-                           "layout": "NHWC", "channel_order": "RGB",
+                           "layout": "NHWC", "channel_order": "RGB", "dtype": "uint8",
                            "source": "uint8 pixels, center crop to a square, resized to "
                                      "height x width (data_pipelines.image_ops)",
+                           "normalized_in_model": True,
+                           # Applied inside the exported tower (the ViT's input path).
                            "formula": "x = (pixel / 255 - mean[c]) / std[c]", **norm,
+                           "as_computed": "x = float32(pixel) * scale[c] - shift[c] in float32",
                            "scale": [float(np.float32(1.0 / (255.0 * s))) for s in norm["std"]],
                            "shift": [float(np.float32(m / s))
                                      for m, s in zip(norm["mean"], norm["std"])],
