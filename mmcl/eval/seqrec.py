@@ -62,6 +62,13 @@ def eval_cases(user_items: Sequence[np.ndarray], split: str, max_len: int
   return np.asarray(users, np.int64), seq_lib.pad_left(hist, max_len), np.asarray(tgt, np.int32)
 
 
+def histories_of_test_users(data_dir: str, max_len: int) -> np.ndarray:
+  """[U, L] int32 the test users' histories before their targets (`eval_cases` of 'test'): what
+  the exported user towers of the sequential recommenders are checked and queried with."""
+  user_items, _ = load_interactions(data_dir)
+  return eval_cases(user_items, "test", max_len)[1]
+
+
 def full_ranking_ranks(query_emb: np.ndarray, item_emb: np.ndarray, targets: np.ndarray,
                        mesh) -> np.ndarray:
   """0-based rank of each target among all N items by ⟨query, item⟩ (nothing excluded but the

@@ -631,16 +631,12 @@ class DemureTask(Task):
     return sequences.sequence_export_towers(
         user, np.asarray(self.item_table(params)), max_len=self.config.data.max_len,
         vocabulary=sequences.item_vocabulary_file(self.config.data.dir, self.num_items),
-        example=self._test_histories()[:8])
+        example=seqrec.histories_of_test_users(self.config.data.dir, self.config.data.max_len)[:8])
 
   def export_corpus(self, params) -> dict[str, CorpusExport]:
     """Every item (e_i), queried by the users of the test split."""
+    history = seqrec.histories_of_test_users(self.config.data.dir, self.config.data.max_len)
     return sequences.sequence_export_corpus(
         np.asarray(self.item_table(params)),
         sequences.item_vocabulary_file(self.config.data.dir, self.num_items),
-        self.user_embeddings(params, self._test_histories()))
-
-  def _test_histories(self) -> np.ndarray:
-    """[U, L] the test users' histories before their targets."""
-    user_items, _ = seqrec.load_interactions(self.config.data.dir)
-    return seqrec.eval_cases(user_items, "test", self.config.data.max_len)[1]
+        self.user_embeddings(params, history))

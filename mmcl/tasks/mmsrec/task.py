@@ -283,7 +283,7 @@ class MMSRecTask(Task):
     towers = sequences.sequence_export_towers(
         lambda p, x: self._query(p, x), None, max_len=self.config.data.max_len,
         vocabulary=sequences.item_vocabulary_file(self.config.data.dir, self.num_items),
-        example=self._test_histories()[:8])
+        example=seqrec.histories_of_test_users(self.config.data.dir, self.config.data.max_len)[:8])
     item_tower = TowerExport(
         fn=item, input_spec=jax.ShapeDtypeStruct((1, sum(dims)), jnp.float32),
         preprocessing={"input": "item_features", "layout": "the modality vectors concatenated",
@@ -297,11 +297,7 @@ class MMSRecTask(Task):
     t = self.config.task
     item_emb = np.asarray(jax.jit(self.item_tower)(params))
     q_fn = jax.jit(lambda x: self._query(params, x), out_shardings=mesh_lib.replicated(self.mesh))
-    queries = mesh_lib.embed_rows(q_fn, [self._test_histories()], self.mesh, t.eval_batch_size)
+    history = seqrec.histories_of_test_users(self.config.data.dir, self.config.data.max_len)
+    queries = mesh_lib.embed_rows(q_fn, [history], self.mesh, t.eval_batch_size)
     return sequences.sequence_export_corpus(
         item_emb, sequences.item_vocabulary_file(self.config.data.dir, self.num_items), queries)
-
-  def _test_histories(self) -> np.ndarray:
-    """[U, L] the test users' histories before their targets."""
-    user_items, _ = seqrec.load_interactions(self.config.data.dir)
-    return seqrec.eval_cases(user_items, "test", self.config.data.max_len)[1]

@@ -131,11 +131,6 @@ class SASRecTask(Task):
     return out
 
   # --- export to serving --------------------------------------------------------------------------
-  def _test_histories(self) -> np.ndarray:
-    """[U, L] the test users' histories before their targets."""
-    user_items, _ = seqrec.load_interactions(self.config.data.dir)
-    return seqrec.eval_cases(user_items, "test", self.config.data.max_len)[1]
-
   def export_towers(self, params) -> dict[str, TowerExport]:
     """"user": history of item ids [b, L] (left-padded) → the sequence output at the most recent
     position [b, d]; "item": item id [b, 1] → its table row [b, d]. Score = inner product."""
@@ -143,10 +138,11 @@ class SASRecTask(Task):
     return sequences.sequence_export_towers(
         lambda p, x: self.encode(p, x)[:, -1], np.asarray(self.item_table(params)),
         max_len=self.config.data.max_len, vocabulary=vocabulary,
-        example=self._test_histories()[:8])
+        example=seqrec.histories_of_test_users(self.config.data.dir, self.config.data.max_len)[:8])
 
   def export_corpus(self, params) -> dict[str, CorpusExport]:
     """Every item, queried by the users of the test split (their histories before the target)."""
     vocabulary = sequences.item_vocabulary_file(self.config.data.dir, self.num_items)
+    history = seqrec.histories_of_test_users(self.config.data.dir, self.config.data.max_len)
     return sequences.sequence_export_corpus(np.asarray(self.item_table(params)), vocabulary,
-                                            self.user_embeddings(params, self._test_histories()))
+                                            self.user_embeddings(params, history))
