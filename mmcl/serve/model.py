@@ -75,6 +75,16 @@ def read_manifest(export_dir: pathlib.Path, *, verify: bool = True) -> dict[str,
 
 
 # --- preprocessing: one raw value → one row of the tower's input -------------------------------
+def _base64_bytes(value: Any, field: str, kind: str) -> bytes:
+  """A request field holding base64 bytes (an encoded image or audio file) → the bytes."""
+  if not isinstance(value, str):
+    raise RequestError(field, f"expected {kind} as a string, got {type(value).__name__}")
+  try:
+    return base64.b64decode(value, validate=True)
+  except (binascii.Error, ValueError) as e:
+    raise RequestError(field, f"not valid base64 ({e})") from None
+
+
 class ImageInput:
   """base64 image bytes → [H, W, C]: the uint8 pixels when the tower normalises them itself
   (`normalized_in_model`), else float32 `x = float32(pixel) * scale[c] - shift[c]`."""
@@ -90,12 +100,7 @@ class ImageInput:
 
   def __call__(self, value: Any, field: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-    if not isinstance(value, str):
-      raise RequestError(field, f"expected {self.kind} as a string, got {type(value).__name__}")
-    try:
-      data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as e:
-      raise RequestError(field, f"not valid base64 ({e})") from None
+    data = _base64_bytes(value, field, self.kind)
     try:
       with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
@@ -183,12 +188,7 @@ class WaveformInput:
 
   def __call__(self, value: Any, field: str) -> np.ndarray:
     import soundfile  # pylint: disable=g-import-not-at-top
-    if not isinstance(value, str):
-      raise RequestError(field, f"expected {self.kind} as a string, got {type(value).__name__}")
-    try:
-      data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as e:
-      raise RequestError(field, f"not valid base64 ({e})") from None
+    data = _base64_bytes(value, field, self.kind)
     try:
       with soundfile.SoundFile(io.BytesIO(data)) as f:
         if f.frames > self.MAX_SECONDS * f.samplerate:
