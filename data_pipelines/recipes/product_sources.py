@@ -168,7 +168,7 @@ class SplitRows:
     """Raises (or counts, with skip_bad_records) the bad `field` of row `index`."""
     row = self._rows[int(index)]
     stream.handle_bad(spec_lib.BadRecordError(
-        path=row["path"], key=row["key"], position=row["position"], field=field, reason=reason,
+        path=row["path"], key=row["key"], position=row["record"], field=field, reason=reason,
         split=self.split), self.skip_bad_records)
 
   def close(self) -> None:
@@ -220,7 +220,7 @@ class ProductSplits:
     if self.scheme == "arrayrecord":
       raise spec_lib.SourceConfigError(f"data source {source!r}: ArrayRecord datasets are read by "
                                        "data_pipelines.records, not as streamed splits")
-    columns = dict(columns or {})
+    columns = dict(columns or {})  # (no field is named as what `stream` adds: path, record, ...)
     unknown = sorted(set(columns) - set(FIELD_KINDS))
     if unknown:
       raise spec_lib.SourceConfigError(f"data.columns: unknown field(s) {unknown}; the fields are "

@@ -60,7 +60,7 @@ IMAGE_STD = image_ops.CLIP_STD
 def report_bad(record: dict, field: str, reason: str, skip: bool) -> None:
   """Raises (or with `skip` logs and counts) a BadRecordError for a raw record's `field`."""
   stream.handle_bad(spec_lib.BadRecordError(
-      path=record["path"], key=record["key"], position=record["position"], field=field,
+      path=record["path"], key=record["key"], position=record["record"], field=field,
       reason=reason, split=record.get("split", "train")), skip)
 
 
@@ -70,7 +70,7 @@ def decode_images(records: Sequence[dict], *, image_size: int, augment: bool,
                   ) -> tuple[np.ndarray, np.ndarray]:
   """Decodes the encoded images of a batch of raw records into crops.
 
-  Each record carries `field` (bytes), key, index (int), epoch, path, position; the crop box and
+  Each record carries `field` (bytes), key, index (int), epoch, path, record; the crop box and
   flip are drawn per (seed, epoch, index) (random-resized crop + flip with `augment`, else the
   centre square). `decode_threads` > 1 decodes in that many threads (PIL releases the GIL while
   decoding and resizing); the result does not depend on it. A record marked `reported` (already
@@ -248,7 +248,7 @@ class PairSource:
         stream.handle_bad(raw, skip)
         # Already reported: the transform replaces the row without reporting it again.
         raw = {"image": b"", "caption": "", "key": self.reader.key(i), "reported": True}
-      out.append(dict(raw, path=self.reader.path, position=i, index=i, epoch=epoch,
+      out.append(dict(raw, path=self.reader.path, record=i, index=i, epoch=epoch,
                       split=self.spec.split))
     return out
 

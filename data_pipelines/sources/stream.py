@@ -25,6 +25,9 @@ worker's state adds `skip` (batches to pass over before its next one); grain kee
 worker. Bad samples met while reading are counted by worker 0 only (the others pass over them,
 or raise the same error), so the skip ledger counts each once.
 
+Samples: the reader's fields plus `path` (the shard file), `record` (the sample's position in
+it), `index` and `epoch`; readers' fields must not use these names.
+
 Keys: a sample's key (webdataset `__key__`, parquet key column or `<file>/<row>`) is hashed with a
 fixed (seed-independent) 64-bit hash; `key_fraction(key) < holdout_fraction` holds it out of
 training for validation and evaluation, and the hash's top 63 bits are the sample's `index` that
@@ -91,13 +94,13 @@ def handle_bad(error: spec_lib.BadRecordError, skip: bool) -> None:
 def natural_records(reader: ShardReader, *, skip_bad_records: bool,
                     keep: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
   """Every good sample (whose key `keep` accepts) in the source's natural order (files sorted,
-  then file order), with `path`, `position` and `index` added."""
+  then file order), with `path`, `record` (the position in that file) and `index` added."""
   for shard, path in enumerate(reader.files):
     for position, raw in reader.read(shard, 0, keep):
       if isinstance(raw, spec_lib.BadRecordError):
         handle_bad(raw, skip_bad_records)
         continue
-      yield dict(raw, path=path, position=position, index=key_index(raw["key"]))
+      yield dict(raw, path=path, record=position, index=key_index(raw["key"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +188,7 @@ class _StreamIterator(grain.DatasetIterator):
           continue
         if self._o.holdout_fraction and is_held_out(raw["key"], self._o.holdout_fraction):
           continue
-        return dict(raw, path=self._reader.files[int(shards[shard])], position=position,
+        return dict(raw, path=self._reader.files[int(shards[shard])], record=position,
                     index=key_index(raw["key"]), epoch=epoch)
       shard, offset = shard + 1, 0
       self._cursor, self._gen = (epoch, shard, 0), None

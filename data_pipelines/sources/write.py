@@ -135,7 +135,7 @@ def write_tfds_rows(splits: dict[str, Sequence[dict]], data_dir: str | os.PathLi
 
     def _info(self):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {k: feature(v) for k, v in present.items()}))
+          {k: feature(v) for k, v in present.items()}), disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
       return {split: self._generate_examples(rows) for split, rows in splits.items()}
