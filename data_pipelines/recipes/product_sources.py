@@ -27,6 +27,11 @@ split's distinct queries, titles and descriptions (cached in data.cache_dir), or
 text tower's own tokenizer. Rows hold the same fields in every format, so the same rows through
 two formats give the same batches.
 
+A product-search ArrayRecord set (`mmcl data build products` / `fashion-search`, the marqo-gs
+converter) is written in each format, one folder per split, by
+
+  mmcl data build product-rows --input data/products --format parquet --output data/products_pq
+
 Evaluation and export read a split whole, in its natural order, into memory (`SplitRows`, the
 part of `records.ArrayRecordSource` the evaluator uses): a split's table of distinct queries and
 documents needs every row, and documents are then embedded from their first row, by random access.
@@ -35,6 +40,7 @@ Image bytes are kept once per product.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -389,3 +395,32 @@ def write_rows(rows: Sequence[Mapping[str, Any]], folder: str | os.PathLike, *, 
     return [str(write.write_tfds_rows({split_name: rows}, folder, name=tfds_name,
                                       kinds={**FIELD_KINDS, "key": "text"}))]
   raise ValueError(f"write_rows: format must be webdataset, parquet or tfds, got {fmt!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """`mmcl data build product-rows --input DIR --format F --output OUT`: writes every split of a
+  product-search ArrayRecord set as OUT/<split>/ in format F (webdataset, parquet or tfds: one
+  build `product_rows` in OUT), ready for data.source (the spec is printed)."""
+  p = argparse.ArgumentParser(prog="mmcl data build product-rows", description=main.__doc__)
+  p.add_argument("--input", required=True, help="a query_document ArrayRecord dataset")
+  p.add_argument("--format", required=True, choices=("webdataset", "parquet", "tfds"))
+  p.add_argument("--output", required=True)
+  p.add_argument("--per_shard", type=int, default=1000, help="rows per shard / file")
+  args = p.parse_args(argv)
+  out = pathlib.Path(args.output)
+  if out.exists() and any(out.iterdir()):
+    raise FileExistsError(f"--output {out} is not empty; rows are written into a new folder")
+  splits = list(products.open_split(args.input, products.SPLITS[0])[1]["splits"])
+  rows = {s: export_rows(args.input, s) for s in splits}
+  if args.format == "tfds":
+    from data_pipelines.sources import write  # pylint: disable=g-import-not-at-top
+    write.write_tfds_rows(rows, out, name="product_rows", kinds={**FIELD_KINDS, "key": "text"})
+    spec = f"tfds:product_rows:{{split}}@{out}"
+  else:
+    for split, split_rows in rows.items():
+      write_rows(split_rows, out / split, fmt=args.format, per_shard=args.per_shard)
+    spec = (f"webdataset:{out}/{{split}}/*.tar" if args.format == "webdataset"
+            else f"parquet:{out}/{{split}}/*.parquet")
+  print(f"{sum(map(len, rows.values()))} rows of splits {splits} in {out}; train with "
+        f"--set data.source='{spec}' --set data.tokenizer={pathlib.Path(args.input)}/"
+        f"tokenizer.json")

@@ -500,7 +500,7 @@ class ImageTextData:
                tokenizer_captions: int = 100_000, holdout_fraction: float = 0.02,
                eval_source: str = "", eval_examples: int = 5000, shuffle_buffer: int = 1000,
                cache_dir: str = "", augment: bool = True, skip_bad_records: bool = False,
-               decode_threads: int = 0):
+               decode_threads: int = 0, worker_count: int = 0):
     if not 0.0 <= holdout_fraction < 1.0:
       raise spec_lib.SourceConfigError(f"config key data.holdout_fraction must be in [0, 1), "
                                        f"got {holdout_fraction}")
@@ -515,7 +515,8 @@ class ImageTextData:
     self.eval_examples, self.shuffle_buffer = eval_examples, shuffle_buffer
     self.seed, self.image_size, self.max_text_len = seed, image_size, max_text_len
     self.augment, self.skip_bad_records = augment, skip_bad_records
-    self.decode_threads = decode_threads or min(os.cpu_count() or 1, 16)
+    # Worker processes are the parallelism when there are any: one decode thread each.
+    self.decode_threads = decode_threads or (1 if worker_count else min(os.cpu_count() or 1, 16))
     if tokenizer:
       self.tokenizer_path = pathlib.Path(tokenizer)
       self.tokenizer = tokenizer_lib.TextTokenizer.load(self.tokenizer_path)
@@ -538,7 +539,8 @@ class ImageTextData:
                eval_examples=int(g("eval_examples")), shuffle_buffer=int(g("shuffle_buffer")),
                cache_dir=g("cache_dir"), augment=bool(g("augment")),
                skip_bad_records=bool(g("skip_bad_records")),
-               decode_threads=int(g("decode_threads")))
+               decode_threads=int(g("decode_threads")),
+               worker_count=int(g("worker_count")) if "worker_count" in data else 0)
 
   def transform(self, *, train: bool) -> ImageTextTransform:
     return ImageTextTransform(image_size=self.image_size, max_text_len=self.max_text_len,
