@@ -152,6 +152,17 @@ def test_resume_from_the_iterator_state_continues_exactly(product_rows):
   _assert_batches_equal(_take(fresh, 6), reference[28:])
 
 
+def test_two_hosts_read_whole_disjoint_shards(product_rows):
+  reader = _splits(product_rows["webdataset"]).reader("train")
+  per_host = [[b[0] for b in stream.StreamedBatches(reader, stream.StreamOptions(
+      batch_size=1, seed=0, process_index=p, process_count=2, num_epochs=1, shuffle_buffer=64))]
+              for p in range(2)]
+  files = [{r["path"] for r in rows} for rows in per_host]
+  assert not files[0] & files[1] and len(files[0] | files[1]) == len(reader.files) == 5
+  keys = [[r["key"] for r in rows] for rows in per_host]
+  assert sorted(keys[0] + keys[1]) == [r["key"] for r in product_rows["rows"]["train"]]
+
+
 def test_worker_processes_give_the_same_batches_and_resume(product_rows):
   reference = _take(_iterator(product_rows, product_rows["parquet"]), 7)
   it = _iterator(product_rows, product_rows["parquet"], worker_count=2)
