@@ -226,7 +226,7 @@ class ProductSplits:
     if self.scheme == "arrayrecord":
       raise spec_lib.SourceConfigError(f"data source {source!r}: ArrayRecord datasets are read by "
                                        "data_pipelines.records, not as streamed splits")
-    columns = dict(columns or {})  # (no field is named as what `stream` adds: path, record, ...)
+    columns = dict(columns or {})
     unknown = sorted(set(columns) - set(FIELD_KINDS))
     if unknown:
       raise spec_lib.SourceConfigError(f"data.columns: unknown field(s) {unknown}; the fields are "
@@ -305,7 +305,7 @@ class ProductSplits:
   def metadata(self, tokenizer: tokenizer_lib.TextTokenizer | None,
                tokenizer_path: pathlib.Path | None) -> dict[str, Any]:
     """What `products.batch_maker` and the task read of a dataset's metadata."""
-    names = [f for f in self.fields] + [f"{f}_ids" for f in self.text_fields]
+    names = list(self.fields) + [f"{f}_ids" for f in self.text_fields]
     meta: dict[str, Any] = {"kind": "query_document", "schema": [{"name": n} for n in names],
                             "has_images": self.has_images, "source": self.source,
                             "special_token_ids": {"pad": tokenizer_lib.PAD_ID,
