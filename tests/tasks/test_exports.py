@@ -103,16 +103,15 @@ def _gcl(products_dir, **_):
   task, params = _task("gcl.py:tiny", **{"data.dir": str(products_dir), "data.image_size": 16,
                                           "data.global_batch_size": 16,
                                           "model.image.patch_size": 8})
-  source, table, batch, queries = task._export_inputs(task.config.task.eval_splits[0], rows=9)
-  source.close()
+  batch, queries = task.export_inputs(task.config.task.eval_splits[0], rows=9)
   raw = {"query": queries["query"].tolist()}
-  expected = {"query": np.asarray(task.embed_queries(params, queries["query"]))}
+  expected = {"query": np.asarray(task.towers.embed_queries(params, queries["query"]))}
   for field in task.doc_fields:
     raw[f"doc_{field}"] = batch[field].tolist()
     # The task's fusion with only this field present is the field's own unit embedding.
     alone = {**batch, **{f"has_{f}": np.full(9, f == field) for f in task.doc_fields}}
-    expected[f"doc_{field}"] = np.asarray(task.embed_documents(params, alone)[0])
-  fused, _ = task.embed_documents(params, {k: v for k, v in batch.items()})
+    expected[f"doc_{field}"] = np.asarray(task.towers.embed_documents(params, alone)[0])
+  fused, _ = task.towers.embed_documents(params, {k: v for k, v in batch.items()})
   expected["fused"] = np.asarray(fused)
   expected["present"] = {f: batch[f"has_{f}"] for f in task.doc_fields}
   return task, params, raw, expected
