@@ -120,10 +120,11 @@ def _gcl(products_dir, **_):
 def _artists(artists_dir, **_):
   from data_pipelines.recipes import artists
   from mmcl.tasks.artist_retrieval import evaluate as artist_eval
+  from mmcl.tasks.artist_retrieval.model import artist_rows
   task, params = _task("artist_retrieval.py:tiny", **{"data.dir": str(artists_dir)})
   cat = artists.read_split(artists_dir, "catalogue")
   raw, expected = {}, {}
-  proj = task.embed_catalogue(params, cat)  # the evaluator's projections of the catalogue
+  proj = task.net.embed_catalogue(params, cat)  # the evaluator's projections of the catalogue
   for m in task.modalities:
     rows = np.flatnonzero(cat[f"has_{m}"])[:9]
     raw[m], expected[m] = cat[m][rows].tolist(), proj[m][rows]
@@ -132,7 +133,7 @@ def _artists(artists_dir, **_):
   avail = {m: cat[f"has_{m}"] for m in task.modalities}
   fused = artist_eval.l2_normalize(sum(proj[m] * avail[m][:, None] for m in task.modalities))
   assert not all(np.all(avail[m][:12]) for m in task.modalities)
-  raw["artist"] = task._artist_rows(cat)[:12].tolist()
+  raw["artist"] = artist_rows(cat, task.modalities)[:12].tolist()
   expected["artist"] = fused[:12]
   return task, params, raw, expected
 
