@@ -145,7 +145,7 @@ def _loev(variant):
     audio = np.stack([0.3 * np.sin(2 * np.pi * f * t) * np.exp(-d * t)
                       for f, d in zip((220, 330, 440, 550, 660, 880, 990), (0, 1, 2, 3, 4, 5, 6))]
                      ).astype(np.float32)
-    reps = task.embed(params, audio, batch_size=8)  # the evaluator's representations
+    reps = task.net.embed(params, audio, batch_size=8)  # the evaluator's representations
     expected = {"whole": reps["whole"]}
     for name in task.head_names():
       expected[name] = reps[f"sub/{name}"]

@@ -46,11 +46,11 @@ def test_loss_is_mean_of_supcon_heads_with_exclusions(tmp_path):
   glob = mesh_lib.host_batch_to_global(task.mesh, batch)
   loss_fn = jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(0), train=True))
   loss, metrics = loss_fn(params, glob)
-  feats = task.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
+  feats = task.net.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
   clip_ids = jnp.repeat(jnp.arange(8), 2)
   applied = jnp.asarray(batch["applied"]).reshape(16, -1)
   refs = []
-  for h, z in enumerate(task.head_outputs(params, feats)):
+  for h, z in enumerate(task.net.head_outputs(params, feats)):
     z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
     refs.append(float(supcon(z, logit_scale=10.0, clip_ids=clip_ids,
                              exclude=None if h == 0 else applied[:, h - 1], impl="dense")))
@@ -155,7 +155,7 @@ def test_linear_heads_and_the_four_view_variant(tmp_path):
   rng = np.random.default_rng(0)
   width = params["heads"]["head_1"]["out"]["kernel"].shape[0]  # the branch's feature width
   a, b = (jnp.asarray(rng.normal(size=(3, task.num_heads, width)), jnp.float32) for _ in range(2))
-  h = lambda f: np.asarray(task.head_outputs(params, f)[1])  # noqa: E731
+  h = lambda f: np.asarray(task.net.head_outputs(params, f)[1])  # noqa: E731
   np.testing.assert_allclose(h(a + b), h(a) + h(b) - h(jnp.zeros_like(a)), atol=1e-5)
   # The loss takes four views per clip (v = 4) and is finite.
   rng = np.random.default_rng(1)
@@ -175,7 +175,7 @@ def test_no_projection_heads(tmp_path):
   batch = _batch(task)
   glob = mesh_lib.host_batch_to_global(task.mesh, batch)
   loss, _ = task.loss(params, glob, jax.random.PRNGKey(0), train=True)
-  feats = task.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
+  feats = task.net.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
   clip = jnp.repeat(jnp.arange(8), 2)
   applied = jnp.asarray(batch["applied"]).reshape(16, -1)
   ref = []
