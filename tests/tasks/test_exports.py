@@ -92,10 +92,10 @@ def _mmsrec(group_seq_dir, **_):
   user_items, _ = seqrec.load_interactions(task.config.data.dir)
   _, history, _ = seqrec.eval_cases(user_items, "test", task.config.data.max_len)
   items = np.arange(1, 10)
-  content = np.concatenate([f[items] for f in task.features_np], axis=1)  # ID-free item input
+  content = np.concatenate([f[items] for f in task.net.features], axis=1)  # ID-free item input
   raw = {"user": [[f"i{j}" for j in row if j] for row in history[:9]], "item": content.tolist()}
-  expected = {"user": np.asarray(jax.jit(task._query)(params, history[:9])),
-              "item": np.asarray(jax.jit(task.item_tower)(params, items))}
+  expected = {"user": np.asarray(jax.jit(task.net.query)(params, history[:9])),
+              "item": np.asarray(jax.jit(task.net.item_tower)(params, items))}
   return task, params, raw, expected
 
 

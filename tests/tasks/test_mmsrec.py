@@ -8,7 +8,7 @@ import pytest
 from mmcl.config import load_config_file
 from mmcl.models.layers import l2_normalize
 from mmcl.tasks import get_task_class
-from mmcl.tasks.mmsrec.data import cold_items
+from mmcl.tasks.mmsrec.data import cold_items, original_items
 from mmcl.train import loop as loop_lib
 from mmcl.train.metric_log import read_metrics
 
@@ -79,12 +79,12 @@ def test_pretraining_loss_goes_down_and_transfers(text_seq_dir, tmp_path):
 def _plain_cloze_loss(task, params, batch, rng):
   """The cloze loss as first written, in plain jnp over the [B, L, N + 1] logits (the reference)."""
   import jax.numpy as jnp
-  items = task._original(batch)
+  items = original_items(batch, task.cold_np)
   k_seq, k_item = jax.random.split(rng)
   masked = (batch["labels"] > 0) & (items != 0)
   masked = masked.at[:, -1].set(items[:, -1] != 0)
-  h = l2_normalize(task.encode_sequences(params, items, masked, train=True, rng=k_seq))
-  cand = task.item_tower(params, train=True, rng=k_item)
+  h = l2_normalize(task.net.encode_sequences(params, items, masked, train=True, rng=k_seq))
+  cand = task.net.item_tower(params, train=True, rng=k_item)
   logits = jnp.einsum("bld,nd->bln", h, cand) / task.config.task.temperature
   blocked = jnp.asarray(task.cold_np).at[0].set(True)
   logits = jnp.where(blocked[None, None], -1e9, logits)
