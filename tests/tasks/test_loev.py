@@ -75,7 +75,7 @@ def test_variants_heads_and_branches(tmp_path):
   assert list(p1["heads"]) == ["head_0"] and simclr.head_names() == ["invariant"]
   branches = sorted(k for k in p3["trunk"] if k.startswith("last_stage_branch_"))
   assert branches == ["last_stage_branch_0", "last_stage_branch_1", "last_stage_branch_2"]
-  feats = pp.features(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
+  feats = pp.net.features(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
   assert feats.shape == (2, 3, 2 * pp.config.model.channels[-1])
   long = _config("simclr_long")
   assert long.task.variant == "simclr" and long.data.view_bank == 8
@@ -96,12 +96,12 @@ def test_variants_heads_and_branches(tmp_path):
   assert float(jnp.abs(feats[:, 0] - feats[:, 1]).max()) > 1e-4
   # Evaluation spaces: loev++ subspaces are the branches, plus each head's projection of its branch.
   audio = np.full((3, pp.out_samples), 0.01, np.float32)
-  emb = pp.embed(p3, audio, batch_size=2)
+  emb = pp.net.embed(p3, audio, batch_size=2)
   assert sorted(emb) == sorted(["whole"] + [f"{kind}/{h}" for kind in ("sub", "head")
                                              for h in pp.head_names()])
   assert emb["sub/pitch"].shape == (3, 2 * pp.config.model.channels[-1])
   assert emb["head/pitch"].shape == (3, pp.config.model.head_dim)
-  assert sorted(simclr.embed(p1, audio, batch_size=2)) == ["sub/invariant", "whole"]
+  assert sorted(simclr.net.embed(p1, audio, batch_size=2)) == ["sub/invariant", "whole"]
 
 
 def test_learns_on_a_fixed_batch(tmp_path):
