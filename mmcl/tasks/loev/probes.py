@@ -8,6 +8,7 @@ candidate). Features are standardised with the training rows' statistics.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -162,7 +163,9 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float):
   from y are never predicted."""
   if len(np.unique(y)) < 2:  # one class: scikit-learn refuses to fit, the optimum predicts it
     return DummyClassifier(strategy="most_frequent").fit(x, y)
-  return LogisticRegression(C=1.0 / (l2 * len(y)), solver="lbfgs", max_iter=300).fit(x, y)
+  with warnings.catch_warnings():  # 24 keys over a few dozen clips is a classification all the same
+    warnings.filterwarnings("ignore", message="The number of unique classes", category=UserWarning)
+    return LogisticRegression(C=1.0 / (l2 * len(y)), solver="lbfgs", max_iter=300).fit(x, y)
 
 
 def logistic_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
