@@ -7,6 +7,13 @@ Procedural product-search set (built-in, Marqo-GS schema; a few seconds to build
   mmcl train --config experiments/gcl.py --workdir workdirs/gcl_products
   mmcl eval  --workdir workdirs/gcl_products
 
+The same rows streamed from parquet files (or webdataset shards, a tfds build), one folder per
+split, without a conversion at training time (data.source; BUILD.md, Streamed sources):
+
+  mmcl data build product-rows --input data/products --format parquet --output data/products_pq
+  mmcl train --config experiments/gcl.py --workdir workdirs/gcl_parquet \
+      --set data.source='parquet:data/products_pq/{split}/*.parquet'
+
 Real product photos (../shared/data/fashion-product-images, see data_pipelines/recipes/fashion_search.py):
 
   mmcl data build fashion-search --input ../shared/data/fashion-product-images \

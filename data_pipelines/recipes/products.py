@@ -479,6 +479,12 @@ class MultiFieldBatch:
     else:
       recs = [keep(r) for r in image_text._read_rows(source, indices)]  # pylint: disable=protected-access
       images = np.zeros((len(recs), self.image_size, self.image_size, 3), np.uint8)
+    return self.assemble(recs, images)
+
+  def assemble(self, recs: Sequence[Mapping[str, Any]], images: np.ndarray
+               ) -> dict[str, np.ndarray]:
+    """The batch of records `recs` (fields as in the schema, without the image) whose images
+    are already decoded: images [b, S, S, 3] uint8."""
     if self.text_tokenizer is None:
       pad = lambda field: tokenizer_lib.pad_or_truncate([r[f"{field}_ids"] for r in recs],
                                                         self.max_text_len)

@@ -3,7 +3,13 @@
 `data.source` specs (`spec`): `arrayrecord:DIR` (datasets of `data_pipelines.records`, read by
 `data_pipelines.image_text`), `webdataset:PATTERN` (tar shards, `webdataset`), `tfds:NAME[/CONFIG]
 [:SPLIT]@DATA_DIR` (an ArrayRecord tfds build, `tfds`), `parquet:GLOB` (`parquet`). Image–text
-pipelines over the last three: `pairs`; the streaming order contract and exact resume: `stream`.
+pipelines over the last three: `pairs`; the streaming order contract, exact resume and worker
+processes: `stream`; what a reader takes of each record: `columns`.
+
+Tasks and their `data.source`: clip (image–text pairs, all four schemes) and gcl (product-search
+rows, one source per split, `data_pipelines.recipes.product_sources`) stream; mmsrec, demure and
+artist_retrieval read ArrayRecord datasets only (`arrayrecord_dir`: they need random access to an
+item or artist catalogue), as do sasrec and loev (no `data.source` key).
 """
 
 from __future__ import annotations
@@ -45,10 +51,32 @@ CONFIG_KEYS: dict[str, tuple[Any, str]] = {
     "shuffle_buffer": (1000, "streamed sources: window of consecutive samples shuffled together "
                              "(besides the per-epoch shard order)"),
     "decode_threads": (0, "threads decoding the images of each batch of a webdataset/tfds/parquet "
-                          "source (0 = one per CPU core, at most 16); batches do not depend on it"),
+                          "source (0 = one per CPU core, at most 16, or 1 per worker process with "
+                          "data.worker_count > 0); batches do not depend on it"),
     "cache_dir": ("", "where tokenizers trained from a source are kept ('' = "
                       "$XDG_CACHE_HOME/mmcl or ~/.cache/mmcl)"),
 }
+
+
+def arrayrecord_dir(source: str, data_dir: str, *, needs: str) -> str:
+  """The dataset directory of a task that reads ArrayRecord datasets only: `source` '' →
+  `data_dir`, `arrayrecord:DIR` → DIR; any other scheme is a SourceConfigError saying why
+  (`needs`: what the task reads by random access, which a stream cannot give)."""
+  if not source:
+    return data_dir
+  spec = parse(source)
+  if spec.scheme != "arrayrecord":
+    raise SourceConfigError(f"this task reads ArrayRecord datasets only (it needs {needs}, which "
+                            f"a {spec.scheme} stream cannot give); use arrayrecord:DIR or "
+                            "data.dir")
+  return spec.location
+
+
+def define_arrayrecord_only(section: Any, needs: str) -> None:
+  """Declares `source` on a data section of a task that reads ArrayRecord datasets only."""
+  if "source" not in section:
+    section.define("source", "", f"'' = data.dir, or arrayrecord:DIR; webdataset/tfds/parquet "
+                                 f"sources are refused: the task needs {needs}")
 
 
 def define_config(section: Any) -> None:
@@ -59,4 +87,4 @@ def define_config(section: Any) -> None:
 
 
 __all__ = ["BadRecordError", "CONFIG_KEYS", "SCHEMES", "SourceConfigError", "SourceSpec",
-           "define_config", "parse"]
+           "arrayrecord_dir", "define_arrayrecord_only", "define_config", "parse"]

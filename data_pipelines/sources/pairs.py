@@ -35,7 +35,7 @@ import math
 import os
 import pathlib
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -57,16 +57,96 @@ IMAGE_STD = image_ops.CLIP_STD
 # The per-example transform, over lists of raw records.
 
 
+def report_bad(record: dict, field: str, reason: str, skip: bool) -> None:
+  """Raises (or with `skip` logs and counts) a BadRecordError for a raw record's `field`."""
+  stream.handle_bad(spec_lib.BadRecordError(
+      path=record["path"], key=record["key"], position=record["record"], field=field,
+      reason=reason, split=record.get("split", "train")), skip)
+
+
+def decode_images(records: Sequence[dict], *, image_size: int, augment: bool,
+                  crop_scale: tuple[float, float], seed: int, skip_bad_records: bool,
+                  decode_threads: int = 1, field: str = "image"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes the encoded images of a batch of raw records into crops.
+
+  Each record carries `field` (bytes), key, index (int), epoch, path, record; the crop box and
+  flip are drawn per (seed, epoch, index) (random-resized crop + flip with `augment`, else the
+  centre square). `decode_threads` > 1 decodes in that many threads (PIL releases the GIL while
+  decoding and resizing); the result does not depend on it. A record marked `reported` (already
+  counted as bad) or whose image does not decode is reported (`report_bad`) and its row takes
+  the next good row of the batch (cyclically), so batches keep their shape and stay
+  deterministic.
+
+  Returns:
+    images: [b, S, S, 3] uint8; source_row: [b] int64, the record each row's image (and so every
+    other field of the row) comes from.
+  """
+  b, s = len(records), image_size
+  opened: list[Any] = [None] * b
+  for r, rec in enumerate(records):
+    if rec.get("reported"):
+      continue
+    try:
+      opened[r] = image_ops.open_image(rec[field])
+    except ValueError as e:
+      report_bad(rec, field, str(e), skip_bad_records)
+  ok = [r for r in range(b) if opened[r] is not None]
+  sizes = np.asarray([opened[r].size for r in ok], np.int64).reshape(-1, 2)
+  indices = np.asarray([records[r]["index"] for r in ok], np.int64)
+  epochs = np.asarray([records[r].get("epoch", 0) for r in ok], np.int64)
+  if not augment:
+    boxes, flips = (image_ops.center_crop_boxes(sizes[:, 1], sizes[:, 0]),
+                    np.zeros(len(indices), bool))
+  else:
+    boxes, flips = np.zeros((len(indices), 4)), np.zeros(len(indices), bool)
+    for e in np.unique(epochs).tolist():  # a batch spans at most two epochs
+      rows = np.flatnonzero(epochs == e)
+      boxes[rows] = image_ops.random_resized_crop_boxes(
+          sizes[rows, 1], sizes[rows, 0], seed=seed, epoch=int(e), indices=indices[rows],
+          scale=crop_scale)
+      flips[rows] = image_ops.flip_mask(seed=seed, epoch=int(e), indices=indices[rows])
+  images = np.empty((b, s, s, 3), np.uint8)
+  good = np.zeros(b, bool)
+
+  def decode(j: int) -> str:
+    r = ok[j]
+    try:
+      images[r] = image_ops.decode_crop_resize(opened[r], boxes[j], s, flip=bool(flips[j]))
+      return ""
+    except ValueError as e:  # pixel data corrupt although the header parsed
+      return str(e)
+
+  if decode_threads > 1 and len(ok) > 1:
+    with concurrent.futures.ThreadPoolExecutor(min(decode_threads, len(ok))) as pool:
+      reasons = list(pool.map(decode, range(len(ok))))
+  else:
+    reasons = [decode(j) for j in range(len(ok))]
+  for j, r in enumerate(ok):  # reported in row order, whatever the threads did
+    if reasons[j]:
+      report_bad(records[r], field, reasons[j], skip_bad_records)
+    else:
+      good[r] = True
+  if not good.any():
+    raise spec_lib.SourceConfigError(f"every sample of a batch is bad (first: "
+                                     f"{records[0]['path']}, sample {records[0]['key']!r})")
+  source_row = np.arange(b)
+  for r in np.flatnonzero(~good).tolist():
+    k = r
+    while not good[k]:
+      k = (k + 1) % b
+    source_row[r] = k
+    images[r] = images[k]
+  return images, source_row
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageTextTransform:
   """Raw records → {image [b, S, S, 3] uint8, text [b, L] int32, index [b] int64}.
 
   Images stay uint8 pixels (a quarter of float32's bytes); the model's image tower normalises
-  them on the device with IMAGE_MEAN / IMAGE_STD, as for the ArrayRecord path.
-
-  Each record carries image (bytes), caption, key, index (int), epoch, path, position.
-  `decode_threads` > 1 decodes the rows of a batch in that many threads (PIL releases the GIL
-  while decoding and resizing); the result does not depend on it.
+  them on the device with IMAGE_MEAN / IMAGE_STD, as for the ArrayRecord path. Decoding,
+  augmentation and bad samples: `decode_images`.
   """
   image_size: int
   max_text_len: int
@@ -77,73 +157,11 @@ class ImageTextTransform:
   skip_bad_records: bool = False
   decode_threads: int = 1
 
-  def _bad(self, record: dict, field: str, reason: str) -> None:
-    stream.handle_bad(spec_lib.BadRecordError(
-        path=record["path"], key=record["key"], position=record["position"], field=field,
-        reason=reason, split=record.get("split", "train")), self.skip_bad_records)
-
-  def _boxes(self, sizes: np.ndarray, indices: np.ndarray, epochs: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """sizes: [b, 2] (w, h) → boxes [b, 4], flips [b] bool, drawn per (seed, epoch, index)."""
-    if not self.augment:
-      return (image_ops.center_crop_boxes(sizes[:, 1], sizes[:, 0]),
-              np.zeros(len(indices), bool))
-    boxes, flips = np.zeros((len(indices), 4)), np.zeros(len(indices), bool)
-    for e in np.unique(epochs).tolist():  # a batch spans at most two epochs
-      rows = np.flatnonzero(epochs == e)
-      boxes[rows] = image_ops.random_resized_crop_boxes(
-          sizes[rows, 1], sizes[rows, 0], seed=self.seed, epoch=int(e), indices=indices[rows],
-          scale=self.crop_scale)
-      flips[rows] = image_ops.flip_mask(seed=self.seed, epoch=int(e), indices=indices[rows])
-    return boxes, flips
-
   def __call__(self, records: Sequence[dict]) -> dict[str, np.ndarray]:
-    b, s = len(records), self.image_size
-    opened: list[Any] = [None] * b
-    for r, rec in enumerate(records):
-      if rec.get("reported"):
-        continue
-      try:
-        opened[r] = image_ops.open_image(rec["image"])
-      except ValueError as e:
-        self._bad(rec, "image", str(e))
-    ok = [r for r in range(b) if opened[r] is not None]
-    sizes = np.asarray([opened[r].size for r in ok], np.int64).reshape(-1, 2)
-    indices = np.asarray([records[r]["index"] for r in ok], np.int64)
-    epochs = np.asarray([records[r].get("epoch", 0) for r in ok], np.int64)
-    boxes, flips = self._boxes(sizes, indices, epochs)
-    images = np.empty((b, s, s, 3), np.uint8)
-    good = np.zeros(b, bool)
-
-    def decode(j: int) -> str:
-      r = ok[j]
-      try:
-        images[r] = image_ops.decode_crop_resize(opened[r], boxes[j], s, flip=bool(flips[j]))
-        return ""
-      except ValueError as e:  # pixel data corrupt although the header parsed
-        return str(e)
-
-    if self.decode_threads > 1 and len(ok) > 1:
-      with concurrent.futures.ThreadPoolExecutor(min(self.decode_threads, len(ok))) as pool:
-        reasons = list(pool.map(decode, range(len(ok))))
-    else:
-      reasons = [decode(j) for j in range(len(ok))]
-    for j, r in enumerate(ok):  # reported in row order, whatever the threads did
-      if reasons[j]:
-        self._bad(records[r], "image", reasons[j])
-      else:
-        good[r] = True
-    if not good.any():
-      raise spec_lib.SourceConfigError(f"every sample of a batch is bad (first: "
-                                       f"{records[0]['path']}, sample {records[0]['key']!r})")
-    # A skipped row takes the next good row of the batch (cyclically).
-    source_row = np.arange(b)
-    for r in np.flatnonzero(~good).tolist():
-      k = r
-      while not good[k]:
-        k = (k + 1) % b
-      source_row[r] = k
-      images[r] = images[k]
+    images, source_row = decode_images(
+        records, image_size=self.image_size, augment=self.augment, crop_scale=self.crop_scale,
+        seed=self.seed, skip_bad_records=self.skip_bad_records,
+        decode_threads=self.decode_threads)
     captions = [records[k]["caption"] for k in source_row.tolist()]
     index = np.asarray([records[k]["index"] for k in source_row.tolist()], np.int64)
     return {"image": images,
@@ -230,7 +248,7 @@ class PairSource:
         stream.handle_bad(raw, skip)
         # Already reported: the transform replaces the row without reporting it again.
         raw = {"image": b"", "caption": "", "key": self.reader.key(i), "reported": True}
-      out.append(dict(raw, path=self.reader.path, position=i, index=i, epoch=epoch,
+      out.append(dict(raw, path=self.reader.path, record=i, index=i, epoch=epoch,
                       split=self.spec.split))
     return out
 
@@ -399,12 +417,21 @@ def table_batches(table: RecordTable, transform: ImageTextTransform, *, batch_si
       process_count=process_count, pad=pad))
 
 
-def to_iterator(ds, *, num_threads: int = 2, prefetch_buffer_size: int = 4
-                ) -> grain.DatasetIterator:
-  """A checkpointable iterator with background prefetch, for either dataset kind."""
+def to_iterator(ds, *, num_threads: int = 2, prefetch_buffer_size: int = 4,
+                worker_count: int = 0) -> grain.DatasetIterator:
+  """A checkpointable iterator with background prefetch, for either dataset kind.
+
+  worker_count > 0 maps (decodes, augments) the batches in that many grain worker processes:
+  a streamed source's batches are dealt round robin (`stream` module docstring), a
+  random-access one's by grain's slicing; either way the batches and their order are those of
+  worker_count = 0 (the entry point needs a `__main__` guard: workers are spawned)."""
   if isinstance(ds, grain.MapDataset):
     return image_text.to_iterator(ds, num_threads=num_threads,
-                                  prefetch_buffer_size=prefetch_buffer_size)
+                                  prefetch_buffer_size=prefetch_buffer_size,
+                                  worker_count=worker_count)
+  if worker_count > 0:
+    image_text.mark_flags_parsed()
+    return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count)))
   if prefetch_buffer_size > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_buffer_size)
   return iter(ds)
@@ -419,29 +446,41 @@ def default_cache_dir() -> pathlib.Path:
   return pathlib.Path(base) / "mmcl"
 
 
-def source_tokenizer(source: PairSource, *, vocab_size: int, num_captions: int,
-                     holdout_fraction: float, cache_dir: str | os.PathLike | None = None
+def cached_tokenizer(key: Any, texts: Callable[[], list[str]], *, vocab_size: int,
+                     cache_dir: str | os.PathLike | None = None, what: str = "texts"
                      ) -> tuple[tokenizer_lib.TextTokenizer, pathlib.Path]:
-  """A BPE tokenizer trained on the first `num_captions` training captions of `source`
-  (deterministic), cached as `<cache_dir>/tokenizers/<fingerprint>.json` so the trainer, the
-  evaluator and the exporter share one file. Returns (tokenizer, its path)."""
-  key = hashlib.sha256(json.dumps([source.fingerprint(), vocab_size, num_captions,
-                                   holdout_fraction]).encode()).hexdigest()[:24]
+  """A BPE tokenizer of `vocab_size` trained on `texts()` (deterministic), cached as
+  `<cache_dir>/tokenizers/<hash of key>.json` so the trainer, the evaluator and the exporter
+  share one file. `key` (JSON-able) must change whenever the texts would. Returns (tokenizer,
+  its path)."""
+  digest = hashlib.sha256(json.dumps([key, vocab_size]).encode()).hexdigest()[:24]
   folder = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
-  path = folder / "tokenizers" / f"{key}.json"
+  path = folder / "tokenizers" / f"{digest}.json"
   if path.is_file():
     return tokenizer_lib.TextTokenizer.load(path), path
-  captions = source.training_captions(num_captions, holdout_fraction)
-  if not captions:
-    raise spec_lib.SourceConfigError(f"data source {source.spec}: no training captions to train a "
-                                     "tokenizer on")
-  tok = tokenizer_lib.TextTokenizer.train(captions, vocab_size=vocab_size)
+  corpus = texts()
+  if not corpus:
+    raise spec_lib.SourceConfigError(f"no training {what} to train a tokenizer on")
+  tok = tokenizer_lib.TextTokenizer.train(corpus, vocab_size=vocab_size)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   tok.save(tmp)
   os.replace(tmp, path)
   return tok, path
 
+
+def source_tokenizer(source: PairSource, *, vocab_size: int, num_captions: int,
+                     holdout_fraction: float, cache_dir: str | os.PathLike | None = None
+                     ) -> tuple[tokenizer_lib.TextTokenizer, pathlib.Path]:
+  """A BPE tokenizer trained on the first `num_captions` training captions of `source`
+  (`cached_tokenizer`). Returns (tokenizer, its path)."""
+  try:
+    return cached_tokenizer(
+        [source.fingerprint(), num_captions, holdout_fraction],
+        lambda: source.training_captions(num_captions, holdout_fraction), vocab_size=vocab_size,
+        cache_dir=cache_dir, what="captions")
+  except spec_lib.SourceConfigError as e:
+    raise spec_lib.SourceConfigError(f"data source {source.spec}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,7 +500,7 @@ class ImageTextData:
                tokenizer_captions: int = 100_000, holdout_fraction: float = 0.02,
                eval_source: str = "", eval_examples: int = 5000, shuffle_buffer: int = 1000,
                cache_dir: str = "", augment: bool = True, skip_bad_records: bool = False,
-               decode_threads: int = 0):
+               decode_threads: int = 0, worker_count: int = 0):
     if not 0.0 <= holdout_fraction < 1.0:
       raise spec_lib.SourceConfigError(f"config key data.holdout_fraction must be in [0, 1), "
                                        f"got {holdout_fraction}")
@@ -476,7 +515,8 @@ class ImageTextData:
     self.eval_examples, self.shuffle_buffer = eval_examples, shuffle_buffer
     self.seed, self.image_size, self.max_text_len = seed, image_size, max_text_len
     self.augment, self.skip_bad_records = augment, skip_bad_records
-    self.decode_threads = decode_threads or min(os.cpu_count() or 1, 16)
+    # Worker processes are the parallelism when there are any: one decode thread each.
+    self.decode_threads = decode_threads or (1 if worker_count else min(os.cpu_count() or 1, 16))
     if tokenizer:
       self.tokenizer_path = pathlib.Path(tokenizer)
       self.tokenizer = tokenizer_lib.TextTokenizer.load(self.tokenizer_path)
@@ -499,7 +539,8 @@ class ImageTextData:
                eval_examples=int(g("eval_examples")), shuffle_buffer=int(g("shuffle_buffer")),
                cache_dir=g("cache_dir"), augment=bool(g("augment")),
                skip_bad_records=bool(g("skip_bad_records")),
-               decode_threads=int(g("decode_threads")))
+               decode_threads=int(g("decode_threads")),
+               worker_count=int(g("worker_count")) if "worker_count" in data else 0)
 
   def transform(self, *, train: bool) -> ImageTextTransform:
     return ImageTextTransform(image_size=self.image_size, max_text_len=self.max_text_len,
@@ -532,13 +573,15 @@ class ImageTextData:
 
   def train_iterator(self, *, global_batch_size: int, process_index: int = 0,
                      process_count: int = 1, num_epochs: int | None = None,
-                     num_threads: int = 2, prefetch_buffer_size: int = 4
+                     num_threads: int = 2, prefetch_buffer_size: int = 4, worker_count: int = 0
                      ) -> grain.DatasetIterator:
-    """This host's training batches; `get_state`/`set_state` resume exactly."""
+    """This host's training batches; `get_state`/`set_state` resume exactly; `worker_count`
+    grain worker processes decode them (`to_iterator`), giving the same batches."""
     return to_iterator(self.train_dataset(global_batch_size=global_batch_size,
                                           process_index=process_index,
                                           process_count=process_count, num_epochs=num_epochs),
-                       num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+                       num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size,
+                       worker_count=worker_count)
 
   def val_iterator(self, *, global_batch_size: int, process_index: int = 0,
                    process_count: int = 1) -> grain.DatasetIterator:

@@ -3,8 +3,9 @@ a stream, one row group at a time.
 
 The image column holds the encoded file (binary), or a struct with a `bytes` field (the Hugging
 Face `Image` feature); the caption column holds strings; the key column (optional) identifies the
-row, else the key is `<file name>/<row>`. Column names come from config keys; a wrong one is
-reported with the file and the columns it has.
+row, else the key is `<file name>/<row>`. Other tasks read other columns (`columns.Column`).
+Column names come from config keys; a wrong one is reported with the file, the config key and the
+columns the file has.
 """
 
 from __future__ import annotations
@@ -12,28 +13,35 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterator, Sequence
 
+from data_pipelines.sources import columns as columns_lib
 from data_pipelines.sources import spec as spec_lib
 
 
 class ParquetShards:
-  """Reads rows {image: bytes, caption: str, key: str} of parquet files, from any row.
+  """Reads rows {<column field>: value, ..., key: str} of parquet files, from any row.
 
   Args:
     files: the parquet paths in their natural (sorted) order.
-    image_column, caption_column: column names; key_column: '' = the column `key` when the
-      first file has one (img2dataset writes it), else `<file name>/<row>`.
+    image_column, caption_column: column names of the image–text default ({image: bytes,
+      caption: str, key} rows), when `columns` is not given.
+    columns: what to read (`columns.Column`; the first of its names the file has is read).
+    key_column: '' = the column `key` when the first file has one (img2dataset writes it), else
+      `<file name>/<row>`.
   """
 
   def __init__(self, files: Sequence[str], *, image_column: str = "image",
-               caption_column: str = "caption", key_column: str = ""):
+               caption_column: str = "caption", key_column: str = "",
+               columns: Sequence[columns_lib.Column] | None = None):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (optional dependency)
     self._pq = pq
     self.files = list(files)
-    self.image_column, self.caption_column, self.key_column = (image_column, caption_column,
-                                                               key_column)
+    self.columns = tuple(columns) if columns is not None else (
+        columns_lib.Column("image", (image_column,), "image", "data.image_field"),
+        columns_lib.Column("caption", (caption_column,), "text", "data.caption_field"))
+    self.key_column = key_column
     if not key_column and "key" in self._names(self.files[0]):
       self.key_column = "key"
-    self._check_columns(self.files[0])
+    self._chosen = self._check_columns(self.files[0])
 
   def __repr__(self) -> str:
     return f"ParquetShards({len(self.files)} files from {self.files[0]!r})"
@@ -48,9 +56,6 @@ class ParquetShards:
     self.__dict__.update(state)
     self._pq = pq
 
-  def _columns(self) -> list[str]:
-    return [c for c in (self.image_column, self.caption_column, self.key_column) if c]
-
   def _names(self, path: str) -> list[str]:
     try:
       return self._pq.ParquetFile(path).schema_arrow.names
@@ -59,14 +64,22 @@ class ParquetShards:
                                     reason=f"cannot read as parquet ({type(e).__name__}: {e})"
                                     ) from None
 
-  def _check_columns(self, path: str) -> None:
+  def _check_columns(self, path: str) -> dict[str, str]:
+    """{field: the column of `path` that holds it}; SourceConfigError for a missing one."""
     names = self._names(path)
-    for what, column in (("data.image_field", self.image_column),
-                         ("data.caption_field", self.caption_column),
-                         ("data.key_field", self.key_column)):
-      if column and column not in names:
-        raise spec_lib.SourceConfigError(f"{path}: no column {column!r} (config key {what}); "
-                                         f"the file has columns {names}")
+    chosen = {}
+    for col in self.columns:
+      found = next((n for n in col.names if n in names), None)
+      if found is None:
+        shown = col.names[0] if len(col.names) == 1 else f"any of {list(col.names)}"
+        raise spec_lib.SourceConfigError(f"{path}: no column {shown!r} (config key "
+                                         f"{col.config_key or col.field}); the file has columns "
+                                         f"{names}")
+      chosen[col.field] = found
+    if self.key_column and self.key_column not in names:
+      raise spec_lib.SourceConfigError(f"{path}: no column {self.key_column!r} (config key "
+                                       f"data.key_field); the file has columns {names}")
+    return chosen
 
   def read(self, shard: int, start: int = 0, keep: Callable[[str], bool] | None = None
            ) -> Iterator[tuple[int, dict | spec_lib.BadRecordError]]:
@@ -76,8 +89,7 @@ class ParquetShards:
     base = os.path.basename(path)
     try:
       f = self._pq.ParquetFile(path)
-      if shard:
-        self._check_columns(path)
+      chosen = self._check_columns(path) if shard else self._chosen
       row0 = 0
       groups = []
       for g in range(f.num_row_groups):
@@ -91,34 +103,33 @@ class ParquetShards:
       yield start, spec_lib.BadRecordError(path=path, key="", position=start, field="<file>",
                                            reason=f"cannot read as parquet ({type(e).__name__}: {e})")
       return
+    wanted = list(dict.fromkeys(list(chosen.values()) + ([self.key_column] if self.key_column
+                                                         else [])))
     for g, first in groups:
       try:
-        table = f.read_row_group(g, columns=self._columns())
-        images = table.column(self.image_column).to_pylist()
-        captions = table.column(self.caption_column).to_pylist()
+        table = f.read_row_group(g, columns=wanted)
+        values = {field: table.column(name).to_pylist() for field, name in chosen.items()}
         keys = table.column(self.key_column).to_pylist() if self.key_column else None
       except Exception as e:
         yield max(first, start), spec_lib.BadRecordError(
             path=path, key="", position=max(first, start), field="<row group>",
             reason=f"row group {g} unreadable ({type(e).__name__}: {e})")
         return
-      for i in range(max(0, start - first), len(images)):
+      for i in range(max(0, start - first), table.num_rows):
         row = first + i
         key = str(keys[i]) if keys is not None and keys[i] is not None else f"{base}/{row}"
         if keep is not None and not keep(key):
           continue
-        image = images[i]
-        if isinstance(image, dict):
-          image = image.get("bytes")
-        if not isinstance(image, (bytes, bytearray)) or not image:
-          yield row, spec_lib.BadRecordError(
-              path=path, key=key, position=row, field=self.image_column,
-              reason=f"expected encoded image bytes, found {type(image).__name__}")
+        sample, bad = {}, None
+        for col in self.columns:
+          value, why = columns_lib.convert(col, values[col.field][i])
+          if why:
+            bad = spec_lib.BadRecordError(path=path, key=key, position=row,
+                                          field=chosen[col.field], reason=why)
+            break
+          sample[col.field] = value
+        if bad is not None:
+          yield row, bad
           continue
-        caption = captions[i]
-        if not isinstance(caption, str):
-          yield row, spec_lib.BadRecordError(
-              path=path, key=key, position=row, field=self.caption_column,
-              reason=f"expected a string, found {type(caption).__name__}")
-          continue
-        yield row, {"image": bytes(image), "caption": caption.strip(), "key": key}
+        sample["key"] = key
+        yield row, sample

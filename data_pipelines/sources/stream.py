@@ -17,6 +17,17 @@ The iterator's state is (epoch, shard, offset, window, taken): the start of the 
 samples were emitted. Restoring seeks the file to that sample (skipping members unread), re-reads
 the window and continues exactly.
 
+Worker processes (`data.worker_count` = W > 0, grain's `mp_prefetch`): worker w gets the slice
+w::W of the batches (`StreamedBatches.set_slice`). Every worker reads the whole stream (reading
+is cheap next to decoding) but maps (decodes, augments) only batches w, w + W, ...; grain
+interleaves the workers round robin, so the batches and their order are those of W = 0. A
+worker's state adds `skip` (batches to pass over before its next one); grain keeps one state per
+worker. Bad samples met while reading are counted by worker 0 only (the others pass over them,
+or raise the same error), so the skip ledger counts each once.
+
+Samples: the reader's fields plus `path` (the shard file), `record` (the sample's position in
+it), `index` and `epoch`; readers' fields must not use these names.
+
 Keys: a sample's key (webdataset `__key__`, parquet key column or `<file>/<row>`) is hashed with a
 fixed (seed-independent) 64-bit hash; `key_fraction(key) < holdout_fraction` holds it out of
 training for validation and evaluation, and the hash's top 63 bits are the sample's `index` that
@@ -83,13 +94,13 @@ def handle_bad(error: spec_lib.BadRecordError, skip: bool) -> None:
 def natural_records(reader: ShardReader, *, skip_bad_records: bool,
                     keep: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
   """Every good sample (whose key `keep` accepts) in the source's natural order (files sorted,
-  then file order), with `path`, `position` and `index` added."""
+  then file order), with `path`, `record` (the position in that file) and `index` added."""
   for shard, path in enumerate(reader.files):
     for position, raw in reader.read(shard, 0, keep):
       if isinstance(raw, spec_lib.BadRecordError):
         handle_bad(raw, skip_bad_records)
         continue
-      yield dict(raw, path=path, position=position, index=key_index(raw["key"]))
+      yield dict(raw, path=path, record=position, index=key_index(raw["key"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +121,7 @@ class StreamedBatches(grain.IterDataset):
 
   def __init__(self, reader: ShardReader, options: StreamOptions):
     super().__init__()
+    self._slice = (0, 1)  # (first batch, step): this worker's batches (see `set_slice`)
     s, p = len(reader.files), options.process_count
     if s < p:
       raise spec_lib.SourceConfigError(
@@ -119,18 +131,32 @@ class StreamedBatches(grain.IterDataset):
       raise ValueError(f"batch_size and shuffle_buffer must be >= 1, got {options}")
     self.reader, self.options = reader, options
 
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    """Keeps batches sl.start, sl.start + sl.step, ... (grain calls this in worker process
+    sl.start of sl.step); the batches of the other workers are read and passed over."""
+    if sequential_slice:
+      raise ValueError("streamed sources are sliced by batch (round robin), not sequentially")
+    start, step = sl.start or 0, sl.step or 1
+    if sl.stop is not None or not 0 <= start < step:
+      raise ValueError(f"StreamedBatches.set_slice: expected slice(w, None, W) with 0 <= w < W, "
+                       f"got {sl}")
+    self._slice = (start, step)
+
   def __iter__(self) -> "_StreamIterator":
-    return _StreamIterator(self.reader, self.options)
+    return _StreamIterator(self.reader, self.options, self._slice)
 
   def __str__(self) -> str:
-    return f"StreamedBatches({self.reader!r}, {self.options})"
+    return f"StreamedBatches({self.reader!r}, {self.options}, slice={self._slice})"
 
 
 class _StreamIterator(grain.DatasetIterator):
 
-  def __init__(self, reader: ShardReader, options: StreamOptions):
+  def __init__(self, reader: ShardReader, options: StreamOptions,
+               batch_slice: tuple[int, int] = (0, 1)):
     super().__init__()
     self._reader, self._o = reader, options
+    self._first, self._step = batch_slice
+    self._skip = self._first  # batches to pass over before the next one this iterator returns
     self._state = {"epoch": 0, "shard": 0, "offset": 0, "window": 0, "taken": 0}
     self._window: list[dict] | None = None  # the current window, in emission order
     self._cursor = (0, 0, 0)  # (epoch, shard, offset) of the next sample to read
@@ -157,11 +183,12 @@ class _StreamIterator(grain.DatasetIterator):
       for position, raw in self._gen:
         self._cursor = (epoch, shard, position + 1)
         if isinstance(raw, spec_lib.BadRecordError):
-          handle_bad(raw, self._o.skip_bad_records)
+          if self._first == 0 or not self._o.skip_bad_records:
+            handle_bad(raw, self._o.skip_bad_records)
           continue
         if self._o.holdout_fraction and is_held_out(raw["key"], self._o.holdout_fraction):
           continue
-        return dict(raw, path=self._reader.files[int(shards[shard])], position=position,
+        return dict(raw, path=self._reader.files[int(shards[shard])], record=position,
                     index=key_index(raw["key"]), epoch=epoch)
       shard, offset = shard + 1, 0
       self._cursor, self._gen = (epoch, shard, 0), None
@@ -199,20 +226,33 @@ class _StreamIterator(grain.DatasetIterator):
     self._window = [samples[i] for i in order]
 
   # --- grain iterator protocol --------------------------------------------------------------------
-  def __next__(self) -> list[dict]:
+  def _take(self, keep: bool) -> list[dict]:
     batch = []
-    while len(batch) < self._o.batch_size:
+    for _ in range(self._o.batch_size):
       if self._window is None or self._state["taken"] >= len(self._window):
         self._fill()
-      batch.append(self._window[self._state["taken"]])
+      if keep:
+        batch.append(self._window[self._state["taken"]])
       self._state["taken"] += 1
     return batch
 
+  def __next__(self) -> list[dict]:
+    while self._skip:
+      self._take(keep=False)
+      self._skip -= 1
+    batch = self._take(keep=True)
+    self._skip = self._step - 1
+    return batch
+
   def get_state(self) -> dict[str, Any]:
-    return dict(self._state)
+    state = dict(self._state)
+    if self._step > 1:
+      state["skip"] = self._skip
+    return state
 
   def set_state(self, state: dict[str, Any]) -> None:
     st = {k: int(state[k]) for k in ("epoch", "shard", "offset", "window", "taken")}
+    self._skip = int(state.get("skip", 0)) if self._step > 1 else 0
     self._cursor = (st["epoch"], st["shard"], st["offset"])
     self._gen = None
     self._fill_at(st)

@@ -10,23 +10,32 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+
+from data_pipelines.sources import columns as columns_lib
 from data_pipelines.sources import spec as spec_lib
 
 
 class TfdsRecords:
-  """Random access to a tfds split: `read(indices)` → [{image, caption, key} | BadRecordError].
+  """Random access to a tfds split: `read(indices)` → [{<column field>: value, ..., key} |
+  BadRecordError].
 
   Args:
     spec: a parsed `tfds:` spec.
-    image_field, caption_field: feature names of the encoded image and the caption text.
+    image_field, caption_field: feature names of the encoded image and the caption text of the
+      image–text default ({image, caption, key} records), when `columns` is not given.
+    columns: what to read (`columns.Column`; the first of its names the build has is read).
   """
 
   def __init__(self, spec: spec_lib.SourceSpec, *, image_field: str = "image",
-               caption_field: str = "caption"):
+               caption_field: str = "caption",
+               columns: Sequence[columns_lib.Column] | None = None):
     self.spec = spec
-    self.image_field, self.caption_field = image_field, caption_field
+    self.columns = tuple(columns) if columns is not None else (
+        columns_lib.Column("image", (image_field,), "image", "data.image_field"),
+        columns_lib.Column("caption", (caption_field,), "text", "data.caption_field"))
     if not os.path.isdir(spec.location):
       raise FileNotFoundError(f"data source {spec}: tfds data_dir {spec.location} does not exist")
     builder = self._builder()
@@ -41,12 +50,18 @@ class TfdsRecords:
       raise spec_lib.SourceConfigError(f"data source {spec}: no split {spec.split!r} (splits: "
                                        f"{sorted(info.splits)})")
     names = sorted(info.features.keys())
-    for what, name in (("data.image_field", image_field), ("data.caption_field", caption_field)):
-      if name not in names:
-        raise spec_lib.SourceConfigError(f"data source {spec}: no feature {name!r} (config key "
-                                         f"{what}); the dataset has features {names}")
+    self._chosen = {}
+    for col in self.columns:
+      found = next((n for n in col.names if n in names), None)
+      if found is None:
+        shown = col.names[0] if len(col.names) == 1 else f"any of {list(col.names)}"
+        raise spec_lib.SourceConfigError(f"data source {spec}: no feature {shown!r} (config key "
+                                         f"{col.config_key or col.field}); the dataset has "
+                                         f"features {names}")
+      self._chosen[col.field] = found
     self.path = str(builder.data_dir)
     self._num_records = int(info.splits[spec.split].num_examples)
+    self.shard_lengths = [int(n) for n in info.splits[spec.split].shard_lengths]
     self._init_runtime()
 
   def _builder(self):
@@ -82,8 +97,9 @@ class TfdsRecords:
       with self._lock:
         if self._source is None:
           import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+          images = [self._chosen[c.field] for c in self.columns if c.kind == "image"]
           self._source = self._builder().as_data_source(
-              split=self.spec.split, decoders={self.image_field: tfds.decode.SkipDecoding()})
+              split=self.spec.split, decoders={n: tfds.decode.SkipDecoding() for n in images})
     return self._source
 
   def key(self, index: int) -> str:
@@ -105,30 +121,50 @@ class TfdsRecords:
     out: list[dict | spec_lib.BadRecordError] = []
     for i, row in zip(indices, rows):
       key = self.key(i)
+      bad = lambda field, reason: spec_lib.BadRecordError(  # noqa: E731
+          path=self.path, key=key, position=i, field=field, reason=reason, split=self.spec.split)
       if isinstance(row, Exception):
-        out.append(spec_lib.BadRecordError(path=self.path, key=key, position=i, field="<record>",
-                                           reason=f"{type(row).__name__}: {row}",
-                                           split=self.spec.split))
+        out.append(bad("<record>", f"{type(row).__name__}: {row}"))
         continue
-      image, caption = row.get(self.image_field), row.get(self.caption_field)
-      if isinstance(caption, bytes):
-        try:
-          caption = caption.decode("utf-8")
-        except UnicodeDecodeError as e:
-          caption = spec_lib.BadRecordError(path=self.path, key=key, position=i,
-                                            field=self.caption_field, reason=f"not UTF-8 ({e})",
-                                            split=self.spec.split)
-      if isinstance(caption, spec_lib.BadRecordError):
-        out.append(caption)
-      elif not isinstance(image, (bytes, bytearray)) or not image:
-        out.append(spec_lib.BadRecordError(
-            path=self.path, key=key, position=i, field=self.image_field,
-            reason=f"expected encoded image bytes, found {type(image).__name__}",
-            split=self.spec.split))
-      elif not isinstance(caption, str):
-        out.append(spec_lib.BadRecordError(
-            path=self.path, key=key, position=i, field=self.caption_field,
-            reason=f"expected text, found {type(caption).__name__}", split=self.spec.split))
-      else:
-        out.append({"image": bytes(image), "caption": caption.strip(), "key": key})
+      record: dict | spec_lib.BadRecordError = {}
+      for col in self.columns:
+        value, why = columns_lib.convert(col, row.get(self._chosen[col.field]))
+        if why:
+          record = bad(self._chosen[col.field], why)
+          break
+        record[col.field] = value
+      if isinstance(record, dict):
+        record["key"] = key
+      out.append(record)
     return out
+
+
+class TfdsShards:
+  """A tfds split read as a stream (`stream.ShardReader`): its ArrayRecord shard files are the
+  shards, each read in order from any position (random access, 256 records at a time), so a
+  tfds build follows the same order contract, resume and worker rules as webdataset and parquet.
+
+  Args:
+    records: the split (`TfdsRecords`).
+  """
+
+  def __init__(self, records: TfdsRecords):
+    self.records = records
+    self.files = [f"{records.path}/{records.spec.split}-shard-{i:05d}"
+                  for i in range(len(records.shard_lengths))]
+    self._starts = np.concatenate([[0], np.cumsum(records.shard_lengths)]).astype(np.int64)
+
+  def __repr__(self) -> str:
+    return f"TfdsShards({self.records.spec}, {len(self.files)} shards)"
+
+  def read(self, shard: int, start: int = 0, keep: Callable[[str], bool] | None = None
+           ) -> Iterator[tuple[int, dict | spec_lib.BadRecordError]]:
+    """(position in the shard, record or BadRecordError) from `start` on (records whose key
+    `keep` rejects are not read)."""
+    first, end = int(self._starts[shard]), int(self._starts[shard + 1])
+    wanted = [i for i in range(first + start, end)
+              if keep is None or keep(self.records.key(i))]
+    for chunk in range(0, len(wanted), 256):
+      indices = wanted[chunk:chunk + 256]
+      for i, record in zip(indices, self.records.read(indices)):
+        yield i - first, record

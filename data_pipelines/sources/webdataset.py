@@ -2,17 +2,22 @@
 
 A sample is the run of consecutive tar members that share a key: member `dir/0001.jpg` has key
 `dir/0001` and field `jpg` (webdataset's convention: the key is the path up to the first dot of
-the file name). The image is the first of `image_fields` present, the caption the first of
-`caption_fields` (UTF-8 text). A sample without one of them, a corrupt image member or a tar file
-that ends mid-member is reported as a `BadRecordError` naming the shard, the sample and the field.
+the file name). Each `columns.Column` of the reader takes the first of its names present as a
+member (text members UTF-8, numbers as text), else the value of that name in the sample's JSON
+member (`json_member`, e.g. `0001.json` = {"query": ..., "position": 3}). The image–text default
+reads the image from the first of `IMAGE_FIELDS` and the caption from `txt`. A sample without a
+column, a value of the wrong kind, a corrupt image member or a tar file that ends mid-member is
+reported as a `BadRecordError` naming the shard, the sample and the field.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import tarfile
 from typing import Callable, Iterator, Sequence
 
+from data_pipelines.sources import columns as columns_lib
 from data_pipelines.sources import spec as spec_lib
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
@@ -26,41 +31,78 @@ def split_name(name: str) -> tuple[str, str] | None:
   return (m.group(1), m.group(2).lower()) if m else None
 
 
+def pair_columns(image_fields: Sequence[str] = IMAGE_FIELDS,
+                 caption_fields: Sequence[str] = CAPTION_FIELDS) -> tuple[columns_lib.Column, ...]:
+  """The image–text columns: image from the first of `image_fields`, caption from the first of
+  `caption_fields` (member extensions)."""
+  return (columns_lib.Column("image", tuple(f.lower().lstrip(".") for f in image_fields), "image",
+                             "data.image_field"),
+          columns_lib.Column("caption", tuple(f.lower().lstrip(".") for f in caption_fields),
+                             "text", "data.caption_field"))
+
+
 class WebDatasetShards:
-  """Reads samples {image: bytes, caption: str, key: str} from tar shards, from any position.
+  """Reads samples {<column field>: value, ..., key: str} from tar shards, from any position.
 
   Args:
     files: the shard paths in their natural (sorted) order.
-    image_fields, caption_fields: field names (extensions) tried in order.
+    image_fields, caption_fields: field names (extensions) tried in order, when `columns` is
+      not given ({image: bytes, caption: str, key} samples).
+    columns: what to read (`columns.Column`; names are member extensions or JSON keys).
+    json_member: the member (extension) whose JSON object holds the columns that are not
+      members themselves ('' = none).
   """
 
   def __init__(self, files: Sequence[str], *, image_fields: Sequence[str] = IMAGE_FIELDS,
-               caption_fields: Sequence[str] = CAPTION_FIELDS):
+               caption_fields: Sequence[str] = CAPTION_FIELDS,
+               columns: Sequence[columns_lib.Column] | None = None, json_member: str = ""):
     self.files = list(files)
-    self.image_fields = tuple(f.lower().lstrip(".") for f in image_fields)
-    self.caption_fields = tuple(f.lower().lstrip(".") for f in caption_fields)
+    self.columns = tuple(columns if columns is not None
+                         else pair_columns(image_fields, caption_fields))
+    # Member names as `split_name` gives them (lower case, no leading dot); JSON keys as given.
+    self._members = {c.field: tuple(n.lower().lstrip(".") for n in c.names) for c in self.columns}
+    self.json_member = json_member.lower().lstrip(".")
 
   def __repr__(self) -> str:
     return f"WebDatasetShards({len(self.files)} shards from {self.files[0]!r})"
 
+  def _wanted(self) -> set[str]:
+    wanted = {n for names in self._members.values() for n in names}
+    if self.json_member:
+      wanted.add(self.json_member)
+    return wanted
+
   def _sample(self, path: str, key: str, position: int, members: dict[str, bytes]
               ) -> dict | spec_lib.BadRecordError:
-    image = next((members[f] for f in self.image_fields if f in members), None)
-    if image is None:
-      return spec_lib.BadRecordError(
-          path=path, key=key, position=position, field="/".join(self.image_fields),
-          reason=f"no image member (the sample has {sorted(members) or 'no members'})")
-    caption = next((members[f] for f in self.caption_fields if f in members), None)
-    if caption is None:
-      return spec_lib.BadRecordError(
-          path=path, key=key, position=position, field="/".join(self.caption_fields),
-          reason=f"no caption member (the sample has {sorted(members)})")
-    try:
-      text = caption.decode("utf-8").strip()
-    except UnicodeDecodeError as e:
-      return spec_lib.BadRecordError(path=path, key=key, position=position,
-                                     field=self.caption_fields[0], reason=f"not UTF-8 ({e})")
-    return {"image": image, "caption": text, "key": key}
+    bad = lambda field, reason: spec_lib.BadRecordError(  # noqa: E731
+        path=path, key=key, position=position, field=field, reason=reason)
+    meta = None
+    if self.json_member and self.json_member in members:
+      try:
+        meta = json.loads(members[self.json_member].decode("utf-8"))
+      except (UnicodeDecodeError, ValueError) as e:
+        return bad(self.json_member, f"not a JSON object ({e})")
+      if not isinstance(meta, dict):
+        return bad(self.json_member, f"not a JSON object (found {type(meta).__name__})")
+    out = {}
+    for col in self.columns:
+      name = next((n for n in self._members[col.field] if n in members), None)
+      if name is not None:
+        raw = members[name]
+      elif meta is not None and any(n in meta for n in col.names):
+        name = next(n for n in col.names if n in meta)
+        raw = meta[name]
+      else:
+        where = (f"; its {self.json_member} member has {sorted(meta)}" if meta is not None
+                 else f"; no {self.json_member} member" if self.json_member else "")
+        return bad(col.label, f"no {col.field} member (the sample has "
+                              f"{sorted(members) or 'no members'}{where})")
+      value, why = columns_lib.convert(col, raw)
+      if why:
+        return bad(name, why)
+      out[col.field] = value
+    out["key"] = key
+    return out
 
   def read(self, shard: int, start: int = 0, keep: Callable[[str], bool] | None = None
            ) -> Iterator[tuple[int, dict | spec_lib.BadRecordError]]:
@@ -70,7 +112,7 @@ class WebDatasetShards:
     samples whose key `keep` rejects, are skipped without reading their data. A damaged tar
     ends the shard with one BadRecordError."""
     path = self.files[shard]
-    wanted = set(self.image_fields) | set(self.caption_fields)
+    wanted = self._wanted()
     position, key, members, kept = -1, None, {}, True
     try:
       with open(path, "rb") as f:
@@ -196,3 +238,4 @@ def _tarfile_members(path: str) -> Iterator[tuple[str, Callable[[], bytes]]]:
 
 class _Damaged(Exception):
   pass
+

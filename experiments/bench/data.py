@@ -14,6 +14,14 @@ examples/s is per CPU core. Measured:
     normalise + tokenise (captions tokenised on the fly), beside the ArrayRecord path above.
 Prints one JSON line per measurement.
 
+With --worker-count W it instead times whole training iterators in wall-clock examples/s, each
+with data.worker_count = 0 and then W (grain worker processes decoding and augmenting): the
+ArrayRecord path (`pipelines.build_train_iterator`, as `mmcl train` builds it) and a streamed
+webdataset source (`pairs.ImageTextData`, one decode thread per batch, so the workers are the only
+parallelism) over the fashion pairs at 224 px, after --warmup batches (worker start-up excluded):
+
+  .venv/bin/python experiments/bench/data.py --worker-count 2 [--timed-batches 30]
+
 With --peers it instead times, side by side, three input pipelines feeding the same training
 batches (224 x 224, random-resized-crop 0.08-1 + flip, batch 64) from the two photo sets of
 `photo_sets.py` (the shared fashion photos as they are, and re-encoded at 800 x 800, quality 90),
@@ -148,6 +156,10 @@ def main() -> None:
   p.add_argument("--only-image-text", action="store_true",
                  help="skip the interactions, audio and shapes measurements")
   p.add_argument("--peers", action="store_true", help="mmcl vs tf.data vs open_clip (see above)")
+  p.add_argument("--worker-count", type=int, default=0,
+                 help="time iterators with data.worker_count 0 and this (see above)")
+  p.add_argument("--timed-batches", type=int, default=30, help="--worker-count: batches timed")
+  p.add_argument("--warmup", type=int, default=4, help="--worker-count: batches not timed")
   p.add_argument("--cache", default="/tmp/mmcl_peers",
                  help="--peers: photo sets, TFRecords, shards and peer environments")
   p.add_argument("--rounds", type=int, default=3, help="--peers: alternated rounds")
@@ -164,6 +176,9 @@ def main() -> None:
     print(json.dumps(kw), flush=True)
 
   fashion = shared / "fashion-product-images"
+  if args.worker_count:
+    _worker_counts(fashion, work, args, report)
+    return _machine()
   if fashion.is_dir():
     convert.convert("image-captions", fashion / "styles.csv", work / "fashion",
                     image_root=str(fashion / "images"), caption_column="productDisplayName",
@@ -261,6 +276,57 @@ def _streamed_sources(fashion: pathlib.Path, work: pathlib.Path, arrayrecord_ds,
            examples_per_s_per_core=round(rate, 1),
            arrayrecord_examples_per_s_per_core=round(base, 1),
            ratio_to_arrayrecord=round(rate / base, 3))
+
+
+def _fashion_pairs_sources(fashion: pathlib.Path, work: pathlib.Path) -> None:
+  """The fashion set as an ArrayRecord dataset and as webdataset shards (built once)."""
+  convert.convert("image-captions", fashion / "styles.csv", work / "fashion",
+                  image_root=str(fashion / "images"), caption_column="productDisplayName",
+                  id_column="id", split_by="holdout:0.1")
+  if not (work / "sources" / "wds").is_dir():
+    import csv  # pylint: disable=g-import-not-at-top
+    with open(fashion / "styles.csv", encoding="utf-8") as f:
+      rows = list(csv.DictReader(f))
+    write_lib.write_webdataset(
+        [(r["id"], (fashion / "images" / r["image"]).read_bytes(), r["productDisplayName"])
+         for r in rows], work / "sources" / "wds", per_shard=500)
+
+
+def _wall_rate(it, batch: int, warmup: int, timed: int) -> float:
+  for _ in range(warmup):
+    next(it)
+  t0 = time.perf_counter()
+  for _ in range(timed):
+    next(it)
+  return batch * timed / (time.perf_counter() - t0)
+
+
+def _worker_counts(fashion: pathlib.Path, work: pathlib.Path, args, report) -> None:
+  """Wall-clock examples/s of the ArrayRecord and the webdataset training iterators with
+  worker_count 0 and args.worker_count (same batches either way)."""
+  _fashion_pairs_sources(fashion, work)
+  for workers in (0, args.worker_count):
+    cfg = {"dir": str(work / "fashion"), "global_batch_size": args.batch, "seed": 0,
+           "image_size": 224, "max_text_len": 32, "worker_count": workers, "num_threads": 2,
+           "prefetch_buffer_size": 4}
+    it = pipelines.build_train_iterator(cfg)
+    rate = _wall_rate(it, args.batch, args.warmup, args.timed_batches)
+    if workers:
+      it.close()
+    report(kind="image_text arrayrecord iterator", worker_count=workers,
+           what="decode+rrc+flip+tokens @224px, 2 read threads, wall clock",
+           examples_per_s=round(rate, 1), loadavg=open("/proc/loadavg").read().split()[:3])
+    data = pairs_lib.ImageTextData(f"webdataset:{work}/sources/wds/*.tar", seed=0,
+                                   image_size=224, max_text_len=32, holdout_fraction=0.1,
+                                   shuffle_buffer=1000, cache_dir=str(work / "sources" / "cache"),
+                                   decode_threads=1)
+    it = data.train_iterator(global_batch_size=args.batch, worker_count=workers)
+    rate = _wall_rate(it, args.batch, args.warmup, args.timed_batches)
+    if workers:
+      it.close()
+    report(kind="image_text source webdataset iterator", worker_count=workers,
+           what="read+decode+rrc+flip+tokenize @224px, 1 decode thread, wall clock",
+           examples_per_s=round(rate, 1), loadavg=open("/proc/loadavg").read().split()[:3])
 
 
 if __name__ == "__main__":

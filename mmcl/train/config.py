@@ -27,7 +27,9 @@ def base_config() -> Config:
            bounds=(1, None))
   d.define("num_epochs", None, "epochs to stream; None = repeat forever", type=(int, type(None)),
            bounds=(1, None))
-  d.define("worker_count", 0, "grain worker processes per host (0 = in-process)", bounds=(0, None))
+  d.define("worker_count", 0, "grain worker processes per host decoding the training batches, "
+           "for ArrayRecord datasets and streamed sources alike (0 = in-process); the batches do "
+           "not depend on it", bounds=(0, None))
   d.define("skip_bad_records", False, "skip (and count) undecodable records instead of failing")
 
   tr = c.section("train", "the training loop")

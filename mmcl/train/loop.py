@@ -351,6 +351,8 @@ def _train_loop(config: Config, workdir: pathlib.Path, task: Task, mesh, ckpt, s
   finally:
     ckpt.close()
     logger.close()
+    if hasattr(data_iter, "close"):  # stops grain worker processes (data.worker_count > 0)
+      data_iter.close()
   if ledger is not None:
     last.update(records.skip_metrics(ledger.counts()))
   if is_main:

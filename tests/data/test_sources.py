@@ -271,7 +271,7 @@ def test_bad_samples_raise_one_clear_error_or_are_counted(fashion_sources, tmp_p
   assert stream.key_index(captionless_key) not in np.concatenate([b["index"] for b in batches])
   # The corrupt JPEG alone, without skipping: named by file, sample and field.
   bad = {"image": fashion_sources["pairs"][40][1][:200] + b"\x00" * 50, "caption": "x",
-         "key": corrupt_key, "index": 7, "epoch": 0, "path": "00001.tar", "position": 8}
+         "key": corrupt_key, "index": 7, "epoch": 0, "path": "00001.tar", "record": 8}
   with pytest.raises(records.CorruptRecordError,
                      match=rf"00001\.tar: sample '{corrupt_key}' \(record 8 of that file\), "
                            r"field 'image': image decode failed"):

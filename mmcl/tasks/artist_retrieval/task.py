@@ -32,6 +32,10 @@ Artist embedding: mean of the available projected modalities, re-normalised; cro
 Evaluation (`evaluate`): the test (or validation) queries rank the whole catalogue; the trained
 embedding, each modality's projection, and the raw baselines (each raw modality, concatenation with
 zeros, PCA average) — see `evaluate.py` for the metrics, buckets, matrix and bias.
+
+`data.source` is '' (data.dir) or arrayrecord:DIR: a webdataset / tfds / parquet stream is refused
+in one line, since the task needs random access to the artist catalogue (every artist is ranked
+against the whole catalogue) and the ground truth held in the dataset's metadata.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ import numpy as np
 
 from data_pipelines.recipes import artists as data_lib
 from data_pipelines import records
-from mmcl.config import Config
+from data_pipelines import sources as sources_lib
+from mmcl.config import Config, ConfigError
 from mmcl.models.mlp import MLP
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.tasks.artist_retrieval import evaluate, export
@@ -71,6 +76,11 @@ def _parse_per_modality(items, key: str, modalities) -> dict[str, float]:
   return out
 
 
+# Why `data.source` must be an ArrayRecord dataset (no stream) for this task.
+SOURCE_NEEDS = ("random access to the artist catalogue (every artist is ranked against the whole "
+                "catalogue) and the ground truth held in the dataset's metadata")
+
+
 class ArtistRetrievalTask(Task):
   """Per-modality projectors into one space, trained by multimodal InfoNCE."""
 
@@ -78,6 +88,7 @@ class ArtistRetrievalTask(Task):
 
   @classmethod
   def declare_config(cls, c: Config) -> None:
+    sources_lib.define_arrayrecord_only(c.data, SOURCE_NEEDS)
     t = c.task
     t.define("temperature", 0.1, "softmax temperature τ of every pair's InfoNCE")
     t.define("learn_temperature", False, "learn log(1/τ) (initialised at 1/temperature)")
@@ -121,6 +132,11 @@ class ArtistRetrievalTask(Task):
 
   def __init__(self, config: Config, mesh):
     super().__init__(config, mesh)
+    try:
+      config.data.dir = sources_lib.arrayrecord_dir(config.data.source, config.data.dir,
+                                                    needs=SOURCE_NEEDS)
+    except sources_lib.SourceConfigError as e:
+      raise ConfigError(f"config key 'data.source' = {config.data.source!r}: {e}") from None
     self.data_dir = pathlib.Path(config.data.dir)
     self.metadata = records.load_metadata(self.data_dir)
     dims = self.metadata.get("modalities")

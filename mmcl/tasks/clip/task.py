@@ -115,7 +115,8 @@ class ClipTask(Task):
     if self.pairs is not None:
       return self.pairs.train_iterator(global_batch_size=c.data.global_batch_size,
                                        process_index=process_index, process_count=process_count,
-                                       num_epochs=c.data.num_epochs)
+                                       num_epochs=c.data.num_epochs,
+                                       worker_count=c.data.worker_count)
     return data_lib.train_iterator(
         self.data_dir, split="train", global_batch_size=c.data.global_batch_size,
         process_index=process_index, process_count=process_count, seed=c.seed,

@@ -39,6 +39,10 @@ by the clean features of a random item at every occurrence (swap); the evaluator
 With `task.item_scores`, the evaluator also scores the denoised history ("<split>_denoised/...").
 Tool: `python -m mmcl.tasks.demure item-scores --workdir W --step S --mode signed [--path-steps K]
 --output F.npy`.
+
+`data.source` is '' (data.dir) or arrayrecord:DIR: a webdataset / tfds / parquet stream is refused
+in one line, since the task needs random access to the item catalogue (every item's text features,
+computed over all items at start-up) and each user's whole interaction history.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ import numpy as np
 
 from data_pipelines import pipelines
 from data_pipelines import records
+from data_pipelines import sources as sources_lib
 from data_pipelines.featurize import MODALITIES
-from mmcl.config import Config
+from mmcl.config import Config, ConfigError
 from mmcl.eval import seqrec
 from mmcl.models import seq_transformer
 from mmcl.tasks.demure import analysis, evaluate, export
@@ -64,6 +69,11 @@ from mmcl.train.config import data_view
 from mmcl.train.task import CorpusExport, Task, TowerExport
 
 
+# Why `data.source` must be an ArrayRecord dataset (no stream) for this task.
+SOURCE_NEEDS = ("random access to the item catalogue (every item's text features, computed over all "
+                "items at start-up) and each user's whole interaction history")
+
+
 class DemureTask(Task):
   """Multi-modal SASRec with gradient×input denoising and a denoised/noisy contrastive term."""
 
@@ -71,6 +81,7 @@ class DemureTask(Task):
 
   @classmethod
   def declare_config(cls, c: Config) -> None:
+    sources_lib.define_arrayrecord_only(c.data, SOURCE_NEEDS)
     t = c.task
     t.define("modalities", MODALITIES, f"item modalities, a subset of {MODALITIES}")
     t.define("denoise", True, "Demure's denoising (False = the same backbone without it)")
@@ -165,10 +176,15 @@ class DemureTask(Task):
     m.define("use_id_embedding", False, "add a learned item-ID embedding to the modality tokens")
     seqrec.declare_sequence_data(c)
     c.data.define("text_features", "", "precomputed item text embeddings (X.npy + X.ids.txt keyed "
-                  "by item_id, from `mmcl features`); '' = TF-IDF + SVD fallback")
+                "by item_id, from `mmcl features`); '' = TF-IDF + SVD fallback")
 
   def __init__(self, config: Config, mesh):
     super().__init__(config, mesh)
+    try:
+      config.data.dir = sources_lib.arrayrecord_dir(config.data.source, config.data.dir,
+                                                    needs=SOURCE_NEEDS)
+    except sources_lib.SourceConfigError as e:
+      raise ConfigError(f"config key 'data.source' = {config.data.source!r}: {e}") from None
     t, d = config.task, config.data
     bad = [m for m in t.modalities if m not in MODALITIES]
     if bad or not t.modalities:

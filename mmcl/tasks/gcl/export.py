@@ -15,13 +15,12 @@ from mmcl.models.layers import l2_normalize
 from mmcl.train.task import CorpusExport, TowerExport
 
 
-def text_preprocessing(c, metadata: Mapping[str, Any], data_dir: pathlib.Path,
-                       pretrained_tokenizer: bool, pad_id: int) -> tuple[dict, tuple[str, ...]]:
+def text_preprocessing(c, metadata: Mapping[str, Any], tokenizer: pathlib.Path | None,
+                       pad_id: int) -> tuple[dict, tuple[str, ...]]:
   """(preprocessing of the text towers, the files it needs) for the config c: the dataset's BPE
-  tokenizer, or the pretrained folder's WordPiece tokenizer."""
+  tokenizer file `tokenizer`, or (None) the pretrained folder's WordPiece tokenizer."""
   length = c.data.max_text_len
-  if not pretrained_tokenizer:
-    tokenizer = data_dir / metadata.get("tokenizer", "tokenizer.json")
+  if tokenizer is not None:
     return {"input": "token_ids", "tokenizer": tokenizer.name, "max_len": length, "pad_id": 0,
             "eos_id": int(metadata.get("special_token_ids", {}).get("eos", 3)),
             "encode": "Tokenizer.from_file(tokenizer).encode(text).ids ([BOS] ... [EOS])",

@@ -46,6 +46,14 @@ split in `task.eval_splits`:
     RBP = (1 − p) Σ_r (rel_r/max_rel) p^{r−1}  (`gcl_metrics`).
 Metric names: "{split}/ndcg@10", "{split}/map@1000", "{split}/mrr@1000", "{split}/err",
 "{split}/rbp.7", ... ; TREC run and qrels files per split are written beside metrics.json.
+
+Data (config `data.source`): a query_document ArrayRecord dataset (`arrayrecord:DIR`, the default
+`data.dir`; its splits, stored token ids and tokenizer), or the same rows as webdataset shards, a
+tfds build or parquet files, one source per split named by `{split}` in the spec
+(`data_pipelines.recipes.product_sources`: the member / column of each field in
+`data.columns.*`; training streams the training split with a seeded windowed shuffle and exact
+resume; evaluation reads each evaluation split whole; texts tokenised by `data.tokenizer` or a
+BPE tokenizer trained on the training split).
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ import jax
 import jax.numpy as jnp
 
 from data_pipelines import image_ops
+from data_pipelines import sources as sources_lib
+from data_pipelines.recipes import product_sources
 from data_pipelines.recipes import products as data_lib
 from mmcl.config import Config, ConfigError
 from mmcl.models import flops as flops_lib
@@ -147,12 +157,10 @@ class GCLTask(Task):
     d.define("image_size", 32, "side of the document images fed to the ViT (pixels)")
     d.define("augment", False, "random-resized crop + flip of training images")
     d.define("crop_scale", (0.6, 1.0), "random-resized-crop area fraction range")
+    product_sources.define_config(d)
 
   def __init__(self, config: Config, mesh):
     super().__init__(config, mesh)
-    self.data_dir = pathlib.Path(config.data.dir)
-    source, self.metadata = data_lib.open_split(self.data_dir, config.data.train_split)
-    source.close()
     m, d = config.model, config.data
     fields = tuple(m.doc_fields)
     weights = tuple(m.doc_field_weights)
@@ -163,13 +171,14 @@ class GCLTask(Task):
       raise ConfigError(f"config key 'model.doc_field_weights' must hold {len(fields)} weights "
                         f"≥ 0 (one per model.doc_fields {fields}) with a positive sum, got "
                         f"{weights}")
+    self._open_data(config, fields)
     schema = {f["name"] for f in self.metadata["schema"]}
     available = {"title"} | ({"image"} if self.metadata.get("has_images") else set()) | (
         {"description"} if "description_ids" in schema else set())
     missing = [f for f in fields if f not in available]
     if missing:
       raise ConfigError(f"config key 'model.doc_fields' names {missing}, which dataset "
-                        f"{self.data_dir} does not have (it has {sorted(available)})")
+                        f"{self.data_name} does not have (it has {sorted(available)})")
     self.doc_fields, self.doc_field_weights = fields, weights
     if d.image_size % m.image.patch_size:
       raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be a multiple of "
@@ -193,15 +202,63 @@ class GCLTask(Task):
       self._pretrained_params, self._frozen = loaded.params, loaded.frozen
       self.vocab_size = text_tower.vocab_size
     else:
+      if self.streamed is not None:
+        try:
+          self.bpe, self.tokenizer_file = self.streamed.tokenizer(
+              d.train_split, path=d.tokenizer, vocab_size=d.vocab_size,
+              num_texts=d.tokenizer_texts, cache_dir=d.cache_dir)
+        except sources_lib.SourceConfigError as e:
+          raise ConfigError(f"config key 'data.source' = {d.source!r}: {e}") from None
+        self.metadata = self.streamed.metadata(self.bpe, self.tokenizer_file)
       self.vocab_size = int(self.metadata["vocab_size"])
       text_tower = tower_config.text_transformer_from_config(
           m.text, vocab_size=self.vocab_size, max_len=d.max_text_len, embed_dim=m.embed_dim,
           dtype=dtype)
     self.towers = GCLTowers(image_tower, text_tower, fields, weights, m.share_text_tower)
 
+  def _open_data(self, config: Config, fields: tuple[str, ...]) -> None:
+    """Sets data_dir, metadata, streamed (`product_sources.ProductSplits` or None) and, for a
+    streamed source, bpe / tokenizer_file (None until a trained text tower asks for them)."""
+    d = config.data
+    self.streamed, self.bpe, self.tokenizer_file = None, None, None
+    try:
+      spec = sources_lib.parse(d.source) if d.source else None
+      if spec is not None and spec.scheme != "arrayrecord":
+        self.data_dir, self.data_name = None, d.source
+        self.streamed = product_sources.ProductSplits(
+            d.source, doc_fields=fields,
+            columns={f: getattr(d.columns, f) for f in product_sources.FIELD_KINDS},
+            json_member=d.json_member, key_field=d.key_field,
+            skip_bad_records=d.skip_bad_records)
+        self.metadata = self.streamed.metadata(None, None)
+        return
+    except sources_lib.SourceConfigError as e:
+      raise ConfigError(f"config key 'data.source' = {d.source!r}: {e}") from None
+    self.data_dir = pathlib.Path(spec.location if spec is not None else d.dir)
+    self.data_name = str(self.data_dir)
+    source, self.metadata = data_lib.open_split(self.data_dir, d.train_split)
+    source.close()
+
+  def _open_split(self, split: str, *, skip_bad_records: bool = False):
+    """A split's records: the ArrayRecord split, or a streamed split read into memory."""
+    if self.streamed is None:
+      return data_lib.open_split(self.data_dir, split, skip_bad_records=skip_bad_records)[0]
+    return self.streamed.rows(split, tokenizer=self.bpe, metadata=self.metadata)
+
   # --- data ---------------------------------------------------------------------------------------
   def _iterator(self, split: str, process_index: int, process_count: int, *, train: bool):
     c = self.config
+    if self.streamed is not None:
+      maker = data_lib.batch_maker(self.metadata, max_text_len=c.data.max_text_len,
+                                   image_size=c.data.image_size,
+                                   augment=train and c.data.augment,
+                                   crop_scale=tuple(c.data.crop_scale), seed=c.seed,
+                                   text_tokenizer=self.text_tokenizer, pad_id=self.pad_id)
+      return self.streamed.train_iterator(
+          split, maker=maker, tokenizer=self.bpe, global_batch_size=c.data.global_batch_size,
+          seed=c.seed, shuffle_buffer=c.data.shuffle_buffer, process_index=process_index,
+          process_count=process_count, num_epochs=c.data.num_epochs if train else 1,
+          worker_count=c.data.worker_count if train else 0)
     return data_lib.train_iterator(
         self.data_dir, split=split, global_batch_size=c.data.global_batch_size, seed=c.seed,
         max_text_len=c.data.max_text_len, image_size=c.data.image_size,
@@ -272,8 +329,7 @@ class GCLTask(Task):
 
   def evaluate_split(self, params, split: str, out_dir: str | None = None) -> dict[str, float]:
     """The reference evaluation of one split (`evaluate.evaluate_split`)."""
-    source, _ = data_lib.open_split(self.data_dir, split,
-                                    skip_bad_records=self.config.data.skip_bad_records)
+    source = self._open_split(split, skip_bad_records=self.config.data.skip_bad_records)
     out = evaluate_split(self.towers, params, split, source, self.batch_maker(source),
                          self.config.task, self.mesh, out_dir)
     source.close()
@@ -289,7 +345,7 @@ class GCLTask(Task):
   def export_inputs(self, split: str, rows: int = 8):
     """(the evaluator's batches of the split's first `rows` documents, of its first `rows`
     queries)."""
-    source, _ = data_lib.open_split(self.data_dir, split)
+    source = self._open_split(split)
     table, maker = SplitTable(source), self.batch_maker(source)
     out = maker(source, table.doc_rows[:rows], 0), maker(source, table.query_rows[:rows], 0)
     source.close()
@@ -297,15 +353,18 @@ class GCLTask(Task):
 
   def export_towers(self, params) -> dict[str, TowerExport]:
     c = self.config
-    text_pre, files = export.text_preprocessing(c, self.metadata, self.data_dir,
-                                                self.text_tokenizer is not None, self.pad_id)
+    tokenizer = None  # a pretrained tower's: described by its folder
+    if self.text_tokenizer is None:
+      tokenizer = (self.tokenizer_file if self.streamed is not None
+                   else self.data_dir / self.metadata.get("tokenizer", "tokenizer.json"))
+    text_pre, files = export.text_preprocessing(c, self.metadata, tokenizer, self.pad_id)
     return export.export_towers(self.towers, c, text_pre, files,
                                 *self.export_inputs(c.task.eval_splits[0]))
 
   def export_corpus(self, params) -> dict[str, CorpusExport]:
     """The fused documents of the first evaluation split, queried by its queries."""
     split = self.config.task.eval_splits[0]
-    source, _ = data_lib.open_split(self.data_dir, split)
+    source = self._open_split(split)
     table = SplitTable(source)
     q_emb, d_emb = embed_split(self.towers, params, source, table, self.batch_maker(source),
                                self.mesh, self.config.task.eval_batch_size)

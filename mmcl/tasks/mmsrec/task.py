@@ -26,6 +26,10 @@ valid split's next item, i.e. early stopping keeps the best checkpoint by valida
 Evaluation: leave-one-out, full ranking over all items, Recall@k / NDCG@k (k = 10, 50); items in
 `task.cold_item_fraction` never appear in training (removed from sequences, never a candidate) and
 are reported separately (`test_cold/*`).
+
+`data.source` is '' (data.dir) or arrayrecord:DIR: a webdataset / tfds / parquet stream is refused
+in one line, since the task needs random access to the item catalogue (every item's text features,
+computed over all items at start-up) and each user's whole interaction history.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ import jax.numpy as jnp
 from data_pipelines import pipelines
 from data_pipelines import records
 from data_pipelines.featurize import load_modality_features
-from mmcl.config import Config
+from data_pipelines import sources as sources_lib
+from mmcl.config import Config, ConfigError
 from mmcl.eval import seqrec
 from mmcl.models import fusion
 from mmcl.tasks.mmsrec import evaluate, export
@@ -51,6 +56,11 @@ from mmcl.train.config import data_view, task_config
 from mmcl.train.task import CorpusExport, Task, TowerExport
 
 
+# Why `data.source` must be an ArrayRecord dataset (no stream) for this task.
+SOURCE_NEEDS = ("random access to the item catalogue (every item's text features, computed over all "
+                "items at start-up) and each user's whole interaction history")
+
+
 class MMSRecTask(Task):
   """ID-free fusion-encoder recommender: combinatorial pretraining and cloze fine-tuning."""
 
@@ -58,6 +68,7 @@ class MMSRecTask(Task):
 
   @classmethod
   def declare_config(cls, c: Config) -> None:
+    sources_lib.define_arrayrecord_only(c.data, SOURCE_NEEDS)
     t = c.task
     t.define("stage", "finetune", "pretrain (combinatorial contrastive) or finetune (cloze)",
              choices=("pretrain", "finetune"))
@@ -85,6 +96,11 @@ class MMSRecTask(Task):
 
   def __init__(self, config: Config, mesh):
     super().__init__(config, mesh)
+    try:
+      config.data.dir = sources_lib.arrayrecord_dir(config.data.source, config.data.dir,
+                                                    needs=SOURCE_NEEDS)
+    except sources_lib.SourceConfigError as e:
+      raise ConfigError(f"config key 'data.source' = {config.data.source!r}: {e}") from None
     if config.data.sequence_mode != "masked":
       raise ValueError(f"config key data.sequence_mode = {config.data.sequence_mode!r}: MMSRec "
                        f"reads 'masked' rows")
