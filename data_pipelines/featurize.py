@@ -8,9 +8,11 @@ recommendation recipes.
   tfidf_svd               texts → [N, k] LSA vectors (TF-IDF, truncated SVD), rows unit norm
   load_modality_features  an interactions dataset → one [N + 1, D_m] table per item modality
 
-Every output is deterministic: the SVD is exact to ARPACK's tolerance (or seeded, for the
-randomized solver), and each component's sign is fixed so that its largest-|value| row loading is
-positive (`svd_embedding`).
+Every output is deterministic: the SVD is seeded (randomized solver) or exact to ARPACK's
+tolerance, and each component's sign is fixed so that its largest entry in absolute value is
+positive (`svd_embedding`). Where singular values tie (a planted catalogue: one direction per
+item, all of one size), the components inside the tie are one basis of that subspace among many;
+which one depends on the solver and its seed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ SVD_ALGORITHMS = ("arpack", "randomized")
 
 
 def svd_embedding(matrix: Any, dim: int, *, singular_power: float = 1.0,
-                  algorithm: str = "arpack", seed: int = 0) -> np.ndarray:
+                  algorithm: str = "randomized", seed: int = 0) -> np.ndarray:
   """Row embeddings U_k Σ_k^p of a rank-k truncated SVD (scikit-learn `TruncatedSVD`), k = dim,
   rows unit norm.
 
@@ -38,8 +40,8 @@ def svd_embedding(matrix: Any, dim: int, *, singular_power: float = 1.0,
       min(R, C) for the randomized solver) are zero.
     singular_power: p (1 = the LSA document vectors U Σ; 0.5 = U Σ^{1/2}, the symmetric split
       of a collaborative-filtering factorisation).
-    algorithm: "arpack" (exact to its tolerance; its start vector drawn from `seed`) or
-      "randomized" (Halko et al. 2011, seeded).
+    algorithm: "randomized" (Halko et al. 2011, seeded; scikit-learn's default for LSA) or
+      "arpack" (exact to its tolerance; its start vector drawn from `seed`).
     seed: random state of the solver.
 
   Returns:
@@ -68,7 +70,7 @@ def svd_embedding(matrix: Any, dim: int, *, singular_power: float = 1.0,
 
 def tfidf_svd_counts(counts: Any, dim: int, *, log_tf: bool = False, smooth_idf: bool = True,
                      unit_tfidf_rows: bool = True, singular_power: float = 1.0,
-                     algorithm: str = "arpack", seed: int = 0) -> np.ndarray:
+                     algorithm: str = "randomized", seed: int = 0) -> np.ndarray:
   """TF-IDF of term counts (scikit-learn `TfidfTransformer`) → `svd_embedding`.
 
   w(d, t) = tf · idf, tf = n(d, t) (log_tf: 1 + log n(d, t)), idf = log((1 + N) / (1 + df(t))) + 1
@@ -89,7 +91,7 @@ def tfidf_svd_counts(counts: Any, dim: int, *, log_tf: bool = False, smooth_idf:
 def tfidf_svd(texts: Sequence[str], dim: int, *, min_df: int = 1, max_vocab: int | None = 5000,
               token_pattern: str = r"[a-z0-9]+", log_tf: bool = False, smooth_idf: bool = True,
               unit_tfidf_rows: bool = True, singular_power: float = 1.0,
-              algorithm: str = "arpack", seed: int = 0) -> np.ndarray:
+              algorithm: str = "randomized", seed: int = 0) -> np.ndarray:
   """Texts → term counts (scikit-learn `CountVectorizer`: lower-cased `token_pattern` words that
   occur in at least `min_df` texts, the `max_vocab` most frequent kept) → `tfidf_svd_counts`:
   with the defaults, the LSA document vectors U_k Σ_k of the smooth-idf, L2-row TF-IDF matrix

@@ -52,7 +52,7 @@ def artist_svd_embedding(matrix: scipy.sparse.csr_matrix, dim: int) -> np.ndarra
   if not 0 < dim < min(r, c):
     raise ValueError(f"embedding dim must be in [1, {min(r, c) - 1}] for a {r}×{c} matrix, "
                      f"got {dim}")
-  return featurize.svd_embedding(matrix.T.tocsr(), dim, singular_power=0.5)
+  return featurize.svd_embedding(matrix.T.tocsr(), dim, singular_power=0.5, algorithm="arpack")
 
 
 def _int(row: dict, name: str, path, line: int) -> int:
@@ -125,7 +125,7 @@ def read(folder: str | os.PathLike, *, cf_dim: int = 64, tag_dim: int = 64) -> d
   tags_emb = np.zeros((e, tag_dim), np.float32)
   tags_emb[has_tags] = featurize.tfidf_svd_counts(
       counts.T.tocsr()[has_tags], tag_dim, log_tf=True, smooth_idf=False, unit_tfidf_rows=False,
-      singular_power=0.5)
+      singular_power=0.5, algorithm="arpack")
   return {"ids": [str(a) for a in all_ids], "names": names,
           "modalities": {"cf": (cf, has_cf), "tags": (tags_emb, has_tags)},
           "tag_names": {str(k): v for k, v in sorted(tag_names.items())},

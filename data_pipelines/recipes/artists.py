@@ -167,7 +167,7 @@ def tfidf_svd_text_embedding(texts: Sequence[str], dim: int) -> np.ndarray:
   """
   return featurize.tfidf_svd(texts, dim, min_df=2, max_vocab=None, token_pattern=_WORD.pattern,
                              log_tf=True, smooth_idf=False, unit_tfidf_rows=False,
-                             singular_power=0.5)
+                             singular_power=0.5, algorithm="arpack")
 
 
 TextEncoder = Callable[..., np.ndarray]

@@ -17,12 +17,12 @@ def test_svd_embedding_is_u_sigma_power_with_fixed_signs():
     ref *= np.sign(ref[np.argmax(np.abs(ref), axis=0), np.arange(4)])  # largest |entry| > 0
     np.testing.assert_allclose(emb, ref, atol=1e-5)
     assert (emb[np.argmax(np.abs(emb), axis=0), np.arange(4)] > 0).all()
-  # The randomized solver finds the same well-separated components.
+  # ARPACK and the randomized solver (any seed) find the same well-separated components.
   np.testing.assert_allclose(featurize.svd_embedding(x, 4, algorithm="randomized", seed=3),
-                             featurize.svd_embedding(x, 4), atol=1e-4)
-  # Past the usable rank: zero columns; zero rows stay zero.
+                             featurize.svd_embedding(x, 4, algorithm="arpack"), atol=1e-4)
+  # Past the usable rank (3 columns; ARPACK: 2): zero columns; zero rows stay zero.
   x[5] = 0.0
-  wide = featurize.svd_embedding(x[:, :3], 6)
+  wide = featurize.svd_embedding(x[:, :3], 6, algorithm="arpack")
   assert wide.shape == (30, 6) and (wide[:, 2:] == 0).all() and (wide[5] == 0).all()
 
 
