@@ -189,8 +189,9 @@ def test_loss_is_the_weighted_gcl_loss_with_duplicates_masked(tiny_products):
   g = mesh_lib.host_batch_to_global(mesh, batch)
   loss, _ = jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(1), train=False))(params, g)
   # Reference: dense numpy GCL loss from the task's own embeddings.
-  q = np.asarray(task.embed_queries(params, jnp.asarray(batch["query"])), np.float64)
-  d = np.asarray(task.embed_documents(params, {k: jnp.asarray(v) for k, v in batch.items()})[0],
+  q = np.asarray(task.towers.embed_queries(params, jnp.asarray(batch["query"])), np.float64)
+  d = np.asarray(task.towers.embed_documents(params, {k: jnp.asarray(v) for k, v in
+                                                      batch.items()})[0],
                  np.float64)
   s = float(np.exp(params["log_logit_scale"]))
   logits = s * q @ d.T

@@ -46,11 +46,11 @@ def test_loss_is_mean_of_supcon_heads_with_exclusions(tmp_path):
   glob = mesh_lib.host_batch_to_global(task.mesh, batch)
   loss_fn = jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(0), train=True))
   loss, metrics = loss_fn(params, glob)
-  feats = task.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
+  feats = task.net.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
   clip_ids = jnp.repeat(jnp.arange(8), 2)
   applied = jnp.asarray(batch["applied"]).reshape(16, -1)
   refs = []
-  for h, z in enumerate(task.head_outputs(params, feats)):
+  for h, z in enumerate(task.net.head_outputs(params, feats)):
     z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
     refs.append(float(supcon(z, logit_scale=10.0, clip_ids=clip_ids,
                              exclude=None if h == 0 else applied[:, h - 1], impl="dense")))
@@ -75,7 +75,7 @@ def test_variants_heads_and_branches(tmp_path):
   assert list(p1["heads"]) == ["head_0"] and simclr.head_names() == ["invariant"]
   branches = sorted(k for k in p3["trunk"] if k.startswith("last_stage_branch_"))
   assert branches == ["last_stage_branch_0", "last_stage_branch_1", "last_stage_branch_2"]
-  feats = pp.features(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
+  feats = pp.net.features(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
   assert feats.shape == (2, 3, 2 * pp.config.model.channels[-1])
   long = _config("simclr_long")
   assert long.task.variant == "simclr" and long.data.view_bank == 8
@@ -96,12 +96,12 @@ def test_variants_heads_and_branches(tmp_path):
   assert float(jnp.abs(feats[:, 0] - feats[:, 1]).max()) > 1e-4
   # Evaluation spaces: loev++ subspaces are the branches, plus each head's projection of its branch.
   audio = np.full((3, pp.out_samples), 0.01, np.float32)
-  emb = pp.embed(p3, audio, batch_size=2)
+  emb = pp.net.embed(p3, audio, batch_size=2)
   assert sorted(emb) == sorted(["whole"] + [f"{kind}/{h}" for kind in ("sub", "head")
                                              for h in pp.head_names()])
   assert emb["sub/pitch"].shape == (3, 2 * pp.config.model.channels[-1])
   assert emb["head/pitch"].shape == (3, pp.config.model.head_dim)
-  assert sorted(simclr.embed(p1, audio, batch_size=2)) == ["sub/invariant", "whole"]
+  assert sorted(simclr.net.embed(p1, audio, batch_size=2)) == ["sub/invariant", "whole"]
 
 
 def test_learns_on_a_fixed_batch(tmp_path):
@@ -155,7 +155,7 @@ def test_linear_heads_and_the_four_view_variant(tmp_path):
   rng = np.random.default_rng(0)
   width = params["heads"]["head_1"]["out"]["kernel"].shape[0]  # the branch's feature width
   a, b = (jnp.asarray(rng.normal(size=(3, task.num_heads, width)), jnp.float32) for _ in range(2))
-  h = lambda f: np.asarray(task.head_outputs(params, f)[1])  # noqa: E731
+  h = lambda f: np.asarray(task.net.head_outputs(params, f)[1])  # noqa: E731
   np.testing.assert_allclose(h(a + b), h(a) + h(b) - h(jnp.zeros_like(a)), atol=1e-5)
   # The loss takes four views per clip (v = 4) and is finite.
   rng = np.random.default_rng(1)
@@ -175,7 +175,7 @@ def test_no_projection_heads(tmp_path):
   batch = _batch(task)
   glob = mesh_lib.host_batch_to_global(task.mesh, batch)
   loss, _ = task.loss(params, glob, jax.random.PRNGKey(0), train=True)
-  feats = task.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
+  feats = task.net.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
   clip = jnp.repeat(jnp.arange(8), 2)
   applied = jnp.asarray(batch["applied"]).reshape(16, -1)
   ref = []
