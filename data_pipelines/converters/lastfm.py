@@ -13,12 +13,12 @@ assignments (390 in the original data, a known quirk); their name is ''.
   X ≈ U S Vᵀ, the artist vector is the row of V S^{1/2}, L2-normalised (Hu et al. 2008 use
   log-scaled confidence for implicit feedback; SVD keeps it deterministic and dependency-free).
   `has_cf` = the artist has a play count.
-* `tags` [tag_dim]: the artist's weighted tag profile — w(a, t) = log(1 + n(a, t)) · log(A / df(t)),
-  n = number of users who gave tag t to artist a, df = number of artists with tag t, A = tagged
-  artists (TF-IDF) — reduced by truncated SVD the same way, L2-normalised. `has_tags` = the artist
-  has a tag assignment.
-Singular vectors' signs are fixed (largest-magnitude artist loading positive), so conversions are
-reproducible. A play count or tag assignment naming an unknown tag id, a negative weight or a
+* `tags` [tag_dim]: the artist's weighted tag profile — w(a, t) = (1 + log n(a, t)) ·
+  (log(A / df(t)) + 1), n = number of users who gave tag t to artist a, df = number of artists
+  with tag t, A = tagged artists (TF-IDF, `featurize.tfidf_svd_counts`) — reduced by truncated SVD
+  the same way, L2-normalised. `has_tags` = the artist has a tag assignment.
+Both go through `data_pipelines.featurize` (scikit-learn, ARPACK); singular vectors' signs are
+fixed (largest-magnitude artist loading positive), so conversions are reproducible. A play count or tag assignment naming an unknown tag id, a negative weight or a
 malformed row raises an error naming file, line and field. `metadata["top_tags"]` is not stored;
 tag names are kept in `metadata["tag_names"]` (id → value) for inspection.
 """
@@ -31,17 +31,18 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse
-import scipy.sparse.linalg
 
+from data_pipelines import featurize
 from data_pipelines.converters import common
 from data_pipelines.converters import entities
 
 
-def truncated_svd_embedding(matrix: scipy.sparse.csr_matrix, dim: int) -> np.ndarray:
-  """Column embeddings V S^{1/2} of a rank-`dim` truncated SVD, rows L2-normalised.
+def artist_svd_embedding(matrix: scipy.sparse.csr_matrix, dim: int) -> np.ndarray:
+  """Column embeddings V S^{1/2} of a rank-`dim` truncated SVD, rows L2-normalised
+  (`featurize.svd_embedding` of the transpose, ARPACK, largest-|value| loading positive).
 
   Args:
-    matrix: [R, C] sparse, C columns to embed.
+    matrix: [R, C] sparse, C columns (artists) to embed.
     dim: k < min(R, C).
 
   Returns:
@@ -51,15 +52,7 @@ def truncated_svd_embedding(matrix: scipy.sparse.csr_matrix, dim: int) -> np.nda
   if not 0 < dim < min(r, c):
     raise ValueError(f"embedding dim must be in [1, {min(r, c) - 1}] for a {r}×{c} matrix, "
                      f"got {dim}")
-  v0 = np.full(min(r, c), 1.0 / np.sqrt(min(r, c)))  # fixed start vector: reproducible
-  _, s, vt = scipy.sparse.linalg.svds(matrix.astype(np.float64), k=dim, v0=v0)
-  order = np.argsort(-s)
-  s, vt = s[order], vt[order]
-  idx = np.argmax(np.abs(vt), axis=1)
-  vt *= np.sign(vt[np.arange(dim), idx])[:, None]
-  emb = (vt.T * np.sqrt(s)[None, :])
-  norm = np.linalg.norm(emb, axis=1, keepdims=True)
-  return (emb / np.where(norm > 0, norm, 1.0)).astype(np.float32)
+  return featurize.svd_embedding(matrix.T.tocsr(), dim, singular_power=0.5, algorithm="arpack")
 
 
 def _int(row: dict, name: str, path, line: int) -> int:
@@ -114,7 +107,7 @@ def read(folder: str | os.PathLike, *, cf_dim: int = 64, tag_dim: int = 64) -> d
                                               [pos[a] for a in p[:, 1]])), shape=(len(users), e))
   has_cf = np.zeros(e, bool)
   has_cf[[pos[a] for a in p[:, 1]]] = True
-  cf = truncated_svd_embedding(play_matrix, cf_dim)
+  cf = artist_svd_embedding(play_matrix, cf_dim)
 
   t = np.asarray(tagged, np.int64)
   tag_ids = sorted(set(t[:, 2].tolist()))
@@ -124,12 +117,15 @@ def read(folder: str | os.PathLike, *, cf_dim: int = 64, tag_dim: int = 64) -> d
       shape=(len(tag_ids), e))  # [tags, artists]; duplicates summed = n(a, t)
   counts.sum_duplicates()
   has_tags = np.asarray(counts.getnnz(axis=0) > 0).reshape(-1)
-  df = np.asarray(counts.getnnz(axis=1)).reshape(-1).astype(np.float64)
-  idf = np.log(has_tags.sum() / df)
-  tfidf = counts.copy()
-  tfidf.data = np.log1p(tfidf.data)
-  tfidf = scipy.sparse.diags(idf) @ tfidf
-  tags_emb = truncated_svd_embedding(tfidf.tocsr(), tag_dim)
+  if not 0 < tag_dim < min(len(tag_ids), int(has_tags.sum())):
+    raise ValueError(f"embedding dim must be in [1, {min(len(tag_ids), int(has_tags.sum())) - 1}] "
+                     f"for {int(has_tags.sum())} tagged artists and {len(tag_ids)} tags, "
+                     f"got {tag_dim}")
+  # The tagged artists are the documents: idf counts over them only.
+  tags_emb = np.zeros((e, tag_dim), np.float32)
+  tags_emb[has_tags] = featurize.tfidf_svd_counts(
+      counts.T.tocsr()[has_tags], tag_dim, log_tf=True, smooth_idf=False, unit_tfidf_rows=False,
+      singular_power=0.5, algorithm="arpack")
   return {"ids": [str(a) for a in all_ids], "names": names,
           "modalities": {"cf": (cf, has_cf), "tags": (tags_emb, has_tags)},
           "tag_names": {str(k): v for k, v in sorted(tag_names.items())},

@@ -26,8 +26,8 @@ Modalities per artist (availability bit `has_{m}`):
   * `text` the biography embedded by a pretrained sentence encoder (all-MiniLM-L6-v2 through
     `mmcl.pretrained.text.encode_texts`, mean-pooled and normalised as sentence-transformers
     does) or, with `text_encoder="tfidf"`, the documented fallback: TF-IDF over lower-cased word
-    tokens (document frequency ≥ 2) reduced by truncated SVD (`converters.lastfm.
-    truncated_svd_embedding`). Biographies have their Markdown links `[x](url)` replaced by `x`.
+    tokens (document frequency ≥ 2) reduced by truncated SVD (`featurize.tfidf_svd`, see
+    `tfidf_svd_text_embedding`). Biographies have their Markdown links `[x](url)` replaced by `x`.
 Besides what the join leaves missing, `drop_fraction` of the (artist, modality) availability bits
 are cleared at random (seeded), never the last modality of an artist.
 
@@ -65,8 +65,8 @@ import unicodedata
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import scipy.sparse
 
+from data_pipelines import featurize
 from data_pipelines import image_text
 from data_pipelines import permutation
 from data_pipelines import pipelines
@@ -154,7 +154,9 @@ def read_sas(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def tfidf_svd_text_embedding(texts: Sequence[str], dim: int) -> np.ndarray:
-  """The text fallback: TF-IDF (log tf, words in ≥ 2 texts) → truncated SVD, rows unit norm.
+  """The text fallback (`featurize.tfidf_svd`): TF-IDF of the lower-cased words of ≥ 2 letters or
+  digits that occur in ≥ 2 texts, log tf (1 + log n), unsmoothed idf (log(N / df) + 1), rows not
+  normalised → truncated SVD, the texts' vectors U Σ^{1/2} (as the hetrec embeddings), unit norm.
 
   Args:
     texts: N strings.
@@ -163,28 +165,9 @@ def tfidf_svd_text_embedding(texts: Sequence[str], dim: int) -> np.ndarray:
   Returns:
     [N, dim] float32.
   """
-  docs = [_WORD.findall(t.casefold()) for t in texts]
-  df: dict[str, int] = {}
-  for d in docs:
-    for w in set(d):
-      df[w] = df.get(w, 0) + 1
-  vocab = {w: i for i, w in enumerate(sorted(w for w, c in df.items() if c >= 2))}
-  rows, cols, vals = [], [], []
-  for r, d in enumerate(docs):
-    counts: dict[int, int] = {}
-    for w in d:
-      if w in vocab:
-        counts[vocab[w]] = counts.get(vocab[w], 0) + 1
-    for c, n in counts.items():
-      rows.append(r)
-      cols.append(c)
-      vals.append(np.log1p(n))
-  n_docs = len(docs)
-  idf = np.log(n_docs / np.asarray([df[w] for w in sorted(vocab)], np.float64))
-  mat = scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(n_docs, len(vocab)))
-  mat = mat @ scipy.sparse.diags(idf)
-  # Texts are the columns to embed, words the rows.
-  return lastfm.truncated_svd_embedding(mat.T.tocsr(), dim)
+  return featurize.tfidf_svd(texts, dim, min_df=2, max_vocab=None, token_pattern=_WORD.pattern,
+                             log_tf=True, smooth_idf=False, unit_tfidf_rows=False,
+                             singular_power=0.5, algorithm="arpack")
 
 
 TextEncoder = Callable[..., np.ndarray]

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from mmcl import workdir as workdir_lib  # noqa: E402
-from mmcl.eval import seqrec  # noqa: E402
+from mmcl.tasks.demure.evaluate import planted_labels  # noqa: E402
 from mmcl.tasks import get_task_class  # noqa: E402
 from mmcl.tasks.demure.loss import flag_lowest, lowest_fraction_threshold  # noqa: E402
 
@@ -73,9 +73,8 @@ def main() -> None:
   if not wd.config.task.plant_noise_modality:
     raise ValueError(f"{a.workdir}: task.plant_noise_modality is empty, nothing to detect")
   table = np.load(a.table)
-  user_items = seqrec.load_interactions(wd.config.data.dir)[0]
-  inputs, _ = wd.task.training_rows(user_items)
-  j, valid, labels = wd.task.planted_labels(inputs)
+  inputs, _ = wd.task.training_rows()
+  j, valid, labels = planted_labels(inputs, wd.config.task, wd.task.noisy_np)
   if table.shape != (wd.task.num_items + 1, valid.shape[-1]):
     raise ValueError(f"--table {a.table}: shape {table.shape}, expected "
                      f"{(wd.task.num_items + 1, valid.shape[-1])}")

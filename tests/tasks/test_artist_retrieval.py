@@ -15,7 +15,7 @@ from mmcl.parallel import mesh as mesh_lib
 from mmcl.tasks import get_task_class
 from mmcl.tasks.artist_retrieval import evaluate
 from mmcl.tasks.artist_retrieval.loss import multi_positive_infonce, neighbour_matrix
-from mmcl.tasks.artist_retrieval.task import ArtistRetrievalTask
+from mmcl.tasks.artist_retrieval.data import training_neighbours
 from mmcl.train import loop as loop_lib
 from mmcl.train.metric_log import read_metrics
 
@@ -52,7 +52,7 @@ def test_loss_is_multimodal_infonce_and_ignores_missing_vectors(planted_dir):
 
   @jax.jit  # the reference, in one program (eager dispatch compiles every operation apart)
   def reference(p, b):
-    emb = {m: task.project(p, m, b[m]) for m in task.modalities}
+    emb = {m: task.net.project(p, m, b[m]) for m in task.modalities}
     valid = {m: b[f"has_{m}"] for m in task.modalities}
     return multimodal_infonce(emb, valid, logit_scale=10.0, group_ids=b["artist"], impl="dense")
   ref = reference(params, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -192,7 +192,7 @@ def test_multi_positive_loss_on_four_artists():
   # Positives only ever link two role-train artists (queries and blocked neighbours never).
   meta = {"catalogue": {"gold": [[1, 2], [0, 3], [3, 0], [2, 1]],
                         "role": ["train", "train", "test", "blocked"]}}
-  np.testing.assert_array_equal(ArtistRetrievalTask.training_neighbours(meta),
+  np.testing.assert_array_equal(training_neighbours(meta),
                                 [[1, -1], [0, -1], [-1, -1], [-1, -1]])
 
 
@@ -201,7 +201,7 @@ def test_residual_text_path_is_frozen_and_keeps_text_geometry(planted_dir):
   task = get_task_class("artist_retrieval")(c, mesh_lib.make_mesh())
   params = task.init_params(jax.random.PRNGKey(0))
   x = jnp.asarray(artists.read_split(planted_dir, "validation")["text"][:8])
-  project = jax.jit(lambda p: task.project(p, "text", x))
+  project = jax.jit(lambda p: task.net.project(p, "text", x))
   grads = jax.jit(jax.grad(lambda p: jnp.sum(project(p)[:, 0])))(params)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["skip"]))
   assert float(jnp.abs(grads["projectors"]["text"]["out"]["kernel"]).max()) > 0

@@ -9,12 +9,12 @@ import pytest
 
 from data_pipelines.featurize import tfidf_svd
 from mmcl.config import load_config_file
-from mmcl.eval import seqrec
 from mmcl.tasks import get_task_class
 from mmcl.tasks.demure.data import (StepCountingIterator, per_occurrence_noise, plant_noise,
                                     planted_item_side)
-from mmcl.tasks.demure.evaluate import pool_by_item, roc_auc
-from mmcl.tasks.demure.loss import flag_lowest
+from mmcl.tasks.demure.analysis import oracle_scores
+from mmcl.tasks.demure.evaluate import noise_detection, planted_labels, pool_by_item, roc_auc
+from mmcl.tasks.demure.loss import contributions, flag_lowest, rec_loss
 from mmcl.tasks.demure.model import DemureModel
 from mmcl.train import loop as loop_lib
 from mmcl.train.metric_log import read_metrics
@@ -133,12 +133,13 @@ def _config(data_dir, **overrides):
 def test_contribution_of_a_zero_modality_is_zero_and_flagged_first(text_seq_dir):
   c = _config(text_seq_dir)
   mesh, task = loop_lib.setup(c, get_task_class("demure"))
-  task.features_np[0][1:21] = 0.0  # items 1..20 lose their text features
+  task.net.features.tables[0][1:21] = 0.0  # items 1..20 lose their text features
   params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
   inputs = jnp.asarray([[0, 0, 3, 4, 25, 26, 27, 28], [19, 20, 21, 22, 23, 24, 25, 26]], jnp.int32)
   targets = jnp.concatenate([inputs[:, 1:], jnp.asarray([[29], [27]])], 1)
   negs = jnp.full_like(inputs, 35)
-  cvals, valid = jax.jit(task.contributions)(params, inputs, targets, negs)  # one program
+  cvals, valid = jax.jit(lambda *a: contributions(task.net, *a, c.task))(  # one program
+      params, inputs, targets, negs)
   cvals = np.asarray(cvals)
   zero = (np.asarray(inputs) <= 20) & (np.asarray(inputs) > 0)
   assert np.all(cvals[..., 0][zero] == 0.0)
@@ -159,17 +160,19 @@ def test_integrated_gradients_path_steps(text_seq_dir):
   inputs = jnp.asarray([[0, 0, 3, 4, 25, 26, 27, 28], [19, 20, 21, 22, 23, 24, 25, 26]], jnp.int32)
   targets = jnp.concatenate([inputs[:, 1:], jnp.asarray([[29], [27]])], 1)
   negs = jnp.full_like(inputs, 35)
-  table = task.item_table(params)
-  xt = task._apply(params, DemureModel.modality_tokens, task._feats(inputs))
+  table = task.net.item_table(params)
+  xt = task.net.apply(params, DemureModel.modality_tokens, task.net.features.candidates(inputs))
 
   def total(z):
-    return task._rec_loss(params, z.sum(-2), inputs, targets, negs, table, train=False,
-                          rng=None)[1]
+    return rec_loss(task.net.encode(params, z.sum(-2), inputs), table, targets, negs,
+                    c.task.rec_loss)[1]
   grad, total = jax.jit(jax.grad(total)), jax.jit(total)
-  scores = jax.jit(lambda k: task.contributions(params, inputs, targets, negs, path_steps=k)[0],
+  scores = jax.jit(lambda k: contributions(task.net, params, inputs, targets, negs, c.task,
+                                         path_steps=k)[0],
                    static_argnums=0)
   valid = np.asarray(inputs != 0)[..., None]
-  c1 = np.asarray(jax.jit(task.contributions)(params, inputs, targets, negs)[0])
+  c1 = np.asarray(jax.jit(lambda *a: contributions(task.net, *a, c.task)[0])(
+      params, inputs, targets, negs))
   np.testing.assert_allclose(c1, -np.sum(np.asarray(grad(xt) * xt), -1) * valid, atol=1e-5)
   c2 = np.asarray(scores(2))
   mid = (grad(0.25 * xt) + grad(0.75 * xt)) / 2
@@ -182,7 +185,7 @@ def test_integrated_gradients_path_steps(text_seq_dir):
   assert abs(increase) > 0.1 and err[256] < 0.01 * abs(increase)
   assert err[256] < err[64] < err[8] < err[1] and err[1] > 10 * err[64]
   with pytest.raises(ValueError, match="contribution_path_steps"):
-    task.contributions(params, inputs, targets, negs, path_steps=-1)
+    contributions(task.net, params, inputs, targets, negs, c.task, path_steps=-1)
 
 
 def _trained_params(c, workdir):
@@ -204,17 +207,16 @@ def test_planted_noise_is_found_then_flagged(group_seq_dir, tmp_path):
                                            "train.checkpoint_every": 40})
   loop_lib.train(c, tmp_path, get_task_class("demure"))
   task, params = _trained_params(c, tmp_path)
-  user_items = seqrec.load_interactions(c.data.dir)[0]
-  m = task.noise_detection(params, user_items)
+  inputs, targets = task.training_rows()
+  m = noise_detection(task.scorer, params, inputs, targets, task.noisy_np)
   assert m["noise/planted_share"] > 0.05
   # Random text hurts the loss: its signed contribution, averaged over an item's occurrences, is
   # the lowest; the paper's |g·x| ranks it high instead (AUC below 0.5).
   assert m["noise/auc_signed_item"] > 0.8, m
   assert m["noise/auc_item"] < 0.5, m
-  table = task.item_scores(params, user_items, "signed")
-  inputs, _ = task.training_rows(user_items)
-  _, valid, labels = task.planted_labels(inputs)
-  ig = task.item_scores(params, user_items, "signed", path_steps=8)[inputs]
+  table = task.item_scores(params, "signed")
+  _, valid, labels = planted_labels(inputs, c.task, task.noisy_np)
+  ig = task.item_scores(params, "signed", path_steps=8)[inputs]
   # Integrated gradients (task.contribution_path_steps) find the same noise at least as well
   # (here 0.97 against 0.95).
   assert roc_auc(-ig[valid], labels[valid]) >= max(
@@ -229,7 +231,7 @@ def test_planted_noise_is_found_then_flagged(group_seq_dir, tmp_path):
   assert len(rows) == 1 and abs(rows[0]["flagged_fraction"] - 0.2) < 0.05
   assert np.isfinite(rows[0]["loss"])
   _, task2 = loop_lib.setup(c2, get_task_class("demure"))
-  inputs = jnp.asarray(task2.training_rows(user_items)[0][:32])
+  inputs = jnp.asarray(task2.training_rows()[0][:32])
   flags, valid = task2.noise_flags(None, inputs)
   planted_pairs = np.zeros(flags.shape, bool)
   planted_pairs[..., 0] = task2.noisy_np["text"][np.asarray(inputs)]
@@ -239,7 +241,7 @@ def test_planted_noise_is_found_then_flagged(group_seq_dir, tmp_path):
   # whatever rows share its batch, and a row whose pairs all score high loses none of them.
   _, task3 = loop_lib.setup(_config(group_seq_dir, **planted, **{
       "task.item_scores": str(path), "task.flag_scope": "global"}), get_task_class("demure"))
-  all_rows = jnp.asarray(task3.training_rows(user_items)[0])
+  all_rows = jnp.asarray(task3.training_rows()[0])
   g_flags, g_valid = (np.asarray(a) for a in task3.noise_flags(None, all_rows))
   assert abs(g_flags.sum() / g_valid.sum() - 0.2) < 0.02
   scores = table[np.asarray(all_rows)]
@@ -263,12 +265,13 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
                           get_task_class("demure"))
   noisy = inp.noisy_np["text"]
   np.testing.assert_array_equal(noisy, both.noisy_np["text"])  # the same planted items
-  clean = inp.occurrence_noise[0][0]
-  np.testing.assert_array_equal(inp.features_np[0], clean)  # candidates: clean text
-  np.testing.assert_allclose(both.features_np[0][noisy], np.broadcast_to(
-      clean[1:].mean(0), both.features_np[0][noisy].shape), rtol=1e-6)  # vs the expectation
+  clean = inp.net.features.occurrence_noise[0][0]
+  np.testing.assert_array_equal(inp.net.features.tables[0], clean)  # candidates: clean text
+  np.testing.assert_allclose(both.net.features.tables[0][noisy], np.broadcast_to(
+      clean[1:].mean(0), both.net.features.tables[0][noisy].shape), rtol=1e-6)  # vs the expectation
   items = jnp.asarray(np.nonzero(noisy)[0][None, :8], jnp.int32)
-  x_in, x_both = (np.asarray(t._input_feats(items, jax.random.PRNGKey(3))[0]) for t in (inp, both))
+  x_in, x_both = (np.asarray(t.net.features.inputs(items, jax.random.PRNGKey(3))[0])
+                 for t in (inp, both))
   np.testing.assert_array_equal(x_in, x_both)  # the history gets the same swapped draws
   assert not np.allclose(x_in, clean[np.asarray(items)])
   with pytest.raises(ValueError, match="task.plant_noise_side"):
@@ -276,7 +279,7 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
                                             "task.plant_noise_side": "input"}),
                    get_task_class("demure"))
 
-  oracle = inp.oracle_scores()
+  oracle = oracle_scores(inp.config.task, inp.noisy_np, inp.num_items)
   assert oracle.shape == (inp.num_items + 1, 2)
   np.testing.assert_array_equal(oracle[:, 0] < 0, noisy)
   assert (oracle[:, 1] == 1).all()
@@ -295,7 +298,7 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
                   "task.noise_fraction": 0.05}
   c0 = _config(text_seq_dir, **oracle_flags, **{"task.cl_weight": 0.0})
   _, task0 = loop_lib.setup(c0, get_task_class("demure"))
-  rows = jnp.asarray(task0.training_rows(seqrec.load_interactions(c0.data.dir)[0])[0][:16])
+  rows = jnp.asarray(task0.training_rows()[0][:16])
   flags, _ = task0.noise_flags(None, rows)
   np.testing.assert_array_equal(np.asarray(flags)[..., 0], noisy[np.asarray(rows)])
   assert not np.asarray(flags)[..., 1].any()
@@ -338,9 +341,10 @@ def test_input_side_noise_oracle_table_and_lambda_zero(text_seq_dir, tmp_path, c
   loss2, m2 = jax.jit(loss_fn(task2))(params)
   np.testing.assert_allclose(float(m2["rec_loss"]), float(metrics["rec_loss"]), rtol=1e-6)
   k_noise = jax.random.split(jax.random.PRNGKey(1), 4)[3]  # the loss's planted-noise draw
-  xt = task2._apply(params, DemureModel.modality_tokens, task2._input_feats(rows, k_noise))
+  xt = task2.net.apply(params, DemureModel.modality_tokens,
+                       task2.net.features.inputs(rows, k_noise))
   fl = np.asarray(flags)[..., None]
-  views = [np.asarray(task2._apply(params, DemureModel.encode, v, rows != 0, False))
+  views = [np.asarray(task2.net.encode(params, v, rows))
            for v in (np.asarray(xt * ~fl).sum(-2), np.asarray(xt).sum(-2))]
 
   def reference(window):

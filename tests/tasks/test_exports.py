@@ -92,10 +92,10 @@ def _mmsrec(group_seq_dir, **_):
   user_items, _ = seqrec.load_interactions(task.config.data.dir)
   _, history, _ = seqrec.eval_cases(user_items, "test", task.config.data.max_len)
   items = np.arange(1, 10)
-  content = np.concatenate([f[items] for f in task.features_np], axis=1)  # ID-free item input
+  content = np.concatenate([f[items] for f in task.net.features], axis=1)  # ID-free item input
   raw = {"user": [[f"i{j}" for j in row if j] for row in history[:9]], "item": content.tolist()}
-  expected = {"user": np.asarray(jax.jit(task._query)(params, history[:9])),
-              "item": np.asarray(jax.jit(task.item_tower)(params, items))}
+  expected = {"user": np.asarray(jax.jit(task.net.query)(params, history[:9])),
+              "item": np.asarray(jax.jit(task.net.item_tower)(params, items))}
   return task, params, raw, expected
 
 
@@ -103,16 +103,15 @@ def _gcl(products_dir, **_):
   task, params = _task("gcl.py:tiny", **{"data.dir": str(products_dir), "data.image_size": 16,
                                           "data.global_batch_size": 16,
                                           "model.image.patch_size": 8})
-  source, table, batch, queries = task._export_inputs(task.config.task.eval_splits[0], rows=9)
-  source.close()
+  batch, queries = task.export_inputs(task.config.task.eval_splits[0], rows=9)
   raw = {"query": queries["query"].tolist()}
-  expected = {"query": np.asarray(task.embed_queries(params, queries["query"]))}
+  expected = {"query": np.asarray(task.towers.embed_queries(params, queries["query"]))}
   for field in task.doc_fields:
     raw[f"doc_{field}"] = batch[field].tolist()
     # The task's fusion with only this field present is the field's own unit embedding.
     alone = {**batch, **{f"has_{f}": np.full(9, f == field) for f in task.doc_fields}}
-    expected[f"doc_{field}"] = np.asarray(task.embed_documents(params, alone)[0])
-  fused, _ = task.embed_documents(params, {k: v for k, v in batch.items()})
+    expected[f"doc_{field}"] = np.asarray(task.towers.embed_documents(params, alone)[0])
+  fused, _ = task.towers.embed_documents(params, {k: v for k, v in batch.items()})
   expected["fused"] = np.asarray(fused)
   expected["present"] = {f: batch[f"has_{f}"] for f in task.doc_fields}
   return task, params, raw, expected
@@ -121,10 +120,11 @@ def _gcl(products_dir, **_):
 def _artists(artists_dir, **_):
   from data_pipelines.recipes import artists
   from mmcl.tasks.artist_retrieval import evaluate as artist_eval
+  from mmcl.tasks.artist_retrieval.model import artist_rows
   task, params = _task("artist_retrieval.py:tiny", **{"data.dir": str(artists_dir)})
   cat = artists.read_split(artists_dir, "catalogue")
   raw, expected = {}, {}
-  proj = task.embed_catalogue(params, cat)  # the evaluator's projections of the catalogue
+  proj = task.net.embed_catalogue(params, cat)  # the evaluator's projections of the catalogue
   for m in task.modalities:
     rows = np.flatnonzero(cat[f"has_{m}"])[:9]
     raw[m], expected[m] = cat[m][rows].tolist(), proj[m][rows]
@@ -133,7 +133,7 @@ def _artists(artists_dir, **_):
   avail = {m: cat[f"has_{m}"] for m in task.modalities}
   fused = artist_eval.l2_normalize(sum(proj[m] * avail[m][:, None] for m in task.modalities))
   assert not all(np.all(avail[m][:12]) for m in task.modalities)
-  raw["artist"] = task._artist_rows(cat)[:12].tolist()
+  raw["artist"] = artist_rows(cat, task.modalities)[:12].tolist()
   expected["artist"] = fused[:12]
   return task, params, raw, expected
 
@@ -145,7 +145,7 @@ def _loev(variant):
     audio = np.stack([0.3 * np.sin(2 * np.pi * f * t) * np.exp(-d * t)
                       for f, d in zip((220, 330, 440, 550, 660, 880, 990), (0, 1, 2, 3, 4, 5, 6))]
                      ).astype(np.float32)
-    reps = task.embed(params, audio, batch_size=8)  # the evaluator's representations
+    reps = task.net.embed(params, audio, batch_size=8)  # the evaluator's representations
     expected = {"whole": reps["whole"]}
     for name in task.head_names():
       expected[name] = reps[f"sub/{name}"]

@@ -51,7 +51,7 @@ def test_loss_is_mean_of_supcon_heads_with_exclusions(tmp_path):
 
   @jax.jit  # the reference, in one program (eager dispatch compiles every operation apart)
   def reference(p, audio):
-    heads = task.head_outputs(p, task.features(p, audio))
+    heads = task.net.head_outputs(p, task.net.features(p, audio))
     return [supcon(z / jnp.linalg.norm(z, axis=-1, keepdims=True), logit_scale=10.0,
                    clip_ids=clip_ids, exclude=None if h == 0 else applied[:, h - 1],
                    impl="dense") for h, z in enumerate(heads)]
@@ -77,7 +77,7 @@ def test_variants_heads_and_branches(tmp_path):
   assert list(p1["heads"]) == ["head_0"] and simclr.head_names() == ["invariant"]
   branches = sorted(k for k in p3["trunk"] if k.startswith("last_stage_branch_"))
   assert branches == ["last_stage_branch_0", "last_stage_branch_1", "last_stage_branch_2"]
-  feats = jax.jit(pp.features)(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
+  feats = jax.jit(pp.net.features)(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
   assert feats.shape == (2, 3, 2 * pp.config.model.channels[-1])
   long = _config("simclr_long")
   assert long.task.variant == "simclr" and long.data.view_bank == 8
@@ -98,12 +98,12 @@ def test_variants_heads_and_branches(tmp_path):
   assert float(jnp.abs(feats[:, 0] - feats[:, 1]).max()) > 1e-4
   # Evaluation spaces: loev++ subspaces are the branches, plus each head's projection of its branch.
   audio = np.full((3, pp.out_samples), 0.01, np.float32)
-  emb = pp.embed(p3, audio, batch_size=2)
+  emb = pp.net.embed(p3, audio, batch_size=2)
   assert sorted(emb) == sorted(["whole"] + [f"{kind}/{h}" for kind in ("sub", "head")
                                              for h in pp.head_names()])
   assert emb["sub/pitch"].shape == (3, 2 * pp.config.model.channels[-1])
   assert emb["head/pitch"].shape == (3, pp.config.model.head_dim)
-  assert sorted(simclr.embed(p1, audio, batch_size=2)) == ["sub/invariant", "whole"]
+  assert sorted(simclr.net.embed(p1, audio, batch_size=2)) == ["sub/invariant", "whole"]
 
 
 def test_learns_on_a_fixed_batch(tmp_path):
@@ -129,8 +129,7 @@ def test_learns_on_a_fixed_batch(tmp_path):
 
 def test_evaluate_reports_every_probe(tmp_path):
   task = _task(tmp_path, data__num_eval_clips=24)
-  metrics = task.evaluate(jax.jit(task.init_params)(jax.random.PRNGKey(0)),
-                          str(tmp_path / "eval"))
+  metrics = task.evaluate(jax.jit(task.init_params)(jax.random.PRNGKey(0)), str(tmp_path / "eval"))
   for space in ("whole", "sub/invariant", "sub/pitch", "sub/stretch"):
     for aug in ("pitch", "stretch"):
       assert np.isfinite(metrics[f"equivariance/{aug}/{space}/r2"])
@@ -158,7 +157,7 @@ def test_linear_heads_and_the_four_view_variant(tmp_path):
   rng = np.random.default_rng(0)
   width = params["heads"]["head_1"]["out"]["kernel"].shape[0]  # the branch's feature width
   a, b = (jnp.asarray(rng.normal(size=(3, task.num_heads, width)), jnp.float32) for _ in range(2))
-  heads = jax.jit(task.head_outputs)
+  heads = jax.jit(task.net.head_outputs)
   h = lambda f: np.asarray(heads(params, f)[1])  # noqa: E731
   np.testing.assert_allclose(h(a + b), h(a) + h(b) - h(jnp.zeros_like(a)), atol=1e-5)
   # The loss takes four views per clip (v = 4) and is finite.
@@ -184,7 +183,7 @@ def test_no_projection_heads(tmp_path):
 
   @jax.jit  # the reference, in one program (eager dispatch compiles every operation apart)
   def reference(p, audio):
-    feats = task.features(p, audio)
+    feats = task.net.features(p, audio)
     ref = []
     for h in range(task.num_heads):
       z = feats[:, h] / jnp.linalg.norm(feats[:, h], axis=-1, keepdims=True)

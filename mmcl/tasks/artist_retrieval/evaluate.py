@@ -13,15 +13,19 @@ on every metric; a catalogue artist without an embedding is never retrieved. Rep
     artists absent from hetrec) and by modality completeness (`complete`, `missing_any`, `missing_{m}`);
   * `modality_bias`: for queries having modality m (resp. lacking it), the share of their top-k
     artists that have m, beside m's base rate in the catalogue.
+`evaluate_catalogue` runs the whole protocol for every system, `write_tables` writes its report.
 All functions are numpy; the catalogue is small (thousands), so scores are one dense matrix.
 """
 
 from __future__ import annotations
 
+import json
+import pathlib
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from mmcl.eval import finite as finite_lib
 from mmcl.eval import metrics as metrics_lib
 
 
@@ -218,3 +222,93 @@ def markdown_table(results: Mapping[str, Mapping[str, float]], columns: Sequence
                    (f"{int(v)}" if c.endswith("num_queries") else f"{v:.4f}"))
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def evaluate_catalogue(net, params, cat: Mapping[str, np.ndarray], catalogue: Mapping, t,
+                       where: str) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+  """Every system's retrieval of the `task.eval_queries` artists against the catalogue.
+
+  net: `model.ArtistProjectors`; cat: the catalogue split ({m} [N, d_m], has_{m} [N]);
+  catalogue: metadata["catalogue"] (gold [N, K], role [N], listeners [N]); t: the `task` config;
+  where: the dataset, named in errors. Systems: the trained embedding ("contrastive", the mean of
+  the available projected modalities, re-normalised), each modality's projection alone and the
+  raw baselines; then the query-modality × corpus-modality matrix in the shared space.
+  Returns (per-system metrics, every metric flat "<system>/<metric>", "matrix/<q>-><c>/...").
+  """
+  modalities = net.modalities
+  gold = np.asarray(catalogue["gold"], np.int64)
+  roles = np.asarray(catalogue["role"])
+  listeners = np.asarray(catalogue["listeners"], np.int64)
+  queries = np.flatnonzero(roles == t.eval_queries)
+  n = gold.shape[0]
+  if cat["has_" + modalities[0]].shape[0] != n:
+    raise ValueError(f"{where}: catalogue split has {cat['has_' + modalities[0]].shape[0]} rows, "
+                     f"metadata {n}")
+  avail = {m: cat[f"has_{m}"] for m in modalities}
+  proj = net.embed_catalogue(params, cat)
+  finite_lib.require_scorable({f"{m} projector (catalogue rows with {m})": proj[m][avail[m]]
+                               for m in modalities})
+  # Mean of the available projected modalities, re-normalised.
+  fused = l2_normalize(sum(proj[m] * avail[m][:, None] for m in modalities))
+  any_avail = np.any([avail[m] for m in modalities], axis=0)
+  kmax = max(max(t.eval_ks), max(t.coverage_ks), t.bias_k)
+  groups = query_groups(avail, listeners, queries)
+
+  systems: dict[str, tuple[np.ndarray, np.ndarray]] = {"contrastive": (fused, any_avail)}
+  for m in modalities:
+    systems[f"contrastive_{m}_only"] = (proj[m], avail[m])
+  if t.baselines:
+    fit_rows = np.flatnonzero(roles == "train")
+    systems.update(baseline_embeddings({m: cat[m] for m in modalities}, avail, fit_rows))
+  results: dict[str, dict[str, float]] = {}
+  flat: dict[str, float] = {}
+  for name, (emb, ok) in systems.items():
+    ranked = rank_catalogue(emb[queries], ok[queries], queries, emb, ok, kmax)
+    r = retrieval_metrics(ranked, gold[queries], corpus_size=n, ks=t.eval_ks,
+                          coverage_ks=t.coverage_ks, groups=groups)
+    if name == "contrastive":
+      r.update(modality_bias(ranked, avail, queries, t.bias_k))
+    results[name] = r
+    flat.update({f"{name}/{k}": v for k, v in r.items()})
+
+  # Query-modality × corpus-modality matrix in the shared space (gold restricted to the corpus
+  # artists that have the corpus modality; queries need the query modality).
+  for qm in modalities:
+    for cm in modalities:
+      qsel = queries[avail[qm][queries]]
+      g = np.where(avail[cm][np.maximum(gold[qsel], 0)] & (gold[qsel] >= 0), gold[qsel], -1)
+      ranked = rank_catalogue(proj[qm][qsel], np.ones(len(qsel), bool), qsel, proj[cm],
+                              avail[cm], kmax)
+      r = retrieval_metrics(ranked, g, corpus_size=n, ks=(10,), coverage_ks=(10,))
+      for k in ("ndcg@10", "recall@10", "num_queries"):
+        flat[f"matrix/{qm}->{cm}/{k}"] = r[k]
+  flat["num_catalogue"] = float(n)
+  flat["num_queries"] = float(len(queries))
+  return results, flat
+
+
+def write_tables(out_dir: str, results: Mapping[str, Mapping[str, float]],
+                 flat: Mapping[str, float], modalities: Sequence[str], bias_k: int) -> None:
+  """artist_retrieval.md (systems, popularity buckets, modality matrix and bias) and
+  artist_retrieval.json (every system's metrics) in out_dir."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  cols = ["ndcg@10", "recall@10", "coverage@10", "ndcg@200", "recall@50", "recall@200",
+          "pop_q1/ndcg@10", "pop_q1/recall@10", "missing_any/ndcg@10", "missing_any/recall@10"]
+  parts = ["## Systems\n", markdown_table(results, cols), "\n\n## By popularity\n"]
+  buckets = sorted({k.split("/")[0] for r in results.values() for k in r if k.startswith("pop_")})
+  pop_cols = [f"{b}/ndcg@10" for b in buckets] + [f"{b}/num_queries" for b in buckets]
+  parts += [markdown_table(results, pop_cols), "\n\n## Modality matrix (ndcg@10)\n"]
+  ms = modalities
+  parts.append("| query \\ corpus | " + " | ".join(ms) + " |\n|---|" + "---:|" * len(ms))
+  for qm in ms:
+    parts.append(f"\n| {qm} | " + " | ".join(f"{flat[f'matrix/{qm}->{cm}/ndcg@10']:.4f}"
+                                             for cm in ms) + " |")
+  parts.append("\n\n## Modality bias (contrastive, top-%d)\n" % bias_k)
+  for m in ms:
+    r = results["contrastive"]
+    parts.append(f"- {m}: share with {m} = {r[f'bias/{m}/share_if_query_has']:.3f} (query has "
+                 f"{m}), {r[f'bias/{m}/share_if_query_lacks']:.3f} (query lacks it); base rate "
+                 f"{r[f'bias/{m}/base_rate']:.3f}\n")
+  (out / "artist_retrieval.md").write_text("".join(parts) + "\n")
+  (out / "artist_retrieval.json").write_text(json.dumps(results, indent=1, sort_keys=True))

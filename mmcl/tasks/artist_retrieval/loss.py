@@ -1,10 +1,12 @@
-"""The artist-retrieval loss: multi-positive InfoNCE over artists that are neighbours in the
-similarity graph."""
+"""The artist-retrieval loss: multimodal InfoNCE over every modality pair, or multi-positive
+InfoNCE over artists that are neighbours in the similarity graph."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from mmcl.losses import sharded as sharded_losses
 
 
 def neighbour_matrix(artist: jax.Array, table: jax.Array) -> jax.Array:
@@ -74,3 +76,58 @@ def multi_positive_infonce(a: jax.Array, b: jax.Array, a_valid: jax.Array, b_val
   s_ba, c_ba = direction(z.T, b_valid, a_valid)
   count = c_ab + c_ba
   return jnp.where(count > 0, (s_ab + s_ba) / jnp.maximum(count, 1.0), 0.0), count
+
+
+def neighbour_loss(emb: dict[str, jax.Array], valid: dict[str, jax.Array], artist: jax.Array,
+                   neighbour_table: jax.Array, scale: jax.Array, neighbour_weight: float
+                   ) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
+  """The multi-positive loss over every modality pair: (loss, {"m:n": (L_mn, contributes)}).
+
+  emb: m → [B, D]; valid: m → [B] bool; artist: [B] int32 catalogue numbers; neighbour_table:
+  [N, K] int32 (`data.training_neighbours`). A pair contributes when it has ≥ 2 anchors over
+  both directions; the loss is the mean over contributing pairs (as `multimodal_infonce`).
+  """
+  nb = neighbour_matrix(artist, neighbour_table)
+  names = sorted(emb)
+  total, count, per_pair = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), {}
+  for i, m in enumerate(names):
+    for n in names[i + 1:]:
+      value, anchors = multi_positive_infonce(
+          emb[m], emb[n], valid[m], valid[n], artist, nb, logit_scale=scale,
+          neighbour_weight=neighbour_weight)
+      contributes = anchors >= 2
+      total = total + jnp.where(contributes, value, 0.0)
+      count = count + contributes.astype(jnp.float32)
+      per_pair[f"{m}:{n}"] = (value, contributes)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0), per_pair
+
+
+def artist_loss(net, params, batch, rng: jax.Array, t, mesh, scale: jax.Array, *, train: bool,
+                l2: dict[str, float], neighbour_table=None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The multimodal InfoNCE of one global batch ({m} [B, d_m], has_{m} [B], artist [B]) over
+  every modality pair (task.positives = self), or the multi-positive loss (neighbours), plus
+  coef·Σ‖kernel‖² of the projectors in `l2` (net: `model.ArtistProjectors`; t: the `task`
+  config). Returns (loss, {"temperature", "pair/<m>_<n>", ...})."""
+  keys = jax.random.split(rng, len(net.modalities))
+  emb = {m: net.project(params, m, batch[m], train=train, rng=k)
+         for m, k in zip(net.modalities, keys)}
+  valid = {m: batch[f"has_{m}"] for m in net.modalities}
+  metrics = {"temperature": 1.0 / scale}
+  if t.positives == "self":
+    loss, per_pair = sharded_losses.multimodal_infonce_over_mesh(
+        emb, valid, mesh, logit_scale=scale, group_ids=batch["artist"], impl=t.loss_impl,
+        return_pair_losses=True)
+  else:
+    loss, per_pair = neighbour_loss(emb, valid, batch["artist"], jnp.asarray(neighbour_table),
+                                    scale, t.neighbour_weight)
+  for name, (value, _) in per_pair.items():
+    metrics[f"pair/{name.replace(':', '_')}"] = value  # 0: < 2 rows in the batch
+  if l2:
+    penalty = sum(c * sum(jnp.sum(jnp.square(w)) for w in
+                          jax.tree.leaves(params["projectors"][m]) if w.ndim >= 2)
+                  for m, c in l2.items())
+    metrics["l2_penalty"] = penalty
+    metrics["contrastive_loss"] = loss
+    loss = loss + penalty
+  return loss, metrics

@@ -18,7 +18,6 @@ hold-out of `data.holdout_fraction` for validation and evaluation unless `data.e
 
 from __future__ import annotations
 
-import math
 import pathlib
 from typing import Any
 
@@ -31,14 +30,12 @@ from data_pipelines import sources as sources_lib
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.sources import pairs as pairs_lib
 from mmcl.config import Config, ConfigError
-from mmcl.eval import finite as finite_lib
-from mmcl.eval import image_text as eval_lib
-from mmcl.eval import trec as trec_lib
-from mmcl.losses import sharded as sharded_losses
 from mmcl.models import flops as flops_lib
 from mmcl.models import tower_config
-from mmcl.models.layers import l2_normalize
 from mmcl.parallel import mesh as mesh_lib
+from mmcl.tasks.clip import evaluate, export
+from mmcl.tasks.clip.loss import clip_loss
+from mmcl.tasks.clip.model import ClipTowers
 from mmcl.train.task import CorpusExport, Task, TowerExport
 
 
@@ -103,12 +100,14 @@ class ClipTask(Task):
     m = config.model
     self.image_normalization = self.metadata.get(
         "image_normalization", {"mean": list(data_lib.IMAGE_MEAN), "std": list(data_lib.IMAGE_STD)})
-    self.image_tower = tower_config.vit_from_config(
-        m.image, embed_dim=m.embed_dim, dtype=dtype, pixel_mean=self.image_normalization["mean"],
-        pixel_std=self.image_normalization["std"])
-    self.text_tower = tower_config.text_transformer_from_config(
-        m.text, vocab_size=self.vocab_size, max_len=config.data.max_text_len,
-        embed_dim=m.embed_dim, dtype=dtype)
+    self.towers = ClipTowers(
+        tower_config.vit_from_config(m.image, embed_dim=m.embed_dim, dtype=dtype,
+                                     pixel_mean=self.image_normalization["mean"],
+                                     pixel_std=self.image_normalization["std"]),
+        tower_config.text_transformer_from_config(m.text, vocab_size=self.vocab_size,
+                                                  max_len=config.data.max_text_len,
+                                                  embed_dim=m.embed_dim, dtype=dtype))
+    self.image_shape = (self.image_size, self.image_size, self.channels)
 
   # --- data ---------------------------------------------------------------------------------------
   def train_iterator(self, process_index: int, process_count: int):
@@ -137,172 +136,78 @@ class ClipTask(Task):
 
   # --- model --------------------------------------------------------------------------------------
   def init_params(self, rng: jax.Array) -> dict[str, Any]:
-    k_img, k_txt = jax.random.split(rng)
-    images = jnp.zeros((1, self.image_size, self.image_size, self.channels), jnp.float32)
-    texts = jnp.ones((1, self.config.data.max_text_len), jnp.int32)
     t = self.config.task
-    params = {
-        "image": self.image_tower.init(k_img, images, train=False)["params"],
-        "text": self.text_tower.init(k_txt, texts, train=False)["params"],
-        "log_logit_scale": jnp.asarray(math.log(1.0 / t.init_temperature), jnp.float32),
-    }
+    params = self.towers.init(rng, self.image_shape, self.config.data.max_text_len,
+                              t.init_temperature)
     if t.loss == "sigmoid":
       params["logit_bias"] = jnp.asarray(t.init_logit_bias, jnp.float32)
     return params
-
-  def embed_images(self, params, images: jax.Array, *, train: bool = False,
-                   rng: jax.Array | None = None) -> jax.Array:
-    """images: [B, H, W, C] uint8 pixels (or float32, already normalised) → [B, D] unit-norm
-    float32."""
-    rngs = {"dropout": rng} if train else None
-    return l2_normalize(self.image_tower.apply({"params": params["image"]}, images, train=train,
-                                                rngs=rngs))
-
-  def embed_texts(self, params, texts: jax.Array, *, train: bool = False,
-                  rng: jax.Array | None = None) -> jax.Array:
-    """texts: [B, L] int32 → [B, D] unit-norm float32."""
-    rngs = {"dropout": rng} if train else None
-    return l2_normalize(self.text_tower.apply({"params": params["text"]}, texts, train=train,
-                                               rngs=rngs))
 
   def logit_scale(self, params) -> jax.Array:
     return jnp.minimum(jnp.exp(params["log_logit_scale"]), self.config.task.max_logit_scale)
 
   def embed(self, params, batch, rng, *, train: bool) -> dict[str, jax.Array]:
-    """{"image": [B, D], "text": [B, D]} unit-norm embeddings of the batch."""
-    k_img, k_txt = jax.random.split(rng)
-    return {"image": self.embed_images(params, batch["image"], train=train, rng=k_img),
-            "text": self.embed_texts(params, batch["text"], train=train, rng=k_txt)}
+    return self.towers.embed(params, batch, rng, train=train)
 
   def loss_from_embeddings(self, params, embeddings, batch):
-    img, txt = embeddings["image"], embeddings["text"]
-    scale = self.logit_scale(params)
     t = self.config.task
-    if t.loss == "infonce":
-      loss = sharded_losses.infonce_over_mesh(img, txt, self.mesh, logit_scale=scale,
-                                              impl=t.loss_impl)
-    else:
-      loss = sharded_losses.sigmoid_loss_over_mesh(img, txt, self.mesh, logit_scale=scale,
-                                                   logit_bias=params["logit_bias"], impl=t.loss_impl)
-    return loss, {"temperature": 1.0 / scale, "logit_scale": scale}
+    return clip_loss(embeddings, self.logit_scale(params), self.mesh, kind=t.loss,
+                     impl=t.loss_impl, logit_bias=params.get("logit_bias"))
 
   def loss(self, params, batch, rng, *, train: bool):
     return self.loss_from_embeddings(params, self.embed(params, batch, rng, train=train), batch)
 
   def flops_per_example(self) -> float | None:
-    image_shape = (self.image_size, self.image_size, self.channels)
-    return float(flops_lib.vit_flops(self.image_tower, image_shape)
-                 + flops_lib.text_transformer_flops(self.text_tower, self.config.data.max_text_len))
+    return float(flops_lib.vit_flops(self.towers.image_tower, self.image_shape)
+                 + flops_lib.text_transformer_flops(self.towers.text_tower,
+                                                    self.config.data.max_text_len))
 
   # --- evaluation ---------------------------------------------------------------------------------
-  def embed_split(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Embeds every pair of `split` with the mesh → (image_emb [N, D], text_emb [N, D]) numpy.
-
-    With a webdataset/tfds/parquet source, `split` is ignored: the held-out samples are embedded.
-    """
-    img, txt, _ = self.embed_split_indexed(params, split)
-    return img, txt
-
-  def embed_split_indexed(self, params, split: str
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`embed_split` plus each row's record index in the split: index [N] int64."""
+  def eval_batches(self, batch_size: int):
+    """The held-out pairs (the `data.eval_split` split, or the streamed source's hold-out) in
+    batches of `batch_size` with a valid mask."""
     c = self.config
-    sharding = mesh_lib.batch_sharding(self.mesh)
-    embed_img = jax.jit(lambda p, x: self.embed_images(p, x), out_shardings=mesh_lib.replicated(
-        self.mesh))
-    embed_txt = jax.jit(lambda p, x: self.embed_texts(p, x), out_shardings=mesh_lib.replicated(
-        self.mesh))
-    n_dev = self.mesh.shape[mesh_lib.DATA_AXIS]
-    bs = max(n_dev, c.task.eval_batch_size // n_dev * n_dev)
-    imgs, txts, indices = [], [], []
     if self.pairs is not None:
-      batches = self.pairs.eval_batches(batch_size=bs)
-    else:
-      batches = data_lib.eval_batches(self.data_dir, split=split, batch_size=bs,
-                                      max_text_len=c.data.max_text_len,
-                                      skip_bad_records=c.data.skip_bad_records)
-    for batch in batches:
-      valid = np.asarray(batch["valid"])
-      x = jax.device_put(np.asarray(batch["image"]), sharding)
-      y = jax.device_put(np.asarray(batch["text"]), sharding)
-      imgs.append(np.asarray(embed_img(params, x))[valid])
-      txts.append(np.asarray(embed_txt(params, y))[valid])
-      indices.append(np.asarray(batch["index"])[valid])
-    return np.concatenate(imgs), np.concatenate(txts), np.concatenate(indices)
+      return self.pairs.eval_batches(batch_size=batch_size)
+    return data_lib.eval_batches(self.data_dir, split=c.data.eval_split, batch_size=batch_size,
+                                 max_text_len=c.data.max_text_len,
+                                 skip_bad_records=c.data.skip_bad_records)
+
+  def embed_split_indexed(self, params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image_emb [N, D], text_emb [N, D], record index [N]) of the held-out pairs."""
+    n_dev = self.mesh.shape[mesh_lib.DATA_AXIS]
+    bs = max(n_dev, self.config.task.eval_batch_size // n_dev * n_dev)
+    return evaluate.embed_pairs(self.towers, params, self.eval_batches(bs), self.mesh)
 
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
-    split = self.config.data.eval_split
-    img, txt = self.embed_split(params, split)
-    finite_lib.require_scorable({f"image tower ({split} split)": img,
-                                 f"text tower ({split} split)": txt})
-    metrics = eval_lib.image_text_retrieval_metrics(img, txt, ks=tuple(self.config.task.eval_ks),
-                                                    mesh=self.mesh)
-    metrics["num_pairs"] = float(img.shape[0])
-    metrics["chance_recall@1"] = 1.0 / img.shape[0]
-    # TREC run + qrels files (top-100 per query) beside metrics.json, for external tools.
-    rankings = eval_lib.image_text_rankings(img, txt, 100, mesh=self.mesh)
-    for direction, r in rankings.items():
-      trec_lib.write_run_and_qrels(out_dir, direction, r.indices, r.scores, r.qrels)
-    return metrics
+    img, txt, _ = self.embed_split_indexed(params)
+    return evaluate.retrieval_metrics(img, txt, self.config.data.eval_split,
+                                      self.config.task.eval_ks, self.mesh, out_dir)
 
   # --- export to serving --------------------------------------------------------------------------
   def export_towers(self, params) -> dict[str, TowerExport]:
     """The image tower (uint8 pixels, normalised inside) and the text tower (token ids +
     tokenizer.json)."""
+    if not self.tokenizer_path.is_file():
+      raise FileNotFoundError(f"{self.tokenizer_path} (the tokenizer of {self.data_name}) not "
+                              "found: the text tower cannot be exported without its tokenizer")
     c = self.config
-    norm = self.image_normalization
-    special = self.metadata.get("special_token_ids", {})
-    tokenizer = self.tokenizer_path
-    if not tokenizer.is_file():
-      raise FileNotFoundError(f"{tokenizer} (the tokenizer of {self.data_name}) not found:"
-                              " the text tower cannot be exported without its tokenizer")
-    length = c.data.max_text_len
     if self.pairs is not None:
       example = next(iter(self.pairs.eval_batches(batch_size=8)))
     else:
       example = next(iter(data_lib.eval_batches(self.data_dir, split=c.data.eval_split,
-                                                batch_size=8, max_text_len=length)))
-    image = TowerExport(
-        fn=lambda p, x: self.embed_images(p, x),
-        input_spec=jax.ShapeDtypeStruct((1, self.image_size, self.image_size, self.channels),
-                                        jnp.uint8),
-        preprocessing={
-            "input": "image", "layout": "NHWC", "height": self.image_size,
-            "width": self.image_size, "channels": self.channels, "channel_order": "RGB",
-            "dtype": "uint8",
-            "source": "uint8 pixels in [0, 255], already at height x width (no resize or crop)",
-            "normalized_in_model": True,
-            # Applied inside the exported tower (the ViT's input path), as in training.
-            "formula": "x = (pixel / 255 - mean[c]) / std[c]",
-            "mean": list(norm["mean"]), "std": list(norm["std"]),
-            "as_computed": "x = float32(pixel) * scale[c] - shift[c] in float32",
-            "scale": [float(np.float32(1.0 / (255.0 * s))) for s in norm["std"]],
-            "shift": [float(np.float32(m / s)) for m, s in zip(norm["mean"], norm["std"])]},
-        files=(), example=np.asarray(example["image"]))
-    text = TowerExport(
-        fn=lambda p, x: self.embed_texts(p, x),
-        input_spec=jax.ShapeDtypeStruct((1, length), jnp.int32),
-        preprocessing={
-            "input": "token_ids", "tokenizer": tokenizer.name, "library": "huggingface tokenizers",
-            "encode": "Tokenizer.from_file(tokenizer).encode(text).ids (the post-processor adds "
-                      "[BOS] ... [EOS]; the normaliser lowercases)",
-            "max_len": length, "pad_id": int(special.get("pad", 0)),
-            "bos_id": int(special.get("bos", 2)), "eos_id": int(special.get("eos", 3)),
-            "truncation": "ids longer than max_len keep their first max_len - 1 ids followed by "
-                          "eos_id, so the last non-pad id of every row is eos_id",
-            "padding": "right-pad with pad_id to max_len"},
-        files=(str(tokenizer),), example=np.asarray(example["text"]))
-    return {"image": image, "text": text}
+                                                batch_size=8, max_text_len=c.data.max_text_len)))
+    return export.export_towers(
+        self.towers, image_shape=self.image_shape, max_text_len=c.data.max_text_len,
+        normalization=self.image_normalization,
+        special=self.metadata.get("special_token_ids", {}), tokenizer=self.tokenizer_path,
+        example=example)
 
   def export_corpus(self, params) -> dict[str, CorpusExport]:
     """Image and caption embeddings of the evaluation split, ids = record index in the split;
     captions query the images and images the captions (the evaluator's t2i and i2t)."""
     split = self.config.data.eval_split
-    img, txt, index = self.embed_split_indexed(params, split)
-    ids = [str(int(i)) for i in index]
+    img, txt, index = self.embed_split_indexed(params)
     what = (f"record index in split {split!r} of {self.data_dir}" if self.pairs is None else
             f"index (key hash, or tfds record index) of a held-out sample of {self.data_name}")
-    return {"images": CorpusExport("image", img, ids, f"images; id = {what}",
-                                   query_tower="text", queries=txt),
-            "captions": CorpusExport("text", txt, ids, f"captions; id = {what}",
-                                     query_tower="image", queries=img)}
+    return export.export_corpus(img, txt, index, what)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmcl.eval import seqrec
+from mmcl.tasks.demure import analysis
 from mmcl.tasks.demure.task import DemureTask
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     return DemureTask
   wd = workdir_lib.TrainedWorkdir(a.workdir, resolve_task=demure_only)
   if a.cmd == "oracle-scores":
-    table = wd.task.oracle_scores()
+    table = analysis.oracle_scores(wd.config.task, wd.task.noisy_np, wd.task.num_items)
     np.save(a.output, table)
     print(f"wrote {a.output}: {table.shape}, {int((table < 0).sum())} planted (item, modality) "
           "pairs")
@@ -49,12 +49,12 @@ def main(argv: list[str] | None = None) -> None:
   if a.cmd == "score-auc":
     if not wd.config.task.plant_noise_modality:
       raise ValueError(f"{a.workdir}: task.plant_noise_modality is empty, nothing to detect")
-    res = wd.task.score_variant_detection(params, seqrec.load_interactions(wd.config.data.dir)[0])
+    res = analysis.score_variant_detection(wd.task.scorer, params, *wd.task.training_rows(),
+                                           wd.task.noisy_np)
     for k, v in res.items():
       print(f"{k:40s} {v:.4f}")
     return
-  table = wd.task.item_scores(params, seqrec.load_interactions(wd.config.data.dir)[0], a.mode,
-                              a.path_steps)
+  table = wd.task.item_scores(params, a.mode, a.path_steps)
   np.save(a.output, table)
   print(f"wrote {a.output}: {table.shape}")
 

@@ -1,5 +1,6 @@
-"""Demure's data: planted modality noise (the controlled test of denoising) and the step-counting
-iterator that `task.flag_after_steps` reads."""
+"""Demure's data: the items' modality features, planted modality noise (the controlled test of
+denoising), the users' training rows and the step-counting iterator that `task.flag_after_steps`
+reads."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from data_pipelines import sequences as seq_lib
+from data_pipelines.featurize import load_modality_features
 
 
 def plant_noise(features: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,3 +113,40 @@ class StepCountingIterator:
     inner = d["inner"]
     self.inner.set_state(inner["bytes"].encode() if set(inner) == {"bytes"} else inner)
     self.step = int(d["step"])
+
+
+def load_item_features(data_dir: str, num_items: int, t, *, text_features: str, seed: int
+                       ) -> tuple[list[np.ndarray], dict[str, np.ndarray],
+                                  dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+  """The item features of `t.modalities` (t: the `task` config), with the planted noise of
+  `t.plant_noise_modality` applied.
+
+  Returns (features: M arrays [N + 1, D_m] float32, the candidate-side rows; planted: modality
+  name → [N + 1] bool planted items; occurrence_noise: modality index → (clean table [N + 1, D_m],
+  planted mask [N + 1], clean norms [N + 1]) for noise drawn at every occurrence, i.e.
+  task.plant_noise_mode resample / swap).
+  """
+  feats = load_modality_features(data_dir, num_items, t.modalities, text_features=text_features,
+                                 lexical_dim=t.lexical_dim, seed=seed)
+  planted, occurrence = {}, {}
+  if t.plant_noise_modality:
+    j = list(t.modalities).index(t.plant_noise_modality)
+    noised, mask = plant_noise(feats[j], t.plant_noise_item_fraction, t.plant_noise_seed)
+    planted[t.plant_noise_modality] = mask
+    if t.plant_noise_mode == "fixed":
+      if t.plant_noise_side != "both":
+        raise ValueError("config key task.plant_noise_side = 'input' needs noise drawn at every "
+                         "occurrence (task.plant_noise_mode resample or swap), not 'fixed'")
+      feats[j] = noised
+    else:
+      occurrence[j] = (feats[j], mask, np.linalg.norm(feats[j], axis=1))
+      if t.plant_noise_side == "both":
+        feats[j] = planted_item_side(feats[j], mask, t.plant_noise_mode)
+  return feats, planted, occurrence
+
+
+def training_rows(user_items: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every user's training row (the history without its valid/test items): (inputs, targets),
+  each [U, L] int32 left-padded."""
+  pairs = [seq_lib.next_item_example(s, max_len) for s in user_items]
+  return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -1,13 +1,19 @@
 """GCL's reference evaluation: relevance grades from scores, the sampled test queries, the graded
-metrics (options of `mmcl.eval.metrics`) and the split's judgments."""
+metrics (options of `mmcl.eval.metrics`), the split's judgments and the evaluation of a split
+(embedding, exact top-k, metrics, TREC files)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import jax
 import numpy as np
 
+from mmcl.eval import finite as finite_lib
 from mmcl.eval import metrics as metrics_lib
+from mmcl.eval import topk as topk_lib
+from mmcl.eval import trec as trec_lib
+from mmcl.parallel import mesh as mesh_lib
 
 
 def relevance_grades(score_linear: np.ndarray) -> np.ndarray:
@@ -114,3 +120,66 @@ class SplitTable:
         row[d] = max(row.get(d, 0), rel)
       rows.append(row)
     return metrics_lib.Qrels.from_dict(rows)
+
+
+def embed_in_batches(fn, arrays: Mapping[str, np.ndarray], mesh, batch_size: int) -> np.ndarray:
+  """fn(dict of [b, ...] sharded arrays) → [b, D]; runs over the N rows of `arrays` in batches
+  padded to the mesh. Returns [N, D]."""
+  n_dev = mesh.shape[mesh_lib.DATA_AXIS]
+  bs = max(n_dev, batch_size // n_dev * n_dev)
+  sharding = mesh_lib.batch_sharding(mesh)
+  n = len(next(iter(arrays.values())))
+  out = []
+  for start in range(0, n, bs):
+    chunk = {k: v[start:start + bs] for k, v in arrays.items()}
+    m = len(next(iter(chunk.values())))
+    if m < bs:  # pad with copies of the first row (dropped below) to keep one compiled shape
+      chunk = {k: np.concatenate([v, np.repeat(v[:1], bs - m, 0)]) for k, v in chunk.items()}
+    chunk = {k: jax.device_put(v, sharding) for k, v in chunk.items()}
+    out.append(np.asarray(fn(chunk))[:m])
+  return np.concatenate(out)
+
+
+def embed_split(towers, params, source, table: SplitTable, maker, mesh, batch_size: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """(query embeddings [Q, D], document embeddings [N, D]) of a split's distinct rows (towers:
+  `model.GCLTowers`; maker: the split's `products.batch_maker`)."""
+  rep = mesh_lib.replicated(mesh)
+  q_batch = maker(source, table.query_rows, 0)
+  # Parameters are arguments, not constants closed over: a constant tree of a pretrained tower
+  # (20M+ values) would be folded into the program and slow its compilation.
+  embed_q = jax.jit(lambda p, b: towers.embed_queries(p, b["query"]), out_shardings=rep)
+  queries = embed_in_batches(lambda b: embed_q(params, b), {"query": q_batch["query"]}, mesh,
+                             batch_size)
+  d_batch = maker(source, table.doc_rows, 0)
+  keys = ["image", "has_image", "title", "has_title"] + (
+      ["description", "has_description"] if "description" in d_batch else [])
+  embed_d = jax.jit(lambda p, b: towers.embed_documents(p, b)[0], out_shardings=rep)
+  docs = embed_in_batches(lambda b: embed_d(params, b), {k: d_batch[k] for k in keys}, mesh,
+                          batch_size)
+  return queries, docs
+
+
+def evaluate_split(towers, params, split: str, source, maker, t, mesh,
+                   out_dir: str | None = None) -> dict[str, float]:
+  """The reference evaluation of one split → {"<split>/<metric>": mean over the sampled
+  queries} (t: the `task` config); TREC run and qrels files into out_dir (task.write_trec)."""
+  table = SplitTable(source)
+  rel_sum = np.bincount(table.pairs[:, 0], weights=table.rel, minlength=len(table.query_ids))
+  chosen = sample_eval_queries(rel_sum, t.eval_queries, t.eval_seed)
+  qrels = table.qrels(chosen, t.eval_top_k)
+  q_emb, d_emb = embed_split(towers, params, source, table, maker, mesh, t.eval_batch_size)
+  finite_lib.require_scorable({f"query tower ({split} split)": q_emb[chosen],
+                               f"document tower ({split} split)": d_emb})
+  k = min(t.eval_top_k, d_emb.shape[0])
+  scores, ranked = topk_lib.exact_topk(q_emb[chosen], d_emb, k, mesh=mesh)
+  scores, ranked = np.asarray(scores), np.asarray(ranked)
+  per_query = gcl_metrics(ranked, qrels, cutoff=t.eval_top_k)
+  out = {f"{split}/{name}": metrics_lib.mean_over_judged(v) for name, v in per_query.items()}
+  out[f"{split}/num_queries"] = float(len(chosen))
+  out[f"{split}/num_documents"] = float(d_emb.shape[0])
+  if out_dir is not None and t.write_trec:
+    trec_lib.write_run_and_qrels(out_dir, split, ranked, scores, qrels,
+                                 query_ids=list(table.query_ids[chosen]),
+                                 doc_ids=list(table.doc_ids))
+  return out

@@ -1,4 +1,5 @@
-"""GCL's score-to-weight: per-pair loss weights from the graded relevance scores."""
+"""GCL's loss: per-pair weights from the graded relevance scores (score-to-weight) and the
+weighted, duplicate-masked InfoNCE over the mesh."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+
+from mmcl.losses import sharded as sharded_losses
 
 SCORE_TO_WEIGHT = ("score_linear", "score_reciprocal", "no_score")
 
@@ -26,3 +29,26 @@ def score_weights(batch: Mapping[str, jax.Array], score_to_weight: str, *,
   if normalize:
     w = w / jnp.maximum(jnp.mean(w), 1e-12)
   return w
+
+
+def gcl_loss(towers, params, batch: Mapping[str, jax.Array], rng: jax.Array, t, mesh,
+             logit_scale: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The weighted GCL loss of one global batch (towers: `model.GCLTowers`; t: the `task` config).
+
+  L = ½[−Σ_i w_i log softmax_j(S)_ii − Σ_i w_i log softmax_j(Sᵀ)_ii] / Σ_i w_i, S = s·e_q e_dᵀ
+  [B, B], over the mesh; duplicates (same query_gid or doc_gid [B]) are not each other's
+  negatives when `task.mask_duplicates`.
+  Returns (loss, {"temperature", "logit_scale", "mean_weight_top10"}).
+  """
+  k_q, k_d = jax.random.split(rng)
+  q = towers.embed_queries(params, batch["query"], train=train, rng=k_q)
+  d, d_valid = towers.embed_documents(params, batch, train=train, rng=k_d)
+  w = score_weights(batch, t.score_to_weight, normalize=t.normalize_weights)
+  groups = None
+  if t.mask_duplicates:
+    groups = jnp.stack([batch["query_gid"], batch["doc_gid"]], axis=1).astype(jnp.int32)
+  loss = sharded_losses.infonce_over_mesh(q, d, mesh, logit_scale=logit_scale, weights=w,
+                                          b_valid=d_valid, group_ids=groups, impl=t.loss_impl)
+  return loss, {"temperature": 1.0 / logit_scale, "logit_scale": logit_scale,
+                "mean_weight_top10": jnp.sum(jnp.where(batch["position"] <= 10, w, 0.0))
+                / jnp.maximum(jnp.sum(w), 1e-12)}

@@ -1,16 +1,21 @@
-"""Probes on frozen features (numpy + scipy): ridge regression, RBF kernel ridge regression (a
-nonlinear probe), multinomial logistic regression, R², and kNN retrieval with transformed labels
-(LOEV's evaluation, Guinot et al., arXiv:2412.18955).
+"""Probes on frozen features (scikit-learn estimators, scipy's bootstrap): ridge regression, RBF
+kernel ridge regression (a nonlinear probe), multinomial logistic regression, R², and kNN retrieval
+with transformed labels (LOEV's evaluation, Guinot et al., arXiv:2412.18955).
 
 Regularisation strengths are chosen by k-fold cross-validation on the probe's training rows only,
-never on its test rows. Features are standardised with the training rows' statistics.
+never on its test rows (our folds: a seeded permutation split into k parts, the same for every
+candidate). Features are standardised with the training rows' statistics.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import scipy.optimize
+import scipy.stats
+from sklearn.dummy import DummyClassifier
+from sklearn.kernel_ridge import KernelRidge
+from sklearn.linear_model import LogisticRegression, Ridge
 
 ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 
@@ -29,11 +34,9 @@ def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
   return float(1.0 - np.sum((y - pred) ** 2) / max(ss_tot, 1e-12))
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-  xm, ym = x.mean(0), y.mean(0)
-  xc = x - xm
-  w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - ym))
-  return w, ym - xm @ w
+def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> Ridge:
+  """argmin_w,b ||y − xw − b||² + α||w||² (the intercept unpenalised), solved exactly."""
+  return Ridge(alpha=alpha, fit_intercept=True, solver="cholesky").fit(x, y)
 
 
 def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
@@ -70,22 +73,14 @@ def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
   y_train = np.asarray(y_train, np.float64)
 
   def fit_predict(alpha, keep, fold):
-    w, b = _ridge(x_train[keep], y_train[keep], alpha)
-    return x_train[fold] @ w + b
+    return _ridge(x_train[keep], y_train[keep], alpha).predict(x_train[fold])
   best_alpha = _select_by_cv(list(alphas), len(y_train), fit_predict, y_train, folds, seed)
-  w, b = _ridge(x_train, y_train, best_alpha)
-  return {"r2": r2_score(y_test, x_test @ w + b), "alpha": float(best_alpha),
-          "pred": x_test @ w + b}
+  pred = _ridge(x_train, y_train, best_alpha).predict(x_test)
+  return {"r2": r2_score(y_test, pred), "alpha": float(best_alpha), "pred": pred}
 
 
 KERNEL_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 KERNEL_GAMMAS = (0.25, 1.0, 4.0)  # RBF width γ = g / D on standardised features
-
-
-def _rbf(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
-  """exp(−γ ||a_i − b_j||²): [N, D], [M, D] → [N, M]."""
-  d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-  return np.exp(-gamma * np.maximum(d2, 0.0))
 
 
 def kernel_ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
@@ -108,10 +103,10 @@ def kernel_ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndar
   d = x_train.shape[1]
 
   def fit(tr, te_x, alpha, gamma):
+    # Kernel ridge has no intercept: it fits the centred targets, K(x, ·)(K + αI)⁻¹(y − ȳ) + ȳ.
     ym = y_train[tr].mean()
-    k = _rbf(x_train[tr], x_train[tr], gamma)
-    coef = np.linalg.solve(k + alpha * np.eye(len(tr)), y_train[tr] - ym)
-    return _rbf(te_x, x_train[tr], gamma) @ coef + ym
+    model = KernelRidge(alpha=alpha, kernel="rbf", gamma=gamma).fit(x_train[tr], y_train[tr] - ym)
+    return model.predict(te_x) + ym
 
   best_ag = _select_by_cv([(alpha, g / d) for g in gammas for alpha in alphas], len(y_train),
                           lambda ag, keep, fold: fit(keep, x_train[fold], *ag), y_train, folds,
@@ -162,25 +157,15 @@ def cross_fitted(probe: Callable[..., dict[str, Any]], x: np.ndarray, y: np.ndar
   return {"r2": r2_score(y, pred), "pred": pred}
 
 
-def _logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -> np.ndarray:
-  """Multinomial logistic regression weights [D + 1, C] by L-BFGS on mean CE + l2/2 ||W||²."""
-  n, d = x.shape
-  xb = np.concatenate([x, np.ones((n, 1))], 1)
-  onehot = np.eye(num_classes)[y]
-
-  def fun(flat):
-    w = flat.reshape(d + 1, num_classes)
-    logits = xb @ w
-    logits -= logits.max(1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    loss = -np.mean(np.sum(onehot * logp, 1)) + 0.5 * l2 * np.sum(w[:-1] ** 2)
-    grad = xb.T @ (np.exp(logp) - onehot) / n
-    grad[:-1] += l2 * w[:-1]
-    return loss, grad.reshape(-1)
-
-  res = scipy.optimize.minimize(fun, np.zeros((d + 1) * num_classes), jac=True, method="L-BFGS-B",
-                                options={"maxiter": 300})
-  return res.x.reshape(d + 1, num_classes)
+def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float):
+  """Multinomial logistic regression minimising mean CE + l2/2 ||W||² (the intercepts
+  unpenalised) by L-BFGS: scikit-learn's C·Σ CE + ½||W||² with C = 1 / (l2 · n). Classes absent
+  from y are never predicted."""
+  if len(np.unique(y)) < 2:  # one class: scikit-learn refuses to fit, the optimum predicts it
+    return DummyClassifier(strategy="most_frequent").fit(x, y)
+  with warnings.catch_warnings():  # 24 keys over a few dozen clips is a classification all the same
+    warnings.filterwarnings("ignore", message="The number of unique classes", category=UserWarning)
+    return LogisticRegression(C=1.0 / (l2 * len(y)), solver="lbfgs", max_iter=300).fit(x, y)
 
 
 def logistic_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
@@ -198,20 +183,19 @@ def logistic_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
   x_train, x_test = standardize(np.asarray(x_train, np.float64), np.asarray(x_test, np.float64))
   y_train, y_test = np.asarray(y_train), np.asarray(y_test)
 
-  def predict(w, x):
-    return np.argmax(np.concatenate([x, np.ones((len(x), 1))], 1) @ w, 1)
-
+  if y_train.min(initial=0) < 0 or y_train.max(initial=0) >= num_classes:
+    raise ValueError(f"logistic_probe: labels must lie in [0, {num_classes}), got "
+                     f"[{y_train.min()}, {y_train.max()}]")
   best, best_l2 = -1.0, l2s[0]
   for l2 in l2s:
     acc = []
     for fold in _folds(len(y_train), folds, seed):
       keep = np.setdiff1d(np.arange(len(y_train)), fold)
-      w = _logistic_fit(x_train[keep], y_train[keep], num_classes, l2)
-      acc.append(np.mean(predict(w, x_train[fold]) == y_train[fold]))
+      model = _logistic_fit(x_train[keep], y_train[keep], l2)
+      acc.append(np.mean(model.predict(x_train[fold]) == y_train[fold]))
     if np.mean(acc) > best:
       best, best_l2 = float(np.mean(acc)), l2
-  w = _logistic_fit(x_train, y_train, num_classes, best_l2)
-  pred = predict(w, x_test)
+  pred = _logistic_fit(x_train, y_train, best_l2).predict(x_test).astype(np.int64)
   return {"accuracy": float(np.mean(pred == y_test)), "l2": float(best_l2), "pred": pred}
 
 
@@ -232,17 +216,20 @@ def knn_hit_rate(queries: np.ndarray, corpus: np.ndarray, match: Callable[[np.nd
 
 def bootstrap_se(stat: Callable[[np.ndarray], float], n: int, *, resamples: int = 1000,
                  seed: int = 0) -> float:
-  """Standard error of a statistic of n paired test items by the bootstrap.
+  """Standard error of a statistic of n paired test items by the bootstrap
+  (`scipy.stats.bootstrap`: the items' indices resampled with replacement, so paired arrays stay
+  paired).
 
   Args:
     stat: maps row indices [n] int (drawn with replacement) to the statistic (float).
     n: number of test items. resamples: bootstrap draws.
 
   Returns:
-    the standard deviation of the statistic over the resamples.
+    the standard deviation (ddof 1) of the statistic over the resamples.
   """
-  rng = np.random.default_rng(seed)
-  return float(np.std([stat(rng.integers(0, n, n)) for _ in range(resamples)], ddof=1))
+  res = scipy.stats.bootstrap((np.arange(n),), stat, n_resamples=resamples, vectorized=False,
+                              method="percentile", rng=np.random.default_rng(seed))
+  return float(res.standard_error)
 
 
 def knn_hits(queries: np.ndarray, corpus: np.ndarray, match: Callable[[np.ndarray], np.ndarray],

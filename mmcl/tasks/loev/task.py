@@ -30,25 +30,21 @@ loev_eval_items.npz for paired comparisons between runs.
 
 from __future__ import annotations
 
-import functools
-import json
-import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import audio_augment
-from data_pipelines import locks
 from data_pipelines.recipes import music_synth
 from mmcl.config import Config
 from mmcl.eval import finite as finite_lib
-from mmcl.losses import sharded as sharded_losses
 from mmcl.models.audio_cnn import AudioCNN, LogMelFrontend, audio_cnn_flops
-from mmcl.models.layers import l2_normalize
 from mmcl.models.mlp import MLP
-from mmcl.tasks.loev import probes
+from mmcl.tasks.loev import evaluate, export
+from mmcl.tasks.loev.data import evaluation_views, render_music
+from mmcl.tasks.loev.loss import loev_loss
+from mmcl.tasks.loev.model import LOEVNet
 from mmcl.train.task import Task, TowerExport
 
 VARIANTS = ("simclr", "loev", "loev++")
@@ -117,33 +113,33 @@ class LOEVTask(Task):
                        f"of {audio_augment.TRACKED}")
     self.tracked = tuple(t.tracked)
     self.num_heads = 1 if t.variant == "simclr" else 1 + len(self.tracked)
-    self.frontend = LogMelFrontend(sample_rate=d.sample_rate, n_fft=m.n_fft,
-                                   win_length=m.win_length, hop_length=m.hop_length,
-                                   n_mels=m.n_mels, fmax=m.fmax)
-    self.trunk = AudioCNN(channels=tuple(m.channels), convs_per_stage=m.convs_per_stage,
-                          num_branches=self.num_heads if t.variant == "loev++" else 1)
+    frontend = LogMelFrontend(sample_rate=d.sample_rate, n_fft=m.n_fft,
+                              win_length=m.win_length, hop_length=m.hop_length,
+                              n_mels=m.n_mels, fmax=m.fmax)
+    trunk = AudioCNN(channels=tuple(m.channels), convs_per_stage=m.convs_per_stage,
+                     num_branches=self.num_heads if t.variant == "loev++" else 1)
     if m.head_dim == 0 and t.variant == "loev" and self.num_heads > 1:
       raise ValueError("config key 'model.head_dim' = 0 (no projection head) needs task.variant "
                        "loev++ or simclr: loev's heads all read the one trunk output, so without "
                        "heads they would be one space")
     hidden = (m.head_hidden,) if m.head_hidden else ()
-    self.heads = [MLP(hidden_dims=hidden, out_dim=m.head_dim, activation="relu")
-                  for _ in range(self.num_heads)] if m.head_dim else []
+    heads = tuple(MLP(hidden_dims=hidden, out_dim=m.head_dim, activation="relu")
+                  for _ in range(self.num_heads)) if m.head_dim else ()
+    self.net = LOEVNet(frontend, trunk, heads,
+                       ("invariant",) + self.tracked[:self.num_heads - 1], t.variant == "loev++")
     self.out_samples = int(round(d.clip_seconds * d.sample_rate))
     self.augment = audio_augment.AugmentConfig(
         sample_rate=d.sample_rate, out_samples=self.out_samples, chain_p=d.chain_p,
         aug_p=d.aug_p, tracked=self.tracked, base_chain=d.base_chain, res_type=d.res_type)
 
   def head_names(self) -> list[str]:
-    return ["invariant"] + list(self.tracked[:self.num_heads - 1])
+    return list(self.net.head_names)
 
   # --- data ---------------------------------------------------------------------------------------
   def _music(self, path: str, num_clips: int, seed: int) -> str:
     d = self.config.data
-    music_synth.render(music_synth.MusicSet(num_clips=num_clips, seed=seed,
-                                            sample_rate=d.sample_rate,
-                                            seconds=d.source_seconds), path)
-    return path
+    return render_music(path, num_clips, seed, sample_rate=d.sample_rate,
+                        seconds=d.source_seconds)
 
   def train_iterator(self, process_index: int, process_count: int):
     c = self.config
@@ -165,265 +161,36 @@ class LOEVTask(Task):
 
   # --- model --------------------------------------------------------------------------------------
   def init_params(self, rng: jax.Array) -> dict[str, Any]:
-    keys = jax.random.split(rng, 1 + self.num_heads)
-    frames = self.frontend.num_frames(self.out_samples)
-    trunk = self.trunk.init(keys[0], jnp.zeros((1, frames, self.config.model.n_mels)))["params"]
-    feat = 2 * self.config.model.channels[-1]
-    heads = {f"head_{h}": head.init(keys[1 + h], jnp.zeros((1, feat)))["params"]
-             for h, head in enumerate(self.heads)}
-    return {"trunk": trunk, "heads": heads}
-
-  def features(self, params, audio: jax.Array) -> jax.Array:
-    """audio: [N, S] float32 → trunk features [N, branches, F] float32."""
-    return self.trunk.apply({"params": params["trunk"]}, self.frontend(audio))
-
-  def head_outputs(self, params, feats: jax.Array) -> list[jax.Array]:
-    """feats: [N, branches, F] → per head [N, head_dim] (not normalised); without projection
-    heads (model.head_dim = 0) the branch itself, [N, F]."""
-    outs = []
-    for h in range(self.num_heads):
-      branch = feats[:, h] if feats.shape[1] > 1 else feats[:, 0]
-      outs.append(self.heads[h].apply({"params": params["heads"][f"head_{h}"]}, branch)
-                  if self.heads else branch)
-    return outs
+    m = self.config.model
+    return self.net.init(rng, self.out_samples, m.n_mels, 2 * m.channels[-1])
 
   def loss(self, params, batch, rng, *, train: bool):
     del rng, train  # no dropout
-    audio = batch["audio"]
-    b, v = audio.shape[0], audio.shape[1]
-    feats = self.features(params, audio.reshape(b * v, -1))
-    clip_ids = jnp.repeat(jnp.arange(b, dtype=jnp.int32), v)
-    applied = batch["applied"].reshape(b * v, -1)
-    scale = 1.0 / self.config.task.temperature
-    losses = []
-    metrics = {}
-    for h, z in enumerate(self.head_outputs(params, feats)):
-      # Head 0: views of a clip are positives. Head k: only if neither view received augmentation k.
-      exclude = None if h == 0 else applied[:, h - 1]
-      lh = sharded_losses.supcon_over_mesh(l2_normalize(z), self.mesh, logit_scale=scale,
-                                           clip_ids=clip_ids, exclude=exclude,
-                                           impl=self.config.task.loss_impl)
-      metrics[f"loss/{self.head_names()[h]}"] = lh
-      losses.append(lh)
-    return jnp.mean(jnp.stack(losses)), metrics
+    t = self.config.task
+    return loev_loss(self.net, params, batch, self.mesh, temperature=t.temperature,
+                     loss_impl=t.loss_impl)
 
   def flops_per_example(self) -> float | None:
-    frames = self.frontend.num_frames(self.out_samples)
-    return float(self.config.data.num_views * audio_cnn_flops(self.trunk, frames,
+    frames = self.net.frontend.num_frames(self.out_samples)
+    return float(self.config.data.num_views * audio_cnn_flops(self.net.trunk, frames,
                                                                self.config.model.n_mels))
 
   # --- evaluation ---------------------------------------------------------------------------------
-  def embed(self, params, audio: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """audio: [N, S] → {"whole": [N, F·branches], "sub/<head>": [N, ·]} float32 numpy.
-
-    For loev++ also "head/<head>": the projection head's output on its branch (the space the
-    loss makes invariant), next to the branch itself (the representation, "sub/<head>").
-    """
-    fn = jax.jit(lambda p, x: (self.features(p, x), self.head_outputs(p, self.features(p, x))))
-    whole, subs = [], [[] for _ in range(self.num_heads)]
-    branched = self.config.task.variant == "loev++"
-    projected = [[] for _ in range(self.num_heads)]  # loev++ only
-    for i in range(0, len(audio), batch_size):
-      chunk = audio[i:i + batch_size]
-      pad = batch_size - len(chunk)
-      x = np.pad(chunk, ((0, pad), (0, 0)))
-      feats, heads = fn(params, jnp.asarray(x))
-      feats = np.asarray(feats)[:len(chunk)]
-      whole.append(feats.reshape(len(chunk), -1))
-      for h in range(self.num_heads):
-        subs[h].append(feats[:, h] if feats.shape[1] > 1 else np.asarray(heads[h])[:len(chunk)])
-        if branched:
-          projected[h].append(np.asarray(heads[h])[:len(chunk)])
-    out = {"whole": np.concatenate(whole)}
-    for h, name in enumerate(self.head_names()):
-      out[f"sub/{name}"] = np.concatenate(subs[h])
-      if branched:
-        out[f"head/{name}"] = np.concatenate(projected[h])
-    return out
-
   def evaluation_views(self, seed: int = 1234) -> dict[str, np.ndarray]:
-    """Deterministic clean / pitch-shifted / stretched views of the evaluation clips.
-
-    They depend only on the evaluation set, `seed` and the view settings, so they are cached in
-    data.eval_dir (`eval_views_*.npz`) for the next evaluation (e.g. of every checkpoint)."""
+    """`data.evaluation_views` of the evaluation set (rendered on first use)."""
     c = self.config
-    path = self._music(c.data.eval_dir, c.data.num_eval_clips, seed=1)
-    a = self.augment
-    cache = pathlib.Path(path) / (f"eval_views_s{seed}_{a.out_samples}_{a.sample_rate}_"
-                                  f"{a.res_type}.npz")
-    if not cache.is_file():
-      with locks.build_lock(cache.parent):  # evaluations of runs side by side share the cache
-        if not cache.is_file():
-          self._write_evaluation_views(path, cache, seed)
-    with np.load(cache) as f:
-      return {k: f[k] for k in f.files}
-
-  def _write_evaluation_views(self, path: str, cache: pathlib.Path, seed: int) -> None:
-    a = self.augment
-    waves, keys, bpms, _ = music_synth.load_rendered(path)
-    rng = np.random.default_rng(seed)
-    n = waves.shape[0]
-    semis = rng.integers(1, 5, n) * rng.choice([-1, 1], n)
-    rates = rng.uniform(0.7, 1.3, n)
-    clean, pitched, stretched = [], [], []
-    for i in range(n):
-      w = np.asarray(waves[i], np.float32) / 32767.0
-      clean.append(audio_augment.fixed_view(w, a))
-      pitched.append(audio_augment.fixed_view(w, a, semitones=int(semis[i])))
-      stretched.append(audio_augment.fixed_view(w, a, rate=float(rates[i])))
-    out = {"clean": np.stack(clean), "pitch": np.stack(pitched), "stretch": np.stack(stretched),
-           "semitones": semis.astype(np.float32), "rate": rates.astype(np.float32),
-           "key": np.asarray(keys), "bpm": np.asarray(bpms)}
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **out)
-    tmp.replace(cache)
+    return evaluation_views(self._music(c.data.eval_dir, c.data.num_eval_clips, seed=1),
+                            self.augment, seed)
 
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
-    t = self.config.task
     views = self.evaluation_views()
-    emb = {v: self.embed(params, views[v]) for v in ("clean", "pitch", "stretch")}
+    emb = {v: self.net.embed(params, views[v]) for v in ("clean", "pitch", "stretch")}
     finite_lib.require_scorable({f"{s} embedding ({v} clips)": x for v, spaces in emb.items()
                                  for s, x in spaces.items()})
-    n = len(views["key"])
-    n_train = int(round(t.eval_probe_train_fraction * n))
-    tr, te = np.arange(n_train), np.arange(n_train, n)
-    key, bpm = views["key"], views["bpm"]
-    out: dict[str, float] = {}
-    items: dict[str, np.ndarray] = {}  # per test item, for standard errors and paired comparisons
-    whole = emb["clean"]["whole"]
-    keyp = probes.logistic_probe(whole[tr], key[tr], whole[te], key[te], num_classes=24)
-    out["probe/key_accuracy"] = keyp["accuracy"]
-    items["probe/key_correct"] = (keyp["pred"] == key[te]).astype(np.float64)
-    tempo = probes.ridge_probe(whole[tr], np.log2(bpm[tr]), whole[te], np.log2(bpm[te]))
-    out["probe/tempo_r2"] = tempo["r2"]
-    out["probe/tempo_acc1"] = float(np.mean(np.abs(2 ** tempo["pred"] / bpm[te] - 1) <= 0.04))
-    items["probe/tempo_target"], items["probe/tempo_pred"] = np.log2(bpm[te]), tempo["pred"]
-    items["probe/tempo_acc1"] = (np.abs(2 ** tempo["pred"] / bpm[te] - 1) <= 0.04).astype(float)
-    targets = {"pitch": views["semitones"], "stretch": np.log2(views["rate"])}
-    spaces = list(emb["clean"])  # whole, sub/<head> (and head/<head> for loev++)
-    # Key and tempo probes on every space, cross-fitted over all n clean clips: which subspace
-    # holds key / tempo (e.g. whether the stretch head keeps tempo), and the whole embedding's
-    # probes with all n clips as test clips (about half the SE of the 70/30 split).
-    key_probe = functools.partial(probes.logistic_probe, num_classes=24)
-    log_bpm = np.log2(bpm)
-    items["probe_cf/tempo/target"] = log_bpm
-    for s in spaces:
-      x = emb["clean"][s]
-      tempo_cf = probes.cross_fitted(probes.ridge_probe, x, log_bpm)
-      pred_t = tempo_cf["pred"]
-      out[f"probe_cf/tempo/{s}/r2"] = tempo_cf["r2"]
-      out[f"probe_cf/tempo/{s}/r2/se"] = probes.bootstrap_se(
-          lambda i: probes.r2_score(log_bpm[i], pred_t[i]), n)  # pylint: disable=cell-var-from-loop
-      items[f"probe_cf/tempo/{s}/pred"] = pred_t
-      key_correct = (probes.out_of_fold(key_probe, x, key) == key).astype(np.float64)
-      out[f"probe_cf/key/{s}/accuracy"] = float(np.mean(key_correct))
-      out[f"probe_cf/key/{s}/accuracy/se"] = float(np.std(key_correct, ddof=1) / np.sqrt(n))
-      items[f"probe_cf/key/{s}/correct"] = key_correct
-    k = t.eval_knn_k
-    tol = t.eval_tempo_tolerance
-    for aug in ("pitch", "stretch"):
-      for s in spaces:
-        x = np.concatenate([emb[aug][s], emb["clean"][s]], 1)
-        eq = probes.ridge_probe(x[tr], targets[aug][tr], x[te], targets[aug][te])
-        out[f"equivariance/{aug}/{s}/r2"] = eq["r2"]
-        items[f"equivariance/{aug}/target"] = targets[aug][te]
-        items[f"equivariance/{aug}/{s}/pred"] = eq["pred"]
-        # Cross-fitted over all n clips (each predicted by a probe fitted on the other folds),
-        # linear and RBF kernel ridge: the nonlinear probe reads a separation that is not linear
-        # in the parameter (e.g. cyclic in semitones); all n clips are test clips (smaller SE).
-        for name, fn in (("equivariance_cf", probes.ridge_probe),
-                         ("equivariance_rbf_cf", probes.kernel_ridge_probe)):
-          cf = probes.cross_fitted(fn, x, targets[aug])
-          out[f"{name}/{aug}/{s}/r2"] = cf["r2"]
-          items[f"{name}/{aug}/{s}/pred"] = cf["pred"]
-        items[f"equivariance_cf/{aug}/target"] = targets[aug]
-    # kNN: transformed queries against the other clips' clean views; labels transform.
-    key_after = music_synth.transpose_key(key, views["semitones"].astype(int))
-    bpm_after = bpm * views["rate"]
-    own = np.arange(n)
-    for s in spaces:
-      items[f"knn/key/{s}/hit@{k}"] = probes.knn_hits(
-          emb["pitch"][s], emb["clean"][s], lambda top: key[top] == key_after[:, None], k=k,
-          exclude=own)
-      items[f"knn/tempo/{s}/hit@{k}"] = probes.knn_hits(
-          emb["stretch"][s], emb["clean"][s],
-          lambda top: np.abs(bpm[top] / bpm_after[:, None] - 1) <= tol, k=k, exclude=own)
-      for task_ in ("key", "tempo"):
-        hits = items[f"knn/{task_}/{s}/hit@{k}"]
-        out[f"knn/{task_}/{s}/hit@{k}"] = float(np.mean(hits))
-        out[f"knn/{task_}/{s}/hit@{k}/se"] = float(np.std(hits, ddof=1) / np.sqrt(n))
-    # Invariance: share of transformed views whose nearest clean clip (cosine) is their own clip.
-    # An invariant space → 1; a space that keeps augmentation k apart → lower for k.
-    for aug in ("pitch", "stretch"):
-      for s in spaces:
-        own_hit = probes.knn_hits(emb[aug][s], emb["clean"][s], lambda top: top == own[:, None],
-                                  k=1)
-        out[f"invariance/{aug}/{s}/own_top1"] = float(np.mean(own_hit))
-        out[f"invariance/{aug}/{s}/own_top1/se"] = float(np.std(own_hit, ddof=1) / np.sqrt(n))
-        items[f"invariance/{aug}/{s}/own_top1"] = own_hit
-    # Chance levels of the kNN hits (a random neighbour).
-    out["knn/key/chance"] = float(np.mean(key[None, :] == key_after[:, None]))
-    out["knn/tempo/chance"] = float(np.mean(np.abs(bpm[None, :] / bpm_after[:, None] - 1) <= tol))
-    out["num_eval_clips"] = float(n)
-    # Bootstrap standard errors over the test clips of the probe metrics (the kNN ones above are
-    # means over all n queries).
-    nt = len(te)
-    out["probe/key_accuracy/se"] = float(np.std(items["probe/key_correct"], ddof=1) / np.sqrt(nt))
-    out["probe/tempo_r2/se"] = probes.bootstrap_se(
-        lambda i: probes.r2_score(items["probe/tempo_target"][i], items["probe/tempo_pred"][i]), nt)
-    for aug in ("pitch", "stretch"):
-      y = items[f"equivariance/{aug}/target"]
-      for s in spaces:
-        pred = items[f"equivariance/{aug}/{s}/pred"]
-        out[f"equivariance/{aug}/{s}/r2/se"] = probes.bootstrap_se(
-            lambda i: probes.r2_score(y[i], pred[i]), nt)  # pylint: disable=cell-var-from-loop
-        y_all = items[f"equivariance_cf/{aug}/target"]
-        for name in ("equivariance_cf", "equivariance_rbf_cf"):
-          pred_cf = items[f"{name}/{aug}/{s}/pred"]
-          out[f"{name}/{aug}/{s}/r2/se"] = probes.bootstrap_se(
-              lambda i: probes.r2_score(y_all[i], pred_cf[i]),  # pylint: disable=cell-var-from-loop
-              n)
-    path = pathlib.Path(out_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    np.savez(path / "loev_eval_items.npz", **items)
-    (path / "loev_eval.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+    out, items = evaluate.evaluation_metrics(emb, views, self.config.task)
+    evaluate.write_evaluation(out_dir, out, items)
     return out
 
   # --- export to serving --------------------------------------------------------------------------
   def export_towers(self, params) -> dict[str, TowerExport]:
-    """A waveform [b, S] (mono, data.sample_rate, S = clip_seconds · sample_rate samples) →
-    log-mel → trunk → each representation of `embed`, named: "whole" (the trunk output, branches
-    concatenated), one tower per subspace ("invariant", "pitch_shift", "time_stretch": head h's
-    output, or branch h for loev++) and, for loev++, "head_<name>" (head h on branch h)."""
-    d, m = self.config.data, self.config.model
-    branched = self.config.task.variant == "loev++"
-    pre = {"input": "waveform", "sample_rate": int(d.sample_rate), "samples": self.out_samples,
-           "channels": "mono (mean of the channels)", "dtype": "float32 in [-1, 1]",
-           "source": f"an audio clip resampled to sample_rate, its first {self.out_samples} "
-                     "samples, zero-padded when shorter",
-           "frontend": {"inside the tower": "log-mel (librosa's definition)", "n_fft": m.n_fft,
-                        "win_length": m.win_length, "hop_length": m.hop_length,
-                        "n_mels": m.n_mels, "fmax": m.fmax}}
-    spec = jax.ShapeDtypeStruct((1, self.out_samples), jnp.float32)
-
-    def representation(p, x, kind: str, h: int = 0):
-      feats = self.features(p, x)
-      if kind == "whole":
-        return feats.reshape(feats.shape[0], -1)
-      if kind == "sub" and branched:
-        return feats[:, h]
-      return self.head_outputs(p, feats)[h]
-
-    towers = {"whole": TowerExport(fn=lambda p, x: representation(p, x, "whole"),
-                                   input_spec=spec, preprocessing={**pre, "representation":
-                                                                   "whole"},
-                                   l2_normalized=False)}
-    for h, name in enumerate(self.head_names()):
-      towers[name] = TowerExport(
-          fn=lambda p, x, h=h: representation(p, x, "sub", h), input_spec=spec,
-          preprocessing={**pre, "representation": f"sub/{name}"}, l2_normalized=False)
-      if branched:
-        towers[f"head_{name}"] = TowerExport(
-            fn=lambda p, x, h=h: representation(p, x, "head", h), input_spec=spec,
-            preprocessing={**pre, "representation": f"head/{name}"}, l2_normalized=False)
-    return towers
+    return export.export_towers(self.net, self.config.data, self.config.model, self.out_samples)

@@ -40,7 +40,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from data_pipelines import pipelines
 from data_pipelines import records
@@ -48,12 +47,11 @@ from data_pipelines.featurize import load_modality_features
 from data_pipelines import sources as sources_lib
 from mmcl.config import Config, ConfigError
 from mmcl.eval import seqrec
-from mmcl.export import sequences
-from mmcl.losses import sharded as sharded_losses
 from mmcl.models import fusion
-from mmcl.models.layers import l2_normalize
-from mmcl.parallel import mesh as mesh_lib
-from mmcl.tasks.mmsrec.data import cold_items
+from mmcl.tasks.mmsrec import evaluate, export
+from mmcl.tasks.mmsrec.data import cold_items, original_items
+from mmcl.tasks.mmsrec.loss import cloze_loss, pretrain_loss, validation_recall
+from mmcl.tasks.mmsrec.model import MMSRecNet
 from mmcl.train.config import data_view, task_config
 from mmcl.train.task import CorpusExport, Task, TowerExport
 
@@ -109,13 +107,14 @@ class MMSRecTask(Task):
     t = config.task
     meta = records.load_metadata(config.data.dir, build_hint=pipelines.BUILD_HINT)
     self.num_items = int(meta["num_items"])
-    self.features_np = load_modality_features(
+    features = load_modality_features(
         config.data.dir, self.num_items, t.modalities, text_features=config.data.text_features,
         lexical_dim=t.lexical_dim, seed=config.seed)
     self.cold_np = cold_items(self.num_items, t.cold_item_fraction, t.cold_item_seed)
     m = config.model
-    self.encoder = fusion.FusionEncoder(len(t.modalities), m.width, m.depth, m.num_heads,
-                                        m.mlp_dim, config.data.max_len, m.dropout)
+    self.net = MMSRecNet(fusion.FusionEncoder(len(t.modalities), m.width, m.depth, m.num_heads,
+                                              m.mlp_dim, config.data.max_len, m.dropout),
+                         tuple(features))
     # Read eagerly: `init_params` is traced (under jit), where a checkpoint cannot be restored.
     self.initial_params = self._init_from_workdir(t.init_from) if t.init_from else None
 
@@ -147,173 +146,39 @@ class MMSRecTask(Task):
   def init_params(self, rng: jax.Array):
     if self.initial_params is not None:
       return jax.tree.map(jnp.asarray, self.initial_params)
-    length = self.config.data.max_len
-    feats = tuple(jnp.zeros((1, length, f.shape[1])) for f in self.features_np)
-    avail = jnp.ones((1, length, len(feats)), bool)
-    return self.encoder.init(rng, feats, avail, jnp.zeros((1, length), bool))["params"]
-
-  # --- towers --------------------------------------------------------------------------------------
-  def _feats(self, items: jax.Array) -> tuple[jax.Array, ...]:
-    return tuple(jnp.asarray(f)[items] for f in self.features_np)
-
-  def _available(self, items: jax.Array, modality_on: tuple[bool, ...] | None = None) -> jax.Array:
-    """[B, L] items → [B, L, M] bool (real position and modality switched on)."""
-    on = jnp.asarray(modality_on if modality_on is not None else (True,) * len(self.features_np))
-    return (items != 0)[..., None] & on
-
-  def encode_sequences(self, params, items, masked=None, *, modality_on=None, train=False,
-                       rng=None) -> jax.Array:
-    """items: [B, L] int (0 = padding); masked: [B, L] bool or None → [B, L, d]."""
-    return self.encoder.apply({"params": params}, self._feats(items),
-                              self._available(items, modality_on), masked, train=train,
-                              rngs={"dropout": rng} if train else None)
-
-  def item_tower(self, params, items: jax.Array | None = None, *, train=False, rng=None
-                 ) -> jax.Array:
-    """[K] item indices (default all 0..N) → [K, d] unit-norm embeddings (row of item 0 unused)."""
-    if items is None:
-      items = jnp.arange(self.num_items + 1)
-    h = self.encode_sequences(params, jnp.maximum(items, 1)[:, None], None, train=train, rng=rng)
-    return l2_normalize(h[:, 0])
+    return self.net.init(rng, self.config.data.max_len)
 
   # --- losses --------------------------------------------------------------------------------------
-  def _original(self, batch) -> jax.Array:
-    inputs, labels = batch["inputs"], batch["labels"]
-    orig = jnp.where(labels > 0, labels, inputs)
-    orig = jnp.where(orig > self.num_items, 0, orig)
-    cold = jnp.asarray(self.cold_np)
-    return jnp.where(cold[orig], 0, orig)  # held-out items never appear in training
-
   def loss(self, params, batch, rng, *, train: bool):
     if "history" in batch:  # validation rows: full-ranking Recall@10 of the next item
-      return self._val_metrics(params, batch)
-    items = self._original(batch)
-    if self.config.task.stage == "pretrain":
-      return self._pretrain_loss(params, items, rng, train=train)
-    return self._cloze_loss(params, batch, items, rng, train=train)
-
-  def _pretrain_loss(self, params, items, rng, *, train):
+      return validation_recall(self.net, params, batch)
+    items = original_items(batch, self.cold_np)
     t = self.config.task
-    m = len(self.features_np)
-    views = {"v": tuple(j == 0 for j in range(m)), "t": tuple(j == m - 1 for j in range(m)),
-             "vt": (True,) * m}
-    keys = jax.random.split(rng, 6)
-    reps, k = {}, 0
-    for name, on in views.items():
-      for copy in (1, 2):
-        h = self.encode_sequences(params, items, None, modality_on=on, train=train, rng=keys[k])
-        reps[f"{name}{copy}"] = l2_normalize(h[:, -1])
-        k += 1
-    valid = items[:, -1] != 0
-    pairs = (("v1", "v2"), ("v1", "t1"), ("t1", "t2"), ("vt1", "vt2"))
-    terms = [sharded_losses.infonce_over_mesh(reps[a], reps[b], self.mesh,
-                                              logit_scale=1.0 / t.temperature, a_valid=valid,
-                                              b_valid=valid) for a, b in pairs]
-    loss = sum(terms) / len(terms)
-    return loss, {f"cl_{a}_{b}": v for (a, b), v in zip(pairs, terms)}
-
-  def _cloze_loss(self, params, batch, items, rng, *, train):
-    t = self.config.task
-    k_seq, k_item = jax.random.split(rng)
-    masked = (batch["labels"] > 0) & (items != 0)
-    masked = masked.at[:, -1].set(items[:, -1] != 0)  # always the most recent position
-    h = l2_normalize(self.encode_sequences(params, items, masked, train=train, rng=k_seq))  # [B, L, d]
-    cand = self.item_tower(params, train=train, rng=k_item)  # [N + 1, d]
-    allowed = ~jnp.asarray(self.cold_np).at[0].set(True)  # not padding, not held out
-    # Full softmax over all items through the loss core: the item table is split over the mesh's
-    # data axis, the masked positions' queries are replicated (see mmcl.losses.corpus).
-    loss, rank = sharded_losses.corpus_softmax_over_mesh(
-        h.reshape(-1, h.shape[-1]), cand, items.reshape(-1), self.mesh,
-        logit_scale=1.0 / t.temperature, valid=masked.reshape(-1), corpus_valid=allowed,
-        impl=t.loss_impl, block_size=t.loss_block_size, return_ranks=True)
-    w = masked.astype(jnp.float32)
-    hit = (rank.reshape(masked.shape) < 10) * w
-    return loss, {"masked_per_row": w.sum(1).mean(),
-                "train_recall@10": hit.sum() / jnp.maximum(w.sum(), 1.0)}
-
-  def _query(self, params, history: jax.Array) -> jax.Array:
-    """history: [B, L] left-padded → [B, d]: the output at an appended [MASK] slot."""
-    seq = jnp.concatenate([history[:, 1:], jnp.ones_like(history[:, :1])], axis=1)
-    masked = jnp.zeros(seq.shape, bool).at[:, -1].set(True)
-    return l2_normalize(self.encode_sequences(params, seq, masked)[:, -1])
-
-  def _val_metrics(self, params, batch):
-    q = self._query(params, batch["history"])
-    cand = self.item_tower(params)
-    scores = q @ cand.T
-    scores = scores.at[:, 0].set(-jnp.inf)
-    target = batch["target"]
-    tscore = jnp.take_along_axis(scores, target[:, None], 1)[:, 0]
-    rank = (scores > tscore[:, None]).sum(1)
-    w = batch["valid"].astype(jnp.float32)
-    recall = ((rank < 10) * w).sum() / jnp.maximum(w.sum(), 1.0)
-    return -recall, {"recall@10": recall}
+    if t.stage == "pretrain":
+      return pretrain_loss(self.net, params, items, rng, self.mesh, temperature=t.temperature,
+                           train=train)
+    return cloze_loss(self.net, params, batch["labels"], items, rng, self.mesh, self.cold_np, t,
+                      train=train)
 
   def flops_per_example(self) -> float:
     m, length = self.config.model, self.config.data.max_len
-    dims = tuple(f.shape[1] for f in self.features_np)
+    dims = tuple(f.shape[1] for f in self.net.features)
     f = fusion.fusion_flops(length, len(dims), m.width, m.depth, m.mlp_dim, dims)
     return f * (6 if self.config.task.stage == "pretrain" else 1)
 
   # --- evaluation ----------------------------------------------------------------------------------
   def evaluate(self, params, out_dir: str) -> dict[str, float]:
-    t = self.config.task
     user_items, num_items = seqrec.load_interactions(self.config.data.dir)
-    item_emb = np.asarray(jax.jit(self.item_tower)(params)).copy()
-    item_emb[0] = 0.0
-    q_fn = jax.jit(lambda x: self._query(params, x), out_shardings=mesh_lib.replicated(self.mesh))
-    out: dict[str, float] = {"num_items": float(num_items),
-                             "num_cold_items": float(self.cold_np.sum())}
-    for split in t.eval_splits:
-      users, history, target = seqrec.eval_cases(user_items, split, self.config.data.max_len)
-      q = mesh_lib.embed_rows(q_fn, [history], self.mesh, t.eval_batch_size)
-      seen = [user_items[u] for u in users]
-      kw = dict(ks=t.eval_ks, num_negatives=t.eval_num_negatives, max_users=t.eval_max_users,
-                seed=t.eval_seed, full_ranking=t.eval_full_ranking, mesh=self.mesh)
-      out.update(seqrec.next_item_metrics(q, item_emb, target, seen, prefix=split, **kw))
-      if self.cold_np.any():
-        out.update(seqrec.next_item_metrics(q, item_emb, target, seen, prefix=f"{split}_cold",
-                                            case_mask=self.cold_np[target], **kw))
+    out = {"num_items": float(num_items), "num_cold_items": float(self.cold_np.sum())}
+    out.update(evaluate.next_item_metrics(self.net, params, user_items, self.cold_np,
+                                          self.config.task, self.mesh, self.config.data.max_len))
     return out
 
   # --- export to serving --------------------------------------------------------------------------
   def export_towers(self, params) -> dict[str, TowerExport]:
-    """"item": an item's content features (the M modality vectors concatenated in
-    `task.modalities` order, [b, Σ D_m]) → its unit-norm embedding, no item id involved, so items
-    unseen in training are embedded from content; "user": a history of item ids → the unit-norm
-    output at an appended [MASK] slot (`_query`, the feature table embedded in the artifact)."""
-    t = self.config.task
-    dims = [int(f.shape[1]) for f in self.features_np]
-    splits = np.cumsum(dims)[:-1].tolist()
-
-    def item(p, x):  # = item_tower on a length-1 sequence of these features, all modalities on
-      feats = tuple(f[:, None] for f in jnp.split(x, splits, axis=1))
-      avail = jnp.ones((x.shape[0], 1, len(dims)), bool)
-      return l2_normalize(self.encoder.apply({"params": p}, feats, avail, None, train=False)[:, 0])
-
-    sources = {"text": f"the text tower's sentence embedding of the item text "
-                       f"({self.config.data.text_features or 'TF-IDF + SVD fallback'})",
-               "lexical": f"TF-IDF + truncated SVD (width {t.lexical_dim}) of the item text, fitted "
-                          "on the dataset's items"}
-    example = np.concatenate([f[1:9] for f in self.features_np], axis=1)
-    towers = sequences.sequence_export_towers(
-        lambda p, x: self._query(p, x), None, max_len=self.config.data.max_len,
-        vocabulary=sequences.item_vocabulary_file(self.config.data.dir, self.num_items),
-        example=seqrec.histories_of_test_users(self.config.data.dir, self.config.data.max_len)[:8])
-    item_tower = TowerExport(
-        fn=item, input_spec=jax.ShapeDtypeStruct((1, sum(dims)), jnp.float32),
-        preprocessing={"input": "item_features", "layout": "the modality vectors concatenated",
-                       "modalities": [{"name": name, "dim": d, "source": sources.get(name, name)}
-                                      for name, d in zip(t.modalities, dims)]},
-        example=example)
-    return {"user": towers["user"]._replace(l2_normalized=True), "item": item_tower}
+    d = self.config.data
+    return export.export_towers(self.net, self.config.task, d.dir, d.max_len, d.text_features)
 
   def export_corpus(self, params) -> dict[str, CorpusExport]:
-    """Every item's content embedding (the evaluator's item table), queried by the test users."""
-    t = self.config.task
-    item_emb = np.asarray(jax.jit(self.item_tower)(params))
-    q_fn = jax.jit(lambda x: self._query(params, x), out_shardings=mesh_lib.replicated(self.mesh))
-    history = seqrec.histories_of_test_users(self.config.data.dir, self.config.data.max_len)
-    queries = mesh_lib.embed_rows(q_fn, [history], self.mesh, t.eval_batch_size)
-    return sequences.sequence_export_corpus(
-        item_emb, sequences.item_vocabulary_file(self.config.data.dir, self.num_items), queries)
+    return export.export_corpus(self.net, params, self.config.task, self.mesh,
+                                self.config.data.dir, self.config.data.max_len)
