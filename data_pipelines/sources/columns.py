@@ -22,6 +22,8 @@ import json
 import math
 from typing import Any, Sequence
 
+from data_pipelines.sources import spec as spec_lib
+
 KINDS = ("image", "text", "int", "float")
 
 
@@ -51,6 +53,23 @@ def columns(spec: Sequence[tuple[str, str, str, str]]) -> tuple[Column, ...]:
   """Columns from (field, names separated by ';', kind, config_key) tuples."""
   return tuple(Column(f, tuple(n for n in names.split(";") if n), kind, key)
                for f, names, kind, key in spec)
+
+
+def match(columns_: Sequence[Column], names: Sequence[str], where: str, noun: str,
+          holder: str) -> dict[str, str]:
+  """{field: the first of its column's names found in `names`}, or SourceConfigError naming the
+  missing one, e.g. "<where>: no column 'caption' (config key data.caption_field); <holder> has
+  columns [...]" (noun "column", holder "the file")."""
+  chosen = {}
+  for col in columns_:
+    found = next((n for n in col.names if n in names), None)
+    if found is None:
+      shown = col.names[0] if len(col.names) == 1 else f"any of {list(col.names)}"
+      raise spec_lib.SourceConfigError(f"{where}: no {noun} {shown!r} (config key "
+                                       f"{col.config_key or col.field}); {holder} has {noun}s "
+                                       f"{list(names)}")
+    chosen[col.field] = found
+  return chosen
 
 
 def convert(column: Column, value: Any) -> tuple[Any, str]:

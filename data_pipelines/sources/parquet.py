@@ -67,15 +67,7 @@ class ParquetShards:
   def _check_columns(self, path: str) -> dict[str, str]:
     """{field: the column of `path` that holds it}; SourceConfigError for a missing one."""
     names = self._names(path)
-    chosen = {}
-    for col in self.columns:
-      found = next((n for n in col.names if n in names), None)
-      if found is None:
-        shown = col.names[0] if len(col.names) == 1 else f"any of {list(col.names)}"
-        raise spec_lib.SourceConfigError(f"{path}: no column {shown!r} (config key "
-                                         f"{col.config_key or col.field}); the file has columns "
-                                         f"{names}")
-      chosen[col.field] = found
+    chosen = columns_lib.match(self.columns, names, path, "column", "the file")
     if self.key_column and self.key_column not in names:
       raise spec_lib.SourceConfigError(f"{path}: no column {self.key_column!r} (config key "
                                        f"data.key_field); the file has columns {names}")

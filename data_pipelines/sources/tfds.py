@@ -50,15 +50,8 @@ class TfdsRecords:
       raise spec_lib.SourceConfigError(f"data source {spec}: no split {spec.split!r} (splits: "
                                        f"{sorted(info.splits)})")
     names = sorted(info.features.keys())
-    self._chosen = {}
-    for col in self.columns:
-      found = next((n for n in col.names if n in names), None)
-      if found is None:
-        shown = col.names[0] if len(col.names) == 1 else f"any of {list(col.names)}"
-        raise spec_lib.SourceConfigError(f"data source {spec}: no feature {shown!r} (config key "
-                                         f"{col.config_key or col.field}); the dataset has "
-                                         f"features {names}")
-      self._chosen[col.field] = found
+    self._chosen = columns_lib.match(self.columns, names, f"data source {spec}", "feature",
+                                     "the dataset")
     self.path = str(builder.data_dir)
     self._num_records = int(info.splits[spec.split].num_examples)
     self.shard_lengths = [int(n) for n in info.splits[spec.split].shard_lengths]

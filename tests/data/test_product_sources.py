@@ -15,6 +15,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from batch_checks import assert_batches_equal, take
 
 from data_pipelines import records
 from data_pipelines import sources
@@ -83,22 +84,10 @@ def _iterator(product_rows, spec, *, worker_count=0, **kw):
                                num_threads=0, prefetch_buffer_size=0)
 
 
-def _take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _assert_batches_equal(xs, ys):
-  assert len(xs) == len(ys)
-  for t, (x, y) in enumerate(zip(xs, ys)):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=f"batch {t} {k}")
-
-
 def test_same_rows_through_webdataset_and_parquet_give_the_same_batches(product_rows):
-  a = _take(_iterator(product_rows, product_rows["parquet"]), 3)
-  b = _take(_iterator(product_rows, product_rows["webdataset"]), 3)
-  _assert_batches_equal(a, b)
+  a = take(_iterator(product_rows, product_rows["parquet"]), 3)
+  b = take(_iterator(product_rows, product_rows["webdataset"]), 3)
+  assert_batches_equal(a, b)
   assert a[0]["image"].shape == (B, S, S, 3) and a[0]["image"].dtype == np.uint8
   # Each row is the real row of its key: the stored token ids and scores of the ArrayRecord set.
   src = records.ArrayRecordSource(product_rows["ar"], "train")
@@ -143,13 +132,13 @@ def test_every_format_reads_the_rows_of_the_arrayrecord_set(product_rows):
 
 
 def test_resume_from_the_iterator_state_continues_exactly(product_rows):
-  reference = _take(_iterator(product_rows, product_rows["webdataset"]), 34)  # > 1 epoch (465 rows)
+  reference = take(_iterator(product_rows, product_rows["webdataset"]), 34)  # > 1 epoch (465 rows)
   it = _iterator(product_rows, product_rows["webdataset"])
-  _take(it, 28)
+  take(it, 28)
   state = json.loads(json.dumps(it.get_state()))  # as the checkpoint stores it
   fresh = _iterator(product_rows, product_rows["webdataset"])
   fresh.set_state(state)
-  _assert_batches_equal(_take(fresh, 6), reference[28:])
+  assert_batches_equal(take(fresh, 6), reference[28:])
 
 
 def test_two_hosts_read_whole_disjoint_shards(product_rows):
@@ -164,15 +153,15 @@ def test_two_hosts_read_whole_disjoint_shards(product_rows):
 
 
 def test_worker_processes_give_the_same_batches_and_resume(product_rows):
-  reference = _take(_iterator(product_rows, product_rows["parquet"]), 7)
+  reference = take(_iterator(product_rows, product_rows["parquet"]), 7)
   it = _iterator(product_rows, product_rows["parquet"], worker_count=2)
   try:
-    got = _take(it, 4)
+    got = take(it, 4)
     state = json.loads(json.dumps(it.get_state()))  # one state per worker, as checkpointed
-    got += _take(it, 3)
-    _assert_batches_equal(got, reference)
+    got += take(it, 3)
+    assert_batches_equal(got, reference)
     it.set_state(state)  # the workers restart from their states
-    _assert_batches_equal(_take(it, 3), reference[4:])
+    assert_batches_equal(take(it, 3), reference[4:])
   finally:
     it.close()
 
@@ -236,7 +225,7 @@ def test_bad_rows_raise_one_clear_error_or_are_counted(product_rows, tmp_path):
   assert str(bad).endswith("sample 'train-0000005' (record 5 of that file), field 'position': "
                            "expected a number, found the text 'first'")
   with records.skip_ledger(tmp_path / "ledger") as ledger:
-    batches = _take(_iterator(product_rows, spec, skip_bad_records=True), 6)
+    batches = take(_iterator(product_rows, spec, skip_bad_records=True), 6)
   assert ledger.counts() == {"train/query_id": 1, "train/position": 1, "train/image": 1}
   assert all(b["image"].shape == (B, S, S, 3) for b in batches)
   seen = np.concatenate([b["index"] for b in batches])

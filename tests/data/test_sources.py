@@ -16,6 +16,7 @@ import tarfile
 import grain
 import numpy as np
 import pytest
+from batch_checks import assert_batches_equal, take
 from etils import epath
 from PIL import Image
 
@@ -67,18 +68,6 @@ def _data(spec, tmp_path, **kw):
               decode_threads=3)
   args.update(kw)
   return pairs.ImageTextData(spec, **args)
-
-
-def _take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _assert_batches_equal(xs, ys):
-  assert len(xs) == len(ys)
-  for t, (x, y) in enumerate(zip(xs, ys)):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=f"batch {t} {k}")
 
 
 def test_specs_and_their_errors(fashion_sources, tmp_path):
@@ -135,9 +124,9 @@ def test_same_pairs_through_webdataset_and_parquet_give_the_same_batches(fashion
                                                                           tmp_path):
   wds = _data(fashion_sources["webdataset"], tmp_path)
   pq = _data(fashion_sources["parquet"], tmp_path)
-  a = _take(wds.train_iterator(global_batch_size=B, num_threads=0, prefetch_buffer_size=0), 10)
-  b = _take(pq.train_iterator(global_batch_size=B, num_threads=0, prefetch_buffer_size=0), 10)
-  _assert_batches_equal(a, b)
+  a = take(wds.train_iterator(global_batch_size=B, num_threads=0, prefetch_buffer_size=0), 10)
+  b = take(pq.train_iterator(global_batch_size=B, num_threads=0, prefetch_buffer_size=0), 10)
+  assert_batches_equal(a, b)
   assert a[0]["image"].shape == (B, 32, 32, 3) and a[0]["text"].shape == (B, L)
   # Rows are the real pairs: index = the key's hash, text = the caption's tokens.
   by_index = {stream.key_index(k): (k, c) for k, _, c in fashion_sources["pairs"]}
@@ -146,11 +135,11 @@ def test_same_pairs_through_webdataset_and_parquet_give_the_same_batches(fashion
   # uint8 pixels, as on the ArrayRecord path (the image tower normalises them on the device).
   assert a[0]["image"].dtype == np.uint8 and a[0]["image"].max() > a[0]["image"].min()
   # Decoding threads change nothing.
-  one = _take(_data(fashion_sources["webdataset"], tmp_path, decode_threads=1).train_iterator(
+  one = take(_data(fashion_sources["webdataset"], tmp_path, decode_threads=1).train_iterator(
       global_batch_size=B, num_threads=0, prefetch_buffer_size=0), 2)
-  _assert_batches_equal(one, a[:2])
+  assert_batches_equal(one, a[:2])
   # Another seed gives another order.
-  c = _take(_data(fashion_sources["parquet"], tmp_path, seed=2).train_iterator(
+  c = take(_data(fashion_sources["parquet"], tmp_path, seed=2).train_iterator(
       global_batch_size=B, num_threads=0, prefetch_buffer_size=0), 1)
   assert not np.array_equal(a[0]["index"], c[0]["index"])
 
@@ -179,9 +168,9 @@ def test_held_out_part_is_a_stable_key_hash_and_never_trained_on(fashion_sources
 def test_resume_from_iterator_state_continues_exactly(fashion_sources, tmp_path, name):
   d = _data(fashion_sources[name], tmp_path)
   it_args = dict(global_batch_size=B, num_threads=2, prefetch_buffer_size=3)
-  reference = _take(d.train_iterator(**it_args), 12)  # 8 batches per epoch: crosses into epoch 1
+  reference = take(d.train_iterator(**it_args), 12)  # 8 batches per epoch: crosses into epoch 1
   it = d.train_iterator(**it_args)
-  _take(it, 9)
+  take(it, 9)
   state = it.get_state()
   if name == "webdataset":  # through grain's checkpoint handler (JSON on disk), as the trainer
     (tmp_path / "ckpt").mkdir()
@@ -191,7 +180,7 @@ def test_resume_from_iterator_state_continues_exactly(fashion_sources, tmp_path,
   else:
     fresh = d.train_iterator(**it_args)
     fresh.set_state(state)
-  _assert_batches_equal(_take(fresh, 3), reference[9:])
+  assert_batches_equal(take(fresh, 3), reference[9:])
   # The epochs differ and the augmentation is drawn per (seed, epoch, index).
   first = np.concatenate([b["index"] for b in reference[:8]])
   second = np.concatenate([b["index"] for b in reference[8:]])
@@ -260,10 +249,10 @@ def test_bad_samples_raise_one_clear_error_or_are_counted(fashion_sources, tmp_p
   with pytest.raises(records.CorruptRecordError,
                      match=rf"00001\.tar: sample '{captionless_key}' \(record 13 of that file\), "
                            r"field 'txt': no caption member"):
-    _take(d.train_iterator(global_batch_size=16, num_threads=0, prefetch_buffer_size=0), 4)
+    take(d.train_iterator(global_batch_size=16, num_threads=0, prefetch_buffer_size=0), 4)
   with records.skip_ledger(tmp_path / "ledger") as ledger:
     d = _data(spec, tmp_path, tokenizer=tok, holdout_fraction=0.05, skip_bad_records=True)
-    batches = _take(d.train_iterator(global_batch_size=16, num_threads=0,
+    batches = take(d.train_iterator(global_batch_size=16, num_threads=0,
                                      prefetch_buffer_size=0), 4)
   counts = ledger.counts()
   assert counts == {"train/image": 1, "train/txt": 1}, counts

@@ -240,7 +240,7 @@ def test_tiny_train_and_evaluate(tiny_products, tmp_path):
 def _chance_metrics(task, split: str, trials: int = 200) -> dict[str, float]:
   """The split's metrics (as `evaluate_split` computes them) for uniformly random rankings."""
   t = task.config.task
-  source, _ = products.open_split(task.data_dir, split)
+  source, _ = products.open_split(task.data.data_dir, split)
   table = SplitTable(source)
   rel_sum = np.bincount(table.pairs[:, 0], weights=table.rel, minlength=len(table.query_ids))
   chosen = sample_eval_queries(rel_sum, t.eval_queries, t.eval_seed)

@@ -66,7 +66,6 @@ import jax
 import jax.numpy as jnp
 
 from data_pipelines import image_ops
-from data_pipelines import sources as sources_lib
 from data_pipelines.recipes import product_sources
 from data_pipelines.recipes import products as data_lib
 from mmcl.config import Config, ConfigError
@@ -74,6 +73,7 @@ from mmcl.models import flops as flops_lib
 from mmcl.models import lock as lock_lib
 from mmcl.models import tower_config
 from mmcl.tasks.gcl import export
+from mmcl.tasks.gcl.data import ProductData
 from mmcl.tasks.gcl.evaluate import SplitTable, embed_split, evaluate_split
 from mmcl.tasks.gcl.loss import SCORE_TO_WEIGHT, gcl_loss
 from mmcl.tasks.gcl.model import GCLTowers, init_text, load_pretrained_text
@@ -171,14 +171,14 @@ class GCLTask(Task):
       raise ConfigError(f"config key 'model.doc_field_weights' must hold {len(fields)} weights "
                         f"≥ 0 (one per model.doc_fields {fields}) with a positive sum, got "
                         f"{weights}")
-    self._open_data(config, fields)
-    schema = {f["name"] for f in self.metadata["schema"]}
-    available = {"title"} | ({"image"} if self.metadata.get("has_images") else set()) | (
+    self.data = ProductData(d, fields)
+    schema = {f["name"] for f in self.data.metadata["schema"]}
+    available = {"title"} | ({"image"} if self.data.metadata.get("has_images") else set()) | (
         {"description"} if "description_ids" in schema else set())
     missing = [f for f in fields if f not in available]
     if missing:
       raise ConfigError(f"config key 'model.doc_fields' names {missing}, which dataset "
-                        f"{self.data_name} does not have (it has {sorted(available)})")
+                        f"{self.data.name} does not have (it has {sorted(available)})")
     self.doc_fields, self.doc_field_weights = fields, weights
     if d.image_size % m.image.patch_size:
       raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be a multiple of "
@@ -202,72 +202,17 @@ class GCLTask(Task):
       self._pretrained_params, self._frozen = loaded.params, loaded.frozen
       self.vocab_size = text_tower.vocab_size
     else:
-      if self.streamed is not None:
-        try:
-          self.bpe, self.tokenizer_file = self.streamed.tokenizer(
-              d.train_split, path=d.tokenizer, vocab_size=d.vocab_size,
-              num_texts=d.tokenizer_texts, cache_dir=d.cache_dir)
-        except sources_lib.SourceConfigError as e:
-          raise ConfigError(f"config key 'data.source' = {d.source!r}: {e}") from None
-        self.metadata = self.streamed.metadata(self.bpe, self.tokenizer_file)
-      self.vocab_size = int(self.metadata["vocab_size"])
+      self.data.train_tokenizer(d)
+      self.vocab_size = int(self.data.metadata["vocab_size"])
       text_tower = tower_config.text_transformer_from_config(
           m.text, vocab_size=self.vocab_size, max_len=d.max_text_len, embed_dim=m.embed_dim,
           dtype=dtype)
     self.towers = GCLTowers(image_tower, text_tower, fields, weights, m.share_text_tower)
 
-  def _open_data(self, config: Config, fields: tuple[str, ...]) -> None:
-    """Sets data_dir, metadata, streamed (`product_sources.ProductSplits` or None) and, for a
-    streamed source, bpe / tokenizer_file (None until a trained text tower asks for them)."""
-    d = config.data
-    self.streamed, self.bpe, self.tokenizer_file = None, None, None
-    try:
-      spec = sources_lib.parse(d.source) if d.source else None
-      if spec is not None and spec.scheme != "arrayrecord":
-        self.data_dir, self.data_name = None, d.source
-        self.streamed = product_sources.ProductSplits(
-            d.source, doc_fields=fields,
-            columns={f: getattr(d.columns, f) for f in product_sources.FIELD_KINDS},
-            json_member=d.json_member, key_field=d.key_field,
-            skip_bad_records=d.skip_bad_records)
-        self.metadata = self.streamed.metadata(None, None)
-        return
-    except sources_lib.SourceConfigError as e:
-      raise ConfigError(f"config key 'data.source' = {d.source!r}: {e}") from None
-    self.data_dir = pathlib.Path(spec.location if spec is not None else d.dir)
-    self.data_name = str(self.data_dir)
-    source, self.metadata = data_lib.open_split(self.data_dir, d.train_split)
-    source.close()
-
-  def _open_split(self, split: str, *, skip_bad_records: bool = False):
-    """A split's records: the ArrayRecord split, or a streamed split read into memory."""
-    if self.streamed is None:
-      return data_lib.open_split(self.data_dir, split, skip_bad_records=skip_bad_records)[0]
-    return self.streamed.rows(split, tokenizer=self.bpe, metadata=self.metadata)
-
   # --- data ---------------------------------------------------------------------------------------
   def _iterator(self, split: str, process_index: int, process_count: int, *, train: bool):
-    c = self.config
-    if self.streamed is not None:
-      maker = data_lib.batch_maker(self.metadata, max_text_len=c.data.max_text_len,
-                                   image_size=c.data.image_size,
-                                   augment=train and c.data.augment,
-                                   crop_scale=tuple(c.data.crop_scale), seed=c.seed,
-                                   text_tokenizer=self.text_tokenizer, pad_id=self.pad_id)
-      return self.streamed.train_iterator(
-          split, maker=maker, tokenizer=self.bpe, global_batch_size=c.data.global_batch_size,
-          seed=c.seed, shuffle_buffer=c.data.shuffle_buffer, process_index=process_index,
-          process_count=process_count, num_epochs=c.data.num_epochs if train else 1,
-          worker_count=c.data.worker_count if train else 0)
-    return data_lib.train_iterator(
-        self.data_dir, split=split, global_batch_size=c.data.global_batch_size, seed=c.seed,
-        max_text_len=c.data.max_text_len, image_size=c.data.image_size,
-        augment=train and c.data.augment, crop_scale=tuple(c.data.crop_scale),
-        process_index=process_index, process_count=process_count,
-        num_epochs=c.data.num_epochs if train else 1,
-        worker_count=c.data.worker_count if train else 0,
-        skip_bad_records=c.data.skip_bad_records, text_tokenizer=self.text_tokenizer,
-        pad_id=self.pad_id)
+    return self.data.iterator(self.config, split, process_index, process_count, train=train,
+                              text_tokenizer=self.text_tokenizer, pad_id=self.pad_id)
 
   def train_iterator(self, process_index: int, process_count: int):
     return self._iterator(self.config.data.train_split, process_index, process_count, train=True)
@@ -329,7 +274,7 @@ class GCLTask(Task):
 
   def evaluate_split(self, params, split: str, out_dir: str | None = None) -> dict[str, float]:
     """The reference evaluation of one split (`evaluate.evaluate_split`)."""
-    source = self._open_split(split, skip_bad_records=self.config.data.skip_bad_records)
+    source = self.data.open_split(split, skip_bad_records=self.config.data.skip_bad_records)
     out = evaluate_split(self.towers, params, split, source, self.batch_maker(source),
                          self.config.task, self.mesh, out_dir)
     source.close()
@@ -345,7 +290,7 @@ class GCLTask(Task):
   def export_inputs(self, split: str, rows: int = 8):
     """(the evaluator's batches of the split's first `rows` documents, of its first `rows`
     queries)."""
-    source = self._open_split(split)
+    source = self.data.open_split(split)
     table, maker = SplitTable(source), self.batch_maker(source)
     out = maker(source, table.doc_rows[:rows], 0), maker(source, table.query_rows[:rows], 0)
     source.close()
@@ -355,16 +300,15 @@ class GCLTask(Task):
     c = self.config
     tokenizer = None  # a pretrained tower's: described by its folder
     if self.text_tokenizer is None:
-      tokenizer = (self.tokenizer_file if self.streamed is not None
-                   else self.data_dir / self.metadata.get("tokenizer", "tokenizer.json"))
-    text_pre, files = export.text_preprocessing(c, self.metadata, tokenizer, self.pad_id)
+      tokenizer = self.data.tokenizer_path()
+    text_pre, files = export.text_preprocessing(c, self.data.metadata, tokenizer, self.pad_id)
     return export.export_towers(self.towers, c, text_pre, files,
                                 *self.export_inputs(c.task.eval_splits[0]))
 
   def export_corpus(self, params) -> dict[str, CorpusExport]:
     """The fused documents of the first evaluation split, queried by its queries."""
     split = self.config.task.eval_splits[0]
-    source = self._open_split(split)
+    source = self.data.open_split(split)
     table = SplitTable(source)
     q_emb, d_emb = embed_split(self.towers, params, source, table, self.batch_maker(source),
                                self.mesh, self.config.task.eval_batch_size)
