@@ -113,7 +113,7 @@ def sigterm_reference(tmp_path_factory):
 # Tests that share an expensive fixture go to one worker, so that it is built once per run rather
 # than once per worker that happens to draw one of them.
 SHARED_FIXTURES = ("jobs", "served", "exported", "trained_workdir", "fashion_sources",
-                   "trained_runs", "watched_run")
+                   "trained_runs", "watched_run", "product_rows")
 # Costliest work first (worker-seconds on the 2-core machine, roughly in this order): long units
 # that start last leave one worker running alone at the end. The SLURM jobs come first so that
 # they run beside the in-process tests; the other users of the shared reference run
@@ -122,7 +122,7 @@ SHARED_FIXTURES = ("jobs", "served", "exported", "trained_workdir", "fashion_sou
 FIRST = ("tests/launch/test_slurm.py", "tests/tasks/test_exports.py",
          "tests/tasks/test_demure.py", "tests/tasks/test_loev.py",
          "tests/train/test_preemption.py", "tests/tasks/test_gcl.py", "tests/tasks/test_mmsrec.py",
-         "tests/data/test_sources.py", "tests/export/", "tests/eval/test_watch_e2e.py",
+         "tests/data/test_sources.py", "tests/data/test_product_sources.py", "tests/export/", "tests/eval/test_watch_e2e.py",
          "tests/train/test_training.py", "tests/reliability/")
 
 
