@@ -12,50 +12,51 @@ Python: `convert(format, input, output, **options)` → the metadata dict; `main
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
-from data_pipelines.converters import amazon
-from data_pipelines.converters import audio_folder
-from data_pipelines.converters import entities
-from data_pipelines.converters import image_captions
-from data_pipelines.converters import lastfm
-from data_pipelines.converters import marqo
-from data_pipelines.converters import movielens
-from data_pipelines.converters import recbole
-from data_pipelines.converters import s3rec
-from data_pipelines.converters import sasrec
-
-FORMATS: Mapping[str, tuple[Callable[..., dict[str, Any]], str]] = {
-    "image-captions": (image_captions.convert,
+# format → ("module:function" under data_pipelines.converters, description). The converter module
+# is imported when a conversion runs, so `mmcl --help` and every other command start without the
+# converters' dependencies (scipy.signal for audio, pyarrow, ...).
+FORMATS: Mapping[str, tuple[str, str]] = {
+    "image-captions": ("image_captions:convert",
                        "image_text: captions CSV/TSV/JSONL naming image files "
                        "(--image-root, --image-column, --caption-column, --id-column)"),
-    "marqo-gs": (marqo.convert,
+    "marqo-gs": ("marqo:convert",
                  "query_document: Marqo-GS-10M folder of split CSV/parquet files, or one file "
                  "(--image-root, --image-column)"),
-    "movielens": (movielens.convert,
+    "movielens": ("movielens:convert",
                   "interactions: MovieLens ratings.dat (+ movies.dat) folder (--min-rating)"),
-    "sasrec": (sasrec.convert, "interactions: SASRec `user item` text file"),
-    "s3rec": (s3rec.convert,
+    "sasrec": ("sasrec:convert", "interactions: SASRec `user item` text file"),
+    "s3rec": ("s3rec:convert",
               "interactions: S3-Rec one-line-per-user file (+ item2attributes JSON, --attributes)"),
-    "recbole": (recbole.convert_atomic,
+    "recbole": ("recbole:convert_atomic",
                 "interactions: RecBole atomic .inter (+ .item) folder (--text-fields, --k-core)"),
-    "unisrec": (recbole.convert_unisrec,
+    "unisrec": ("recbole:convert_unisrec",
                 "interactions: RecBole/UniSRec .train/.valid/.test.inter + .text folder"),
-    "amazon": (amazon.convert,
+    "amazon": ("amazon:convert",
                "interactions: Amazon reviews JSONL/ratings CSV (--metadata meta JSONL, --k-core)"),
-    "lastfm-hetrec": (lastfm.convert,
+    "lastfm-hetrec": ("lastfm:convert",
                       "entity: hetrec2011-lastfm-2k folder → CF + tag embeddings per artist "
                       "(--cf-dim, --tag-dim)"),
-    "embeddings": (entities.convert,
+    "embeddings": ("entities:convert",
                    "entity: precomputed embeddings [name=]X.npy|X.parquet[,...] "
                    "(--id-column, --embedding-column)"),
-    "audio-folder": (audio_folder.convert,
+    "audio-folder": ("audio_folder:convert",
                      "audio_clip: annotations CSV/JSONL naming audio files with key/tempo/tags "
                      "(--audio-root, --audio-column, --tag-separator)"),
 }
+
+
+def converter(format: str) -> Callable[..., dict[str, Any]]:
+  """The conversion function of `format` (a FORMATS key)."""
+  if format not in FORMATS:
+    raise ValueError(f"unknown format {format!r}; known formats: {sorted(FORMATS)}")
+  module, fn = FORMATS[format][0].split(":")
+  return getattr(importlib.import_module(f"data_pipelines.converters.{module}"), fn)
 
 
 def convert(format: str, input: str | os.PathLike, output: str | os.PathLike,
@@ -65,9 +66,7 @@ def convert(format: str, input: str | os.PathLike, output: str | os.PathLike,
   Options are the converter's keyword arguments (split_by, num_shards, image_root, ...); unknown
   options are ignored by converters that do not use them. Returns the metadata dict.
   """
-  if format not in FORMATS:
-    raise ValueError(f"unknown format {format!r}; known formats: {sorted(FORMATS)}")
-  fn, _ = FORMATS[format]
+  fn = converter(format)
   return fn(input, output, **{k: v for k, v in options.items() if v is not None})
 
 

@@ -257,8 +257,7 @@ class MetricLogger:
   def _tensorboard(self, step: int, metrics: Mapping[str, Any],
                    values: Mapping[str, Any]) -> None:
     if self._tb is None:
-      # Imported lazily: it takes ~1 s, and only the main process needs it.
-      from tensorboardX import SummaryWriter
+      SummaryWriter = _summary_writer_class()
       # On resume, drop TensorBoard events of the killed run at steps ≥ this first new step, the
       # same rule read_metrics applies to the JSONL.
       # tensorboardX names files by the second and opens them with "wb": the nanosecond suffix
@@ -369,3 +368,21 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     else:
       rows[step] = (session, dict(record))
   return [rows[s][1] for s in sorted(rows)]
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported on first use (only the main process writes).
+
+  tensorboardX imports torch whenever it is installed (≈2 s of CPU per process) only so that it
+  can accept torch tensors; the logger passes Python floats, so unless the process already uses
+  torch the import is made to see none.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter

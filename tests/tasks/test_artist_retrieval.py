@@ -45,14 +45,17 @@ def test_loss_is_multimodal_infonce_and_ignores_missing_vectors(planted_dir):
   c = _config(planted_dir)
   mesh = mesh_lib.make_mesh()
   task = get_task_class("artist_retrieval")(c, mesh)
-  params = task.init_params(jax.random.PRNGKey(0))
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
   batch = next(iter(artists.train_iterator(planted_dir, global_batch_size=64, seed=0)))
   glob = mesh_lib.host_batch_to_global(mesh, batch)
   loss, _ = jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(1), train=False))(params, glob)
-  emb = {m: task.net.project(params, m, jnp.asarray(batch[m])) for m in task.modalities}
-  valid = {m: jnp.asarray(batch[f"has_{m}"]) for m in task.modalities}
-  ref = multimodal_infonce(emb, valid, logit_scale=10.0, group_ids=jnp.asarray(batch["artist"]),
-                           impl="dense")
+
+  @jax.jit  # the reference, in one program (eager dispatch compiles every operation apart)
+  def reference(p, b):
+    emb = {m: task.net.project(p, m, b[m]) for m in task.modalities}
+    valid = {m: b[f"has_{m}"] for m in task.modalities}
+    return multimodal_infonce(emb, valid, logit_scale=10.0, group_ids=b["artist"], impl="dense")
+  ref = reference(params, {k: jnp.asarray(v) for k, v in batch.items()})
   np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
   # An absent modality never enters the loss: scrambling its stored vector changes nothing.
   scrambled = dict(batch)

@@ -138,7 +138,8 @@ def test_contribution_of_a_zero_modality_is_zero_and_flagged_first(text_seq_dir)
   inputs = jnp.asarray([[0, 0, 3, 4, 25, 26, 27, 28], [19, 20, 21, 22, 23, 24, 25, 26]], jnp.int32)
   targets = jnp.concatenate([inputs[:, 1:], jnp.asarray([[29], [27]])], 1)
   negs = jnp.full_like(inputs, 35)
-  cvals, valid = contributions(task.net, params, inputs, targets, negs, c.task)
+  cvals, valid = jax.jit(lambda *a: contributions(task.net, *a, c.task))(  # one program
+      params, inputs, targets, negs)
   cvals = np.asarray(cvals)
   zero = (np.asarray(inputs) <= 20) & (np.asarray(inputs) > 0)
   assert np.all(cvals[..., 0][zero] == 0.0)
@@ -170,7 +171,8 @@ def test_integrated_gradients_path_steps(text_seq_dir):
                                          path_steps=k)[0],
                    static_argnums=0)
   valid = np.asarray(inputs != 0)[..., None]
-  c1 = np.asarray(contributions(task.net, params, inputs, targets, negs, c.task)[0])
+  c1 = np.asarray(jax.jit(lambda *a: contributions(task.net, *a, c.task)[0])(
+      params, inputs, targets, negs))
   np.testing.assert_allclose(c1, -np.sum(np.asarray(grad(xt) * xt), -1) * valid, atol=1e-5)
   c2 = np.asarray(scores(2))
   mid = (grad(0.25 * xt) + grad(0.75 * xt)) / 2

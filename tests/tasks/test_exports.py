@@ -71,7 +71,7 @@ def _sasrec_like(task, params):
   src_ids = [f"i{j}" for j in range(1, task.num_items + 1)]  # the planted data's item ids
   raw = {"user": [[src_ids[j - 1] for j in row if j] for row in history[:9]],
          "item": [src_ids[j - 1] for j in range(1, 10)]}
-  table = np.asarray(task.item_table(params))
+  table = np.asarray(jax.jit(task.item_table)(params))
   expected = {"user": task.user_embeddings(params, history[:9]), "item": table[1:10]}
   return raw, expected
 

@@ -184,15 +184,15 @@ def test_loss_is_the_weighted_gcl_loss_with_duplicates_masked(tiny_products):
   c = _tiny_config(tiny_products)
   mesh = mesh_lib.make_mesh(-1, 1)
   task = GCLTask(c, mesh)
-  params = task.init_params(jax.random.PRNGKey(0))
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
   batch = next(task.train_iterator(0, 1))
   g = mesh_lib.host_batch_to_global(mesh, batch)
   loss, _ = jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(1), train=False))(params, g)
-  # Reference: dense numpy GCL loss from the task's own embeddings.
-  q = np.asarray(task.towers.embed_queries(params, jnp.asarray(batch["query"])), np.float64)
-  d = np.asarray(task.towers.embed_documents(params, {k: jnp.asarray(v) for k, v in
-                                                      batch.items()})[0],
+  # Reference: dense numpy GCL loss from the task's own embeddings (each tower one program).
+  q = np.asarray(jax.jit(task.towers.embed_queries)(params, jnp.asarray(batch["query"])),
                  np.float64)
+  d = np.asarray(jax.jit(lambda p, b: task.towers.embed_documents(p, b)[0])(
+      params, {k: jnp.asarray(v) for k, v in batch.items()}), np.float64)
   s = float(np.exp(params["log_logit_scale"]))
   logits = s * q @ d.T
   qg, dg = batch["query_gid"], batch["doc_gid"]

@@ -41,19 +41,21 @@ def _batch(task, b=8, seed=0):
 
 def test_loss_is_mean_of_supcon_heads_with_exclusions(tmp_path):
   task = _task(tmp_path)
-  params = task.init_params(jax.random.PRNGKey(0))
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
   batch = _batch(task)
   glob = mesh_lib.host_batch_to_global(task.mesh, batch)
   loss_fn = jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(0), train=True))
   loss, metrics = loss_fn(params, glob)
-  feats = task.net.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
   clip_ids = jnp.repeat(jnp.arange(8), 2)
   applied = jnp.asarray(batch["applied"]).reshape(16, -1)
-  refs = []
-  for h, z in enumerate(task.net.head_outputs(params, feats)):
-    z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
-    refs.append(float(supcon(z, logit_scale=10.0, clip_ids=clip_ids,
-                             exclude=None if h == 0 else applied[:, h - 1], impl="dense")))
+
+  @jax.jit  # the reference, in one program (eager dispatch compiles every operation apart)
+  def reference(p, audio):
+    heads = task.net.head_outputs(p, task.net.features(p, audio))
+    return [supcon(z / jnp.linalg.norm(z, axis=-1, keepdims=True), logit_scale=10.0,
+                   clip_ids=clip_ids, exclude=None if h == 0 else applied[:, h - 1],
+                   impl="dense") for h, z in enumerate(heads)]
+  refs = [float(r) for r in reference(params, jnp.asarray(batch["audio"]).reshape(16, -1))]
   assert len(refs) == 3
   np.testing.assert_allclose([float(metrics[f"loss/{n}"]) for n in task.head_names()], refs,
                              rtol=1e-4)
@@ -70,12 +72,12 @@ def test_loss_is_mean_of_supcon_heads_with_exclusions(tmp_path):
 def test_variants_heads_and_branches(tmp_path):
   simclr = _task(tmp_path, "tiny_simclr")
   pp = _task(tmp_path, "tiny_plusplus")
-  p1 = simclr.init_params(jax.random.PRNGKey(0))
-  p3 = pp.init_params(jax.random.PRNGKey(0))
+  p1 = jax.jit(simclr.init_params)(jax.random.PRNGKey(0))
+  p3 = jax.jit(pp.init_params)(jax.random.PRNGKey(0))
   assert list(p1["heads"]) == ["head_0"] and simclr.head_names() == ["invariant"]
   branches = sorted(k for k in p3["trunk"] if k.startswith("last_stage_branch_"))
   assert branches == ["last_stage_branch_0", "last_stage_branch_1", "last_stage_branch_2"]
-  feats = pp.net.features(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
+  feats = jax.jit(pp.net.features)(p3, jnp.zeros((2, pp.out_samples)) + 0.01)
   assert feats.shape == (2, 3, 2 * pp.config.model.channels[-1])
   long = _config("simclr_long")
   assert long.task.variant == "simclr" and long.data.view_bank == 8
@@ -106,7 +108,7 @@ def test_variants_heads_and_branches(tmp_path):
 
 def test_learns_on_a_fixed_batch(tmp_path):
   task = _task(tmp_path, "tiny_plusplus")
-  params = task.init_params(jax.random.PRNGKey(1))
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(1))
   glob = mesh_lib.host_batch_to_global(task.mesh, _batch(task, seed=2))
   tx = optax.adam(5e-3)
   opt = tx.init(params)
@@ -127,7 +129,7 @@ def test_learns_on_a_fixed_batch(tmp_path):
 
 def test_evaluate_reports_every_probe(tmp_path):
   task = _task(tmp_path, data__num_eval_clips=24)
-  metrics = task.evaluate(task.init_params(jax.random.PRNGKey(0)), str(tmp_path / "eval"))
+  metrics = task.evaluate(jax.jit(task.init_params)(jax.random.PRNGKey(0)), str(tmp_path / "eval"))
   for space in ("whole", "sub/invariant", "sub/pitch", "sub/stretch"):
     for aug in ("pitch", "stretch"):
       assert np.isfinite(metrics[f"equivariance/{aug}/{space}/r2"])
@@ -150,19 +152,20 @@ def test_linear_heads_and_the_four_view_variant(tmp_path):
   # model.head_hidden = 0: each head is one affine map of its branch, h(a + b) = h(a) + h(b) − h(0).
   task = _task(tmp_path, "tiny_plusplus_v4", model__head_hidden=0)
   assert task.config.data.num_views == 4 and task.config.data.global_batch_size == 8
-  params = task.init_params(jax.random.PRNGKey(0))
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
   assert set(params["heads"]["head_1"]) == {"out"}
   rng = np.random.default_rng(0)
   width = params["heads"]["head_1"]["out"]["kernel"].shape[0]  # the branch's feature width
   a, b = (jnp.asarray(rng.normal(size=(3, task.num_heads, width)), jnp.float32) for _ in range(2))
-  h = lambda f: np.asarray(task.net.head_outputs(params, f)[1])  # noqa: E731
+  heads = jax.jit(task.net.head_outputs)
+  h = lambda f: np.asarray(heads(params, f)[1])  # noqa: E731
   np.testing.assert_allclose(h(a + b), h(a) + h(b) - h(jnp.zeros_like(a)), atol=1e-5)
   # The loss takes four views per clip (v = 4) and is finite.
   rng = np.random.default_rng(1)
   audio = (0.1 * rng.normal(size=(8, 4, task.out_samples))).astype(np.float32)
   batch = {"audio": audio, "applied": rng.random((8, 4, len(task.tracked))) < 0.5}
   glob = mesh_lib.host_batch_to_global(task.mesh, batch)
-  loss, _ = task.loss(params, glob, jax.random.PRNGKey(0), train=True)
+  loss, _ = jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(0), train=True))(params, glob)
   assert np.isfinite(float(loss))
 
 
@@ -170,20 +173,26 @@ def test_no_projection_heads(tmp_path):
   # model.head_dim = 0 (loev++): head h's output is branch h itself, so the loss acts on the
   # representation; the same loss as computing SupCon on the branches by hand.
   task = _task(tmp_path, "tiny_plusplus", model__head_dim=0)
-  params = task.init_params(jax.random.PRNGKey(0))
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
   assert params["heads"] == {}
   batch = _batch(task)
   glob = mesh_lib.host_batch_to_global(task.mesh, batch)
-  loss, _ = task.loss(params, glob, jax.random.PRNGKey(0), train=True)
-  feats = task.net.features(params, jnp.asarray(batch["audio"]).reshape(16, -1))
+  loss, _ = jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(0), train=True))(params, glob)
   clip = jnp.repeat(jnp.arange(8), 2)
   applied = jnp.asarray(batch["applied"]).reshape(16, -1)
-  ref = []
-  for h in range(task.num_heads):
-    z = feats[:, h] / jnp.linalg.norm(feats[:, h], axis=-1, keepdims=True)
-    ref.append(supcon(z, logit_scale=1 / task.config.task.temperature, clip_ids=clip,
-                      exclude=None if h == 0 else applied[:, h - 1], impl="dense"))
-  np.testing.assert_allclose(float(loss), float(jnp.mean(jnp.stack(ref))), rtol=1e-5)
+
+  @jax.jit  # the reference, in one program (eager dispatch compiles every operation apart)
+  def reference(p, audio):
+    feats = task.net.features(p, audio)
+    ref = []
+    for h in range(task.num_heads):
+      z = feats[:, h] / jnp.linalg.norm(feats[:, h], axis=-1, keepdims=True)
+      ref.append(supcon(z, logit_scale=1 / task.config.task.temperature, clip_ids=clip,
+                        exclude=None if h == 0 else applied[:, h - 1], impl="dense"))
+    return jnp.mean(jnp.stack(ref))
+  np.testing.assert_allclose(float(loss),
+                             float(reference(params, jnp.asarray(batch["audio"]).reshape(16, -1))),
+                             rtol=1e-5)
   # loev without heads would be one space for every head: refused with the key named.
   with pytest.raises(ValueError, match="model.head_dim"):
     _task(tmp_path, "tiny", model__head_dim=0)
