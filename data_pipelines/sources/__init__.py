@@ -50,8 +50,8 @@ CONFIG_KEYS: dict[str, tuple[Any, str]] = {
                             "order; 0 = all)"),
     "shuffle_buffer": (1000, "streamed sources: window of consecutive samples shuffled together "
                              "(besides the per-epoch shard order)"),
-    "decode_threads": (0, "threads decoding the images of each batch of a webdataset/tfds/parquet "
-                          "source (0 = one per CPU core, at most 16, or 1 per worker process with "
+    "decode_threads": (0, "threads decoding the images of each batch, of any source (0 = one "
+                          "per CPU core, at most 16, or 1 per worker process with "
                           "data.worker_count > 0); batches do not depend on it"),
     "cache_dir": ("", "where tokenizers trained from a source are kept ('' = "
                       "$XDG_CACHE_HOME/mmcl or ~/.cache/mmcl)"),
