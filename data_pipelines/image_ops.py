@@ -233,16 +233,16 @@ def decode_crop_resize(im: OpenedImage, box: Sequence[float], size: int, *,
 
 def decode_threads(requested: int, *, worker_count: int = 0) -> int:
   """Threads that decode one batch's images: `requested` when > 0; else (0 = auto) one per CPU
-  core this process may run on, at most 16 — or 1 with grain worker processes
-  (`worker_count` > 0), which are then the parallelism."""
+  core this process may run on, at most 16; with grain worker processes (`worker_count` = W > 0)
+  each worker's share, ceil(cores / W), but at least 2 — with one thread per batch the workers
+  kept fewer cores busy than the threads of W = 0 did (BENCHMARKS.md, "Host input pipeline")."""
   if requested < 0:
     raise ValueError(f"decode_threads must be >= 0 (0 = auto), got {requested}")
   if requested:
     return requested
-  if worker_count > 0:
-    return 1
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return max(1, min(cores or 1, 16))
+  cores = max(1, min(cores or 1, 16))
+  return max(2, -(-cores // worker_count)) if worker_count > 0 else cores
 
 
 def map_threaded(fn: Callable[[int], T], rows: Sequence[int], threads: int) -> list[T]:

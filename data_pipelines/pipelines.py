@@ -20,7 +20,8 @@ section with their docs):
   augment (bool)            image: random-resized-crop + flip (train); else center crop
   crop_scale (tuple)        random-resized-crop area range (default (0.08, 1.0))
   decode_threads (int)      image: threads decoding each batch's images (default 0 = one per
-                            core, at most 16; 1 per worker process when worker_count > 0)
+                            core, at most 16; per worker process ceil(cores / worker_count),
+                            at least 2; `image_ops.decode_threads`)
   num_threads (int)         grain threads computing whole batches in parallel (default 2)
   prefetch_buffer_size (int)  batches grain reads ahead (default 4)
   max_text_len (int)        text rows L
@@ -469,8 +470,8 @@ _DOCS = {
     "clip_seconds": "audio_clip: crop length in seconds",
     "log_mel_on_host": "audio_clip: compute the log-mel in the input pipeline",
     "decode_threads": "threads decoding the images of each batch (0 = one per CPU core, at "
-                      "most 16, or 1 per worker process with data.worker_count > 0); batches "
-                      "do not depend on it",
+                      "most 16; with data.worker_count = W > 0, ceil(cores / W) and at least 2 "
+                      "per worker); batches do not depend on it",
 }
 
 

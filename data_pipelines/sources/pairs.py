@@ -510,7 +510,7 @@ class ImageTextData:
     self.eval_examples, self.shuffle_buffer = eval_examples, shuffle_buffer
     self.seed, self.image_size, self.max_text_len = seed, image_size, max_text_len
     self.augment, self.skip_bad_records = augment, skip_bad_records
-    # Worker processes are the parallelism when there are any: one decode thread each.
+    # With worker processes each decodes its share of the cores (`image_ops.decode_threads`).
     self.decode_threads = image_ops.decode_threads(decode_threads, worker_count=worker_count)
     if tokenizer:
       self.tokenizer_path = pathlib.Path(tokenizer)
