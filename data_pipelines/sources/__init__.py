@@ -50,8 +50,9 @@ CONFIG_KEYS: dict[str, tuple[Any, str]] = {
                             "order; 0 = all)"),
     "shuffle_buffer": (1000, "streamed sources: window of consecutive samples shuffled together "
                              "(besides the per-epoch shard order)"),
-    "decode_threads": (0, "threads decoding the images of each batch, of any source (0 = one "
-                          "per CPU core, at most 16; with data.worker_count = W > 0, "
+    "decode_threads": (0, "threads decoding the encoded images of each batch (webdataset, "
+                          "tfds, parquet sources and ArrayRecord datasets of encoded images; "
+                          "0 = one per CPU core, at most 16; with data.worker_count = W > 0, "
                           "ceil(cores / W) and at least 2 per worker); batches do not depend "
                           "on it"),
     "cache_dir": ("", "where tokenizers trained from a source are kept ('' = "
