@@ -4,16 +4,21 @@ center crop) + horizontal flip on the host, as uint8; the mean/std normalisation
 
 Decoders, chosen by measurement (BENCHMARKS.md, "Decoders"; `experiments/bench/decoders.py`):
   * JPEG (baseline or progressive; grayscale, YCbCr or RGB): libjpeg-turbo through `simplejpeg`,
-    with DCT-domain scaling — the decoder outputs the image at the smallest n/8 scale (n = 1..8)
-    that keeps the crop at >= S pixels on both sides, so a web-size photo whose crop is resized to
-    224 px is never decoded at full size — and the fast integer IDCT (as tf.data decodes).
-  * anything else Pillow opens (PNG, WebP, CMYK JPEG, ...): Pillow (with `draft` scaling for
-    JPEG), the "pillow" path; `open_image(..., decoder="pillow")` forces it for any image.
+    with DCT-domain scaling — the decoder outputs the image at the smallest of the scales 1/8,
+    1/4, 1/2, 1 that keeps the crop at >= S pixels on both sides, so a web-size photo whose crop
+    is resized to 224 px is never decoded at full size — and the fast integer IDCT (as tf.data
+    decodes). Only these four scales: libjpeg-turbo has SIMD code for them, while the others
+    (3/8, 5/8, 6/8, 7/8) run scalar C and take longer than a full-size decode (BENCHMARKS.md,
+    "Host input pipeline").
+  * anything else Pillow opens (PNG, WebP, CMYK JPEG, ...): Pillow (with `draft` scaling, the same
+    four scales, for JPEG), the "pillow" path; `open_image(..., decoder="pillow")` forces it.
 Both paths then cut the crop box out of the decoded pixels (edges rounded to whole decoded
-pixels) and resize it with OpenCV's `INTER_AREA`: the average over each output pixel's footprint
-(antialiased) when the crop is larger than S on both sides, bilinear interpolation otherwise.
-Training and the evaluator's center crop use this same function, so their resize quality is the
-same. The crop box (the augmentation's meaning) does not depend on the decoder.
+pixels) and resize it with OpenCV (`crop_resize`): bilinear when the crop is less than twice S on
+both sides (always the case after DCT scaling; bilinear's 2 × 2 footprints then cover every
+input pixel, so none is skipped), `INTER_AREA` — the average over each output pixel's footprint
+— when it is larger (images decoded at full size, e.g. PNG). Training and the evaluator's center
+crop use this same function, so their resize quality is the same. The crop box (the
+augmentation's meaning) does not depend on the decoder.
 
 Random-resized-crop follows torchvision's `RandomResizedCrop.get_params` (Szegedy et al. 2015,
 "Going deeper with convolutions", §6): up to 10 tries of an area fraction uniform in `scale` and
@@ -24,10 +29,12 @@ epoch, record index) (`permutation.uniform`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import math
-from typing import Sequence
+import os
+from typing import Callable, Sequence, TypeVar
 
 import cv2
 import numpy as np
@@ -35,6 +42,8 @@ import simplejpeg
 from PIL import Image
 
 from data_pipelines import permutation
+
+T = TypeVar("T")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,6 +53,8 @@ _FLIP_STREAM = 0x466C6970
 _ATTEMPTS = 10
 # JPEG colour spaces libjpeg-turbo converts to RGB itself (CMYK / YCCK go through Pillow).
 _TURBO_COLORSPACES = ("Gray", "YCbCr", "RGB")
+# DCT scales n/8 the JPEG path decodes at: the ones libjpeg-turbo runs with SIMD code.
+_JPEG_SCALES = (1, 2, 4, 8)
 cv2.setNumThreads(1)  # one decode per input thread: OpenCV's own pool would only oversubscribe
 
 
@@ -146,10 +157,13 @@ def _decode_pixels(im: OpenedImage, box: Sequence[float], size: int
   need_w = min(full_w, max(1, math.ceil(full_w * size / max(right - left, 1))))
   need_h = min(full_h, max(1, math.ceil(full_h * size / max(bottom - top, 1))))
   if im.pil is None:
-    # fastdct: libjpeg-turbo's fast integer IDCT (JDCT_IFAST, tf.data's default as well), ~25%
-    # faster on web-size photos than the accurate one; chroma upsampling stays the smooth one.
-    arr = simplejpeg.decode_jpeg(im.data, colorspace="RGB", min_height=need_h, min_width=need_w,
-                                 fastdct=True)
+    # The smallest of the SIMD-accelerated scales n/8, n in (1, 2, 4, 8), that gives that size
+    # (libjpeg rounds scaled sides up). fastdct: libjpeg-turbo's fast integer IDCT (JDCT_IFAST,
+    # tf.data's default as well); chroma upsampling stays the smooth one.
+    n = next((n for n in _JPEG_SCALES if math.ceil(full_w * n / 8) >= need_w
+              and math.ceil(full_h * n / 8) >= need_h), 8)
+    arr = simplejpeg.decode_jpeg(im.data, colorspace="RGB", min_height=math.ceil(full_h * n / 8),
+                                 min_width=math.ceil(full_w * n / 8), fastdct=True)
   else:
     pil = im.pil
     if pil.format == "JPEG":
@@ -163,7 +177,13 @@ def _decode_pixels(im: OpenedImage, box: Sequence[float], size: int
 
 def crop_resize(pixels: np.ndarray, box: Sequence[float], size: int, *,
                 flip: bool = False) -> np.ndarray:
-  """Cuts `box` out of decoded pixels and resizes it to size × size (OpenCV INTER_AREA).
+  """Cuts `box` out of decoded pixels and resizes it to size × size.
+
+  Bilinear (OpenCV INTER_LINEAR) when the crop is less than 2S on both sides: each output pixel
+  then blends the 2 × 2 pixels around its centre and the centres are under 2 pixels apart, so
+  every input pixel contributes — what an area average adds over it at these ratios is small
+  (BENCHMARKS.md, "Host input pipeline") and costs 6-9× the time. INTER_AREA (the average over
+  each output pixel's footprint) when the crop is 2S or more on a side.
 
   Args:
     pixels: [h, w, 3] uint8.
@@ -179,7 +199,9 @@ def crop_resize(pixels: np.ndarray, box: Sequence[float], size: int, *,
   left, top, right, bottom = (int(round(float(v))) for v in box)
   left, top = min(max(left, 0), w - 1), min(max(top, 0), h - 1)
   right, bottom = min(max(right, left + 1), w), min(max(bottom, top + 1), h)
-  out = cv2.resize(pixels[top:bottom, left:right], (size, size), interpolation=cv2.INTER_AREA)
+  large = max(right - left, bottom - top) >= 2 * size
+  out = cv2.resize(pixels[top:bottom, left:right], (size, size),
+                   interpolation=cv2.INTER_AREA if large else cv2.INTER_LINEAR)
   return cv2.flip(out, 1) if flip else out
 
 
@@ -207,6 +229,31 @@ def decode_crop_resize(im: OpenedImage, box: Sequence[float], size: int, *,
     raise ValueError(f"decoded image has {arr.dtype} {list(arr.shape)}, expected uint8 "
                      f"[{size}, {size}, 3]")
   return arr
+
+
+def decode_threads(requested: int, *, worker_count: int = 0) -> int:
+  """Threads that decode one batch's images: `requested` when > 0; else (0 = auto) one per CPU
+  core this process may run on, at most 16; with grain worker processes (`worker_count` = W > 0)
+  each worker's share, ceil(cores / W), but at least 2 — with one thread per batch the workers
+  kept fewer cores busy than the threads of W = 0 did (BENCHMARKS.md, "Host input pipeline")."""
+  if requested < 0:
+    raise ValueError(f"decode_threads must be >= 0 (0 = auto), got {requested}")
+  if requested:
+    return requested
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = max(1, min(cores or 1, 16))
+  return max(2, -(-cores // worker_count)) if worker_count > 0 else cores
+
+
+def map_threaded(fn: Callable[[int], T], rows: Sequence[int], threads: int) -> list[T]:
+  """[fn(r) for r in rows], run in `threads` threads when that is > 1 (results in row order).
+
+  For per-image work that releases the GIL (libjpeg-turbo, Pillow, OpenCV); the pool lives for
+  one call (starting a thread costs ~0.1 ms, a batch's decode tens of ms)."""
+  if threads <= 1 or len(rows) <= 1:
+    return [fn(r) for r in rows]
+  with concurrent.futures.ThreadPoolExecutor(min(threads, len(rows))) as pool:
+    return list(pool.map(fn, rows))
 
 
 def flip_mask(*, seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:

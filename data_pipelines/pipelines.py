@@ -19,6 +19,11 @@ section with their docs):
   image_size (int)          image_text / query_document: output side S (default 224)
   augment (bool)            image: random-resized-crop + flip (train); else center crop
   crop_scale (tuple)        random-resized-crop area range (default (0.08, 1.0))
+  decode_threads (int)      image: threads decoding each batch's images (default 0 = one per
+                            core, at most 16; per worker process ceil(cores / worker_count),
+                            at least 2; `image_ops.decode_threads`)
+  num_threads (int)         grain threads computing whole batches in parallel (default 2)
+  prefetch_buffer_size (int)  batches grain reads ahead (default 4)
   max_text_len (int)        text rows L
   max_len (int)             interactions: history length L (default 50)
   sequence_mode (str)       interactions: 'next_item' (SASRec) | 'prefix' (UniSRec-style
@@ -184,6 +189,8 @@ class ImageBatch:
   """Decode + (random-resized-crop + flip | center crop) of the `image` field, as uint8.
 
   `decoder`: "auto" (libjpeg-turbo for JPEG, Pillow otherwise) or "pillow" (see `image_ops`).
+  `decode_threads`: threads decoding the batch's images (libjpeg-turbo, Pillow and OpenCV
+  release the GIL, so they run in parallel); the batch does not depend on it.
   """
   image_size: int = 224
   augment: bool = True
@@ -191,6 +198,7 @@ class ImageBatch:
   seed: int = 0
   field: str = "image"
   decoder: str = "auto"
+  decode_threads: int = 1
 
   def _boxes(self, heights: np.ndarray, widths: np.ndarray, idx: np.ndarray, epoch: int
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -230,12 +238,22 @@ class ImageBatch:
     boxes, flips = self._boxes(np.asarray([o[0].size[1] for o in opened]),
                                np.asarray([o[0].size[0] for o in opened]), idx, epoch)
     images = np.empty((len(idx), self.image_size, self.image_size, 3), np.uint8)
-    for b, (im, index, _) in enumerate(opened):
+
+    def decode_row(b: int) -> str:
+      """Decodes row b into `images[b]`; the failure's reason, or '' (rows are disjoint, so
+      threads write them without locks)."""
       try:
-        images[b] = image_ops.decode_crop_resize(im, boxes[b], self.image_size,
+        images[b] = image_ops.decode_crop_resize(opened[b][0], boxes[b], self.image_size,
                                                  flip=bool(flips[b]))
+        return ""
       except ValueError as e:  # pixel data corrupt although the header parsed
-        source.bad_record(int(index), self.field, str(e))  # raises unless skipping
+        return str(e)
+
+    reasons = image_ops.map_threaded(decode_row, range(len(idx)), self.decode_threads)
+    for b, reason in enumerate(reasons):  # reported in row order, whatever the threads did
+      if reason:
+        index = int(opened[b][1])
+        source.bad_record(index, self.field, reason)  # raises unless skipping
         # Substitute the next record that decodes, as `read_transformed` does.
         sub = read_transformed(source, np.asarray([(index + 1) % len(source)]), lambda r, p: (
             self._decode_one(r, epoch), r["index"], keep(r)), self.field)[0]
@@ -439,7 +457,7 @@ _DEFAULTS: dict[str, Any] = {
     "image_size": 224, "augment": True, "crop_scale": (0.08, 1.0), "max_text_len": 32,
     "max_len": 50, "sequence_mode": "next_item", "mask_prob": 0.2, "sample_rate": 16000,
     "clip_seconds": 10.0, "log_mel_on_host": False, "num_threads": 2,
-    "prefetch_buffer_size": 4,
+    "prefetch_buffer_size": 4, "decode_threads": 0,
 }
 _DOCS = {
     "split": "split to read ('' = the kind's default: train, or sequences for interactions)",
@@ -451,6 +469,9 @@ _DOCS = {
     "sample_rate": "audio_clip: resample rate in Hz",
     "clip_seconds": "audio_clip: crop length in seconds",
     "log_mel_on_host": "audio_clip: compute the log-mel in the input pipeline",
+    "decode_threads": "threads decoding the images of each batch (0 = one per CPU core, at "
+                      "most 16; with data.worker_count = W > 0, ceil(cores / W) and at least 2 "
+                      "per worker); batches do not depend on it",
 }
 
 
@@ -467,8 +488,8 @@ def _get(cfg: Any, key: str) -> Any:
 
 def define_config(section: Any, kind: str) -> None:
   """Declares this module's kind-specific keys on an `mmcl.config` section (skips existing)."""
-  keys = {schemas.IMAGE_TEXT: ("image_size", "crop_scale"),
-          schemas.QUERY_DOCUMENT: ("image_size", "crop_scale"),
+  keys = {schemas.IMAGE_TEXT: ("image_size", "crop_scale", "decode_threads"),
+          schemas.QUERY_DOCUMENT: ("image_size", "crop_scale", "decode_threads"),
           schemas.AUDIO_CLIP: ("sample_rate", "clip_seconds", "log_mel_on_host"),
           schemas.INTERACTIONS: ("max_len", "sequence_mode", "mask_prob"),
           schemas.ENTITY: ()}[kind]
@@ -483,7 +504,10 @@ def _batch_maker(meta: Mapping[str, Any], cfg: Any, *, train: bool, mode: str | 
   seed = int(_get(cfg, "seed"))
   image = ImageBatch(image_size=int(_get(cfg, "image_size")),
                      augment=train and bool(_get(cfg, "augment")),
-                     crop_scale=tuple(_get(cfg, "crop_scale")), seed=seed)
+                     crop_scale=tuple(_get(cfg, "crop_scale")), seed=seed,
+                     decode_threads=image_ops.decode_threads(
+                         int(_get(cfg, "decode_threads")),
+                         worker_count=int(_get(cfg, "worker_count")) if train else 0))
   if kind == schemas.IMAGE_TEXT:
     return ImageTextBatch(image=image, max_text_len=int(_get(cfg, "max_text_len")))
   if kind == schemas.QUERY_DOCUMENT:

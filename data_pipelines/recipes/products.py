@@ -48,6 +48,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_pipelines import image_ops
 from data_pipelines import image_text
 from data_pipelines import pipelines
 from data_pipelines import records
@@ -523,14 +524,16 @@ def open_split(data_dir: str | os.PathLike, split: str, *, skip_bad_records: boo
 
 def batch_maker(meta: Mapping[str, Any], *, max_text_len: int, image_size: int, augment: bool,
                 crop_scale: tuple[float, float], seed: int, text_tokenizer: Any = None,
-                pad_id: int = 0) -> MultiFieldBatch:
+                pad_id: int = 0, decode_threads: int = 1) -> MultiFieldBatch:
   """The `MultiFieldBatch` for a dataset's metadata (images and description when it has them);
-  `text_tokenizer` (optional) tokenises the raw texts instead of using the stored ids."""
+  `text_tokenizer` (optional) tokenises the raw texts instead of using the stored ids;
+  `decode_threads` threads decode each batch's images (the batch does not depend on it)."""
   fields = {f["name"] for f in meta["schema"]}
   image = None
   if meta.get("has_images") and "image" in fields:
     image = pipelines.ImageBatch(image_size=image_size, augment=augment,
-                                 crop_scale=tuple(crop_scale), seed=seed)
+                                 crop_scale=tuple(crop_scale), seed=seed,
+                                 decode_threads=decode_threads)
   return MultiFieldBatch(max_text_len=max_text_len, image=image,
                          has_description="description_ids" in fields, image_size=image_size,
                          text_tokenizer=text_tokenizer, pad_id=pad_id)
@@ -547,7 +550,8 @@ def train_iterator(data_dir: str | os.PathLike, *, split: str, global_batch_size
   source, meta = open_split(data_dir, split, skip_bad_records=skip_bad_records)
   maker = batch_maker(meta, max_text_len=max_text_len, image_size=image_size, augment=augment,
                       crop_scale=crop_scale, seed=seed, text_tokenizer=text_tokenizer,
-                      pad_id=pad_id)
+                      pad_id=pad_id,
+                      decode_threads=image_ops.decode_threads(0, worker_count=worker_count))
   ds = pipelines.train_dataset(source, maker, global_batch_size=global_batch_size, seed=seed,
                                process_index=process_index, process_count=process_count,
                                num_epochs=num_epochs)

@@ -50,9 +50,11 @@ CONFIG_KEYS: dict[str, tuple[Any, str]] = {
                             "order; 0 = all)"),
     "shuffle_buffer": (1000, "streamed sources: window of consecutive samples shuffled together "
                              "(besides the per-epoch shard order)"),
-    "decode_threads": (0, "threads decoding the images of each batch of a webdataset/tfds/parquet "
-                          "source (0 = one per CPU core, at most 16, or 1 per worker process with "
-                          "data.worker_count > 0); batches do not depend on it"),
+    "decode_threads": (0, "threads decoding the encoded images of each batch (webdataset, "
+                          "tfds, parquet sources and ArrayRecord datasets of encoded images; "
+                          "0 = one per CPU core, at most 16; with data.worker_count = W > 0, "
+                          "ceil(cores / W) and at least 2 per worker); batches do not depend "
+                          "on it"),
     "cache_dir": ("", "where tokenizers trained from a source are kept ('' = "
                       "$XDG_CACHE_HOME/mmcl or ~/.cache/mmcl)"),
 }

@@ -27,7 +27,6 @@ batch, so batches keep their shape and stay deterministic.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -117,11 +116,7 @@ def decode_images(records: Sequence[dict], *, image_size: int, augment: bool,
     except ValueError as e:  # pixel data corrupt although the header parsed
       return str(e)
 
-  if decode_threads > 1 and len(ok) > 1:
-    with concurrent.futures.ThreadPoolExecutor(min(decode_threads, len(ok))) as pool:
-      reasons = list(pool.map(decode, range(len(ok))))
-  else:
-    reasons = [decode(j) for j in range(len(ok))]
+  reasons = image_ops.map_threaded(decode, range(len(ok)), decode_threads)
   for j, r in enumerate(ok):  # reported in row order, whatever the threads did
     if reasons[j]:
       report_bad(records[r], field, reasons[j], skip_bad_records)
@@ -515,8 +510,8 @@ class ImageTextData:
     self.eval_examples, self.shuffle_buffer = eval_examples, shuffle_buffer
     self.seed, self.image_size, self.max_text_len = seed, image_size, max_text_len
     self.augment, self.skip_bad_records = augment, skip_bad_records
-    # Worker processes are the parallelism when there are any: one decode thread each.
-    self.decode_threads = decode_threads or (1 if worker_count else min(os.cpu_count() or 1, 16))
+    # With worker processes each decodes its share of the cores (`image_ops.decode_threads`).
+    self.decode_threads = image_ops.decode_threads(decode_threads, worker_count=worker_count)
     if tokenizer:
       self.tokenizer_path = pathlib.Path(tokenizer)
       self.tokenizer = tokenizer_lib.TextTokenizer.load(self.tokenizer_path)

@@ -29,9 +29,12 @@ each in its own process and, for the peers, its own virtual environment that thi
 under --cache (nothing is installed into mmcl's environment):
 
   .venv/bin/python experiments/bench/data.py --peers [--cache /tmp/mmcl_peers] [--rounds 3]
+      [--peer_batches 40]
 
-  mmcl            `pipelines.build_train_iterator` as `mmcl train` builds it (uint8 batches, grain
-                  prefetch threads; and with data.worker_count = 2 worker processes)
+  mmcl            `pipelines.build_train_iterator` as `mmcl train` builds it (uint8 batches, 2 grain
+                  threads each decoding its batch's images in data.decode_threads threads, by
+                  default one per core; and with data.worker_count = 2 worker processes, 2
+                  decode threads each)
   tf.data         big_vision-style (peers/tfdata_runner.py; tensorflow-cpu), float32 normalised
                   output, and the same with uint8 output
   open_clip       open_clip_train's webdataset loader with 2 DataLoader workers
@@ -124,6 +127,7 @@ def peers(args) -> None:
   results = {(s, n): [] for s in sets for n in names}
   for r in range(args.rounds):
     order = names[r % len(names):] + names[:r % len(names)]
+    print(json.dumps({"round": r, "order": order, "loadavg_before": _loadavg()}), flush=True)
     for set_name, root in sets.items():
       for name in order:
         row = _run_json(runners[name](root), env)
@@ -141,7 +145,12 @@ def peers(args) -> None:
                       "mmcl_vs_tfdata_uint8": round(med["mmcl"] / med["tf.data uint8"], 3),
                       "mmcl_vs_open_clip": round(med["mmcl"] / med["open_clip"], 3),
                       "mmcl_workers_vs_threads": round(med["mmcl workers=2"] / med["mmcl"], 3),
-                      "loadavg": open("/proc/loadavg").read().split()[:3]}), flush=True)
+                      "loadavg": _loadavg()}), flush=True)
+  _machine()
+
+
+def _loadavg() -> list[str]:
+  return open("/proc/loadavg").read().split()[:3]
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ them compute the same crop):
   pillow          PIL.Image.draft (DCT scaling to 1/2, 1/4, 1/8) + resize(box=...) bilinear with
                   antialiasing (mmcl's decoder before this comparison)
   mmcl            `image_ops.open_image` + `decode_crop_resize` as the pipelines call them now
-                  (simplejpeg with DCT scaling + cv2.resize INTER_AREA)
+                  (simplejpeg with DCT scaling to 1/8, 1/4, 1/2 or 1 + cv2.resize, bilinear
+                  below a 2x shrink, INTER_AREA above)
+  mmcl-any-scale-area  the same before: DCT scaling to any n/8, then INTER_AREA always
   simplejpeg      simplejpeg.decode_jpeg with min_height/min_width (libjpeg-turbo DCT scaling to
                   any n/8) + cv2.resize (INTER_AREA when shrinking, INTER_LINEAR when enlarging)
   turbojpeg       PyTurboJPEG decode with scaling_factor (n/8) + cv2.resize as above
@@ -74,6 +76,22 @@ def pillow(data, box, flip):
 
 def mmcl(data, box, flip):
   return image_ops.decode_crop_resize(image_ops.open_image(data), box, SIZE, flip=flip)
+
+
+def mmcl_any_scale_area(data, box, flip):
+  """mmcl's JPEG path before it kept to the SIMD DCT scales: the smallest of all eight n/8
+  scales (fast IDCT), then INTER_AREA whatever the ratio."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  import simplejpeg  # pylint: disable=g-import-not-at-top
+  h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+  left, top, right, bottom = box
+  arr = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True,
+                               min_height=min(h, math.ceil(h * SIZE / max(bottom - top, 1))),
+                               min_width=min(w, math.ceil(w * SIZE / max(right - left, 1))))
+  l, t, r, b = (int(round(v)) for v in _scaled_box(box, w, h, arr.shape[1], arr.shape[0]))
+  out = cv2.resize(arr[t:max(b, t + 1), l:max(r, l + 1)], (SIZE, SIZE),
+                   interpolation=cv2.INTER_AREA)
+  return out[:, ::-1] if flip else out
 
 
 def _tj_factor(full, crop, factors):
@@ -157,7 +175,8 @@ def opencv(data, box, flip):
   return out[:, ::-1] if flip else out
 
 
-CANDIDATES = {"pillow": pillow, "mmcl": mmcl, "simplejpeg": simplejpeg_, "turbojpeg": turbojpeg_,
+CANDIDATES = {"pillow": pillow, "mmcl": mmcl, "mmcl-any-scale-area": mmcl_any_scale_area,
+              "simplejpeg": simplejpeg_, "turbojpeg": turbojpeg_,
               "turbojpeg-crop": turbojpeg_crop, "opencv": opencv}
 
 

@@ -150,10 +150,16 @@ def test_pipeline_reports_or_skips_undecodable_image(tmp_path, rewrite_record):
   ds, _ = pipelines.build_train_dataset(cfg)
   with pytest.raises(records.CorruptRecordError, match=rf"{shard}: record 0 .*field 'image'"):
     ds[0]
-  ds, source = pipelines.build_train_dataset(dict(cfg, skip_bad_records=True))
+  ds, source = pipelines.build_train_dataset(dict(cfg, skip_bad_records=True, decode_threads=1))
   batch = ds[0]
   assert batch["image"].shape == (12, 32, 32, 3) and source.num_skipped == 1
   assert 6 not in batch["index"].tolist() and 7 in batch["index"].tolist()
+  # Decoded in 3 threads: the same substitute, the same pixels, the bad record counted once.
+  ds, source = pipelines.build_train_dataset(dict(cfg, skip_bad_records=True, decode_threads=3))
+  threaded = ds[0]
+  assert source.num_skipped == 1
+  for key in batch:
+    np.testing.assert_array_equal(threaded[key], batch[key])
 
 
 def _marqo_rows(split, n, images):
@@ -245,11 +251,15 @@ def test_decoder_paths_give_the_same_batches_and_crop_statistics(tmp_path):
          "image_size": size, "max_text_len": 8}
   source, meta = pipelines.open_dataset(cfg)
   batches = {}
-  for decoder in ("auto", "pillow"):
-    maker = pipelines.ImageTextBatch(image=pipelines.ImageBatch(image_size=size, seed=3,
-                                                                decoder=decoder), max_text_len=8)
+  for decoder, threads in (("auto", 1), ("pillow", 1), ("auto threaded", 4)):
+    maker = pipelines.ImageTextBatch(image=pipelines.ImageBatch(
+        image_size=size, seed=3, decoder=decoder.split()[0], decode_threads=threads),
+        max_text_len=8)
     batches[decoder] = maker(source, np.arange(n), 0)
+  threaded = batches.pop("auto threaded")
   a, p = batches["auto"], batches["pillow"]
+  for key in a:  # the same batch whatever the number of decode threads
+    np.testing.assert_array_equal(threaded[key], a[key])
   for key in a:
     assert a[key].shape == p[key].shape and a[key].dtype == p[key].dtype, key
   assert a["image"].dtype == np.uint8 and a["image"].shape == (n, size, size, 3)
