@@ -109,30 +109,21 @@ def sigterm_reference(tmp_path_factory):
   return shared_runs.reference_run(tmp_path_factory)
 
 
-# Scheduling for `pytest -n N --dist loadgroup` (the Makefile's `make test`).
-# Tests that share an expensive fixture go to one worker, so that it is built once per run rather
-# than once per worker that happens to draw one of them.
-SHARED_FIXTURES = ("jobs", "served", "exported", "trained_workdir", "fashion_sources",
-                   "trained_runs", "watched_run", "product_rows")
-# Costliest work first (worker-seconds on the 2-core machine, roughly in this order): long units
-# that start last leave one worker running alone at the end. The SLURM jobs come first so that
-# they run beside the in-process tests; the other users of the shared reference run
+# Scheduling for `pytest -n N --dist loadfile` (the Makefile's `make test`): each test file runs on
+# one worker, so a module's expensive fixtures (SLURM jobs, recipe exports, streamed-source runs,
+# the watcher run) are built once, and the costliest files are queued first, so that a long file
+# that starts last does not leave one worker running alone at the end. The SLURM jobs come first
+# so that they run beside in-process tests; the other users of the shared reference run
 # (tests/shared_runs.py) come after work that does not wait for it. Everything else keeps its
 # order.
 FIRST = ("tests/launch/test_slurm.py", "tests/tasks/test_exports.py",
          "tests/tasks/test_demure.py", "tests/tasks/test_loev.py",
          "tests/train/test_preemption.py", "tests/tasks/test_gcl.py", "tests/tasks/test_mmsrec.py",
-         "tests/data/test_sources.py", "tests/data/test_product_sources.py", "tests/export/", "tests/eval/test_watch_e2e.py",
-         "tests/train/test_training.py", "tests/reliability/")
+         "tests/data/test_sources.py", "tests/data/test_product_sources.py", "tests/export/",
+         "tests/eval/test_watch_e2e.py", "tests/train/test_training.py", "tests/reliability/")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-  for item in items:
-    shared = [f for f in SHARED_FIXTURES if f in getattr(item, "fixturenames", ())]
-    if shared:
-      item.add_marker(pytest.mark.xdist_group(shared[0]))
-
   def rank(item):
     path = item.nodeid.split("::")[0]
     return next((i for i, p in enumerate(FIRST) if path.startswith(p)), len(FIRST))
