@@ -314,29 +314,27 @@ def _worker_counts(fashion: pathlib.Path, work: pathlib.Path, args, report) -> N
   """Wall-clock examples/s of the ArrayRecord and the webdataset training iterators with
   worker_count 0 and args.worker_count (same batches either way)."""
   _fashion_pairs_sources(fashion, work)
+
+  def measure(it, workers: int, kind: str, what: str) -> None:
+    rate = _wall_rate(it, args.batch, args.warmup, args.timed_batches)
+    if workers:
+      it.close()
+    report(kind=kind, worker_count=workers, what=what, examples_per_s=round(rate, 1),
+           loadavg=open("/proc/loadavg").read().split()[:3])
+
   for workers in (0, args.worker_count):
     cfg = {"dir": str(work / "fashion"), "global_batch_size": args.batch, "seed": 0,
            "image_size": 224, "max_text_len": 32, "worker_count": workers, "num_threads": 2,
            "prefetch_buffer_size": 4}
-    it = pipelines.build_train_iterator(cfg)
-    rate = _wall_rate(it, args.batch, args.warmup, args.timed_batches)
-    if workers:
-      it.close()
-    report(kind="image_text arrayrecord iterator", worker_count=workers,
-           what="decode+rrc+flip+tokens @224px, 2 read threads, wall clock",
-           examples_per_s=round(rate, 1), loadavg=open("/proc/loadavg").read().split()[:3])
+    measure(pipelines.build_train_iterator(cfg), workers, "image_text arrayrecord iterator",
+            "decode+rrc+flip+tokens @224px, 2 read threads, wall clock")
     data = pairs_lib.ImageTextData(f"webdataset:{work}/sources/wds/*.tar", seed=0,
                                    image_size=224, max_text_len=32, holdout_fraction=0.1,
                                    shuffle_buffer=1000, cache_dir=str(work / "sources" / "cache"),
                                    decode_threads=1)
-    it = data.train_iterator(global_batch_size=args.batch, worker_count=workers)
-    rate = _wall_rate(it, args.batch, args.warmup, args.timed_batches)
-    if workers:
-      it.close()
-    report(kind="image_text source webdataset iterator", worker_count=workers,
-           what="read+decode+rrc+flip+tokenize @224px, 1 decode thread, wall clock",
-           examples_per_s=round(rate, 1), loadavg=open("/proc/loadavg").read().split()[:3])
-
+    measure(data.train_iterator(global_batch_size=args.batch, worker_count=workers), workers,
+            "image_text source webdataset iterator",
+            "read+decode+rrc+flip+tokenize @224px, 1 decode thread, wall clock")
 
 if __name__ == "__main__":
   main()
