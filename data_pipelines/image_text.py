@@ -51,6 +51,7 @@ import numpy as np
 from data_pipelines import permutation
 from data_pipelines import records
 from data_pipelines import shapes
+from data_pipelines import shm_batches
 from data_pipelines import tokenizer as tokenizer_lib
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -401,7 +402,8 @@ def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0, num_threads: int
                                                  prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:
     mark_flags_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    iter_ds = shm_batches.mp_prefetch(iter_ds,
+                                      grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(iter_ds)
 
 

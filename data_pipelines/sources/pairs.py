@@ -41,6 +41,7 @@ import numpy as np
 
 from data_pipelines import image_ops
 from data_pipelines import image_text
+from data_pipelines import shm_batches
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.sources import parquet as parquet_lib
 from data_pipelines.sources import spec as spec_lib
@@ -426,7 +427,8 @@ def to_iterator(ds, *, num_threads: int = 2, prefetch_buffer_size: int = 4,
                                   worker_count=worker_count)
   if worker_count > 0:
     image_text.mark_flags_parsed()
-    return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count)))
+    return iter(shm_batches.mp_prefetch(ds, grain.MultiprocessingOptions(
+        num_workers=worker_count)))
   if prefetch_buffer_size > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_buffer_size)
   return iter(ds)
