@@ -250,17 +250,23 @@ def _alive(pid: int) -> bool:
 
 
 class _FromSlotsIterator(grain.DatasetIterator):
-  """Main-process side: records → batches; state, checkpoints and close are the parent's."""
+  """Main-process side: records → batches; state, checkpoints and close are the parent's.
+
+  `counts`: batches read from slots ("from_slots") and batches that came grain's own way
+  ("passed_through": no free slot, or larger than the first batch)."""
 
   def __init__(self, parent: grain.DatasetIterator, slots: int):
     super().__init__(parent)
     self._slots = slots
     self._rings: dict[str, _Attached] = {}
+    self.counts = {"from_slots": 0, "passed_through": 0}
 
   def __next__(self) -> Any:
     element = next(self._parent)
     if isinstance(element, SlotRecord):
+      self.counts["from_slots"] += 1
       return read_record(element, self._rings)
+    self.counts["passed_through"] += 1
     return element
 
   def get_state(self) -> Any:
