@@ -4,17 +4,22 @@ grain's `mp_prefetch` moves each array of a worker's element through a fresh POS
 segment: created, zero-filled page by page on first touch in the worker (2,352 pages for a
 [64, 224, 224, 3] uint8 batch), mapped and faulted again in the main process, unlinked after
 use — about 10 ms of CPU per such batch, as much as decoding 25 small photos (BENCHMARKS.md,
-"Worker processes through shared-memory slots"). Here each worker instead owns one segment,
+"Worker processes through shared-memory slots", 2026-12-07). Here each worker instead owns one segment,
 created on its first batch and mapped once by each side, holding R slots of the first batch's
 array bytes:
 
-  worker  (`to_slots`, the last step before `mp_prefetch`): batch number s goes to slot
+  worker  (`_ToSlots`, a map just before `mp_prefetch`): batch number s goes to slot
           k = s mod R once the main process has read batch s - R (or passed over it); its
-          arrays are copied into the slot and the element that crosses the process boundary is
-          a small `SlotRecord` (segment name, k, s, and each array's dtype, shape and offset);
-  main    (`from_slots`, right after `mp_prefetch`): copies the slot's arrays out into new
-          arrays (~0.6 ms for 9.6 MB; the caller owns them, the next batch cannot overwrite
-          them) and publishes s as read, which frees slot k for batch s + R.
+          arrays are copied into the slot (~0.7 ms for 9.6 MB, the pages long faulted in) and
+          the element that crosses the process boundary is a small `SlotRecord` (segment
+          name, k, s, and each array's dtype, shape and offset);
+  main    (`_FromSlotsIterDataset`, right after `mp_prefetch`): copies the slot's arrays out
+          into new arrays and publishes s as read, which frees slot k for batch s + R. The
+          caller owns what it gets: no later batch can overwrite it, whatever it keeps (e.g.
+          JAX's CPU backend may alias a numpy batch rather than copy it). The copy costs the
+          main process ~1.2 ms per 9.6 MB batch; handing out views of the slot instead would
+          tie slot reuse to the garbage collection of every array the consumer derived from
+          them (BENCHMARKS.md has the measurement).
 
 Safety:
   * Slot k holds batch s only while the segment's header says so: the worker marks the slot
@@ -32,6 +37,10 @@ Safety:
     segment at exit when no record of it was ever read; a worker killed before that leaves it
     to multiprocessing's resource tracker, which unlinks it when the main process exits.
   * Checkpoints are unchanged: `get_state`/`set_state` are grain's (records carry no state).
+  * Ordering between the processes: the slot's bytes are written before the record is sent
+    through grain's queue (a pipe write, a system call) and read after it arrives; the
+    read-up-to word is written after the copy-out, and a worker that sees it late only falls
+    back.
 
 Batches are dicts of numpy arrays (what every pipeline here yields); object-dtype or
 non-array values travel inside the record (pickled), as do elements that are not dicts.
@@ -52,7 +61,12 @@ import numpy as np
 _LOG = logging.getLogger(__name__)
 _ALIGN = 64  # slot and array offsets: cache-line aligned
 _MAGIC = 0x6D6D636C73686D31  # header word 0: "mmclshm1", checks that a name maps a ring
-DEFAULT_SLOTS = 6  # > the records one worker can have in flight (grain queue + interleave buffer)
+
+
+def default_slots(per_worker_buffer_size: int) -> int:
+  """R for grain's per-worker buffer size: its queue and the interleave's buffer hold up to
+  that many records each, plus one in the interleave's hands and one being read."""
+  return 2 * per_worker_buffer_size + 4
 
 
 class SlotOverwrittenError(RuntimeError):
@@ -133,7 +147,7 @@ class _Ring:
 class _ToSlots:
   """grain map run in a worker process: batch → `SlotRecord` (or the batch itself, when no
   slot is free or it does not fit; grain then moves it its own way)."""
-  slots: int = DEFAULT_SLOTS
+  slots: int = 6
   _ring: _Ring | None = dataclasses.field(default=None, repr=False)
 
   def __getstate__(self):
@@ -299,7 +313,7 @@ class _FromSlotsIterDataset(grain.IterDataset):
 
 
 def mp_prefetch(ds: grain.IterDataset, options: grain.MultiprocessingOptions, *,
-                slots: int = DEFAULT_SLOTS) -> grain.IterDataset:
+                slots: int | None = None) -> grain.IterDataset:
   """`ds.mp_prefetch(options)` with each worker's batches passed through its slot ring.
 
   Same elements, order, `get_state`/`set_state` and slicing as grain's `mp_prefetch` (the
@@ -308,12 +322,15 @@ def mp_prefetch(ds: grain.IterDataset, options: grain.MultiprocessingOptions, *,
   Args:
     ds: an IterDataset of batches (dicts of numpy arrays).
     options: grain's options (num_workers >= 1, per_worker_buffer_size).
-    slots: R per worker (> the records in flight per worker, about 2 · per_worker_buffer_size
-      + 2; a batch that finds no free slot goes grain's own way, slower but the same).
+    slots: R per worker, default `default_slots(options.per_worker_buffer_size)` (6 for
+      grain's default of 1); a batch that finds no free slot goes grain's own way, slower but
+      the same.
 
   Returns:
     an IterDataset of the batches, each array owned by the caller.
   """
+  if slots is None:
+    slots = default_slots(options.per_worker_buffer_size)
   if slots < 2:
     raise ValueError(f"shm_batches.mp_prefetch: slots must be >= 2, got {slots}")
   out = ds.map(_ToSlots(slots=slots)).mp_prefetch(options)
