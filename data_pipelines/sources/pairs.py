@@ -420,7 +420,8 @@ def to_iterator(ds, *, num_threads: int = 2, prefetch_buffer_size: int = 4,
   worker_count > 0 maps (decodes, augments) the batches in that many grain worker processes:
   a streamed source's batches are dealt round robin (`stream` module docstring), a
   random-access one's by grain's slicing; either way the batches and their order are those of
-  worker_count = 0 (the entry point needs a `__main__` guard: workers are spawned)."""
+  worker_count = 0 (the entry point needs a `__main__` guard: workers are spawned). Batches
+  come through each worker's shared-memory slot ring (`shm_batches.mp_prefetch`)."""
   if isinstance(ds, grain.MapDataset):
     return image_text.to_iterator(ds, num_threads=num_threads,
                                   prefetch_buffer_size=prefetch_buffer_size,
