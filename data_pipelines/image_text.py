@@ -51,6 +51,7 @@ import numpy as np
 from data_pipelines import permutation
 from data_pipelines import records
 from data_pipelines import shapes
+from data_pipelines import shm_batches
 from data_pipelines import tokenizer as tokenizer_lib
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -394,6 +395,9 @@ def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0, num_threads: int
                 prefetch_buffer_size: int = 4) -> grain.DatasetIterator:
   """Iterator over a batch `MapDataset` (from `train_dataset`), with thread or process prefetch.
 
+  worker_count > 0: grain worker processes, each handing its batches over through a ring of
+  persistent shared-memory slots (`shm_batches.mp_prefetch`); same batches, order and state.
+
   Use this with `open_source(...)` and `train_dataset(...)` when the caller needs the source
   itself, e.g. to report `source.num_skipped`.
   """
@@ -401,7 +405,8 @@ def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0, num_threads: int
                                                  prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:
     mark_flags_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    iter_ds = shm_batches.mp_prefetch(iter_ds,
+                                      grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(iter_ds)
 
 
@@ -422,8 +427,9 @@ def train_iterator(data_dir: str | os.PathLike, *, split: str = "train", global_
     num_epochs: None = infinite; else stop after num_epochs · (n // B) batches.
     max_text_len: L, token row length.
     augment: small translation + brightness jitter (no flips).
-    worker_count: grain worker processes (0 = in-process threads; the entry point then needs a
-      `__main__` guard since workers are spawned).
+    worker_count: grain worker processes (0 = in-process threads); with W > 0 the entry point
+      needs a `__main__` guard, since workers are spawned, and batches come through each
+      worker's shared-memory slot ring (`shm_batches.mp_prefetch`).
     skip_bad_records: log and skip undecodable records (replaced by the next good record)
       instead of raising.
     num_threads, prefetch_buffer_size: in-process read threads and batches prefetched.

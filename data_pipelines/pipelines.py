@@ -15,7 +15,12 @@ section with their docs):
   dir (str)                 dataset directory (any kind; the kind is read from its metadata)
   split (str)               training split (default: 'train'; 'sequences' for interactions)
   global_batch_size (int)   B, summed over processes
-  seed (int), num_epochs (int | None), worker_count (int), skip_bad_records (bool)
+  seed (int), num_epochs (int | None), skip_bad_records (bool)
+  worker_count (int)        grain worker processes decoding the training batches (0 = the
+                            in-process threads below); batches reach this process through a ring
+                            of persistent shared-memory slots per worker (`shm_batches`), so
+                            2 workers are at least as fast as the threads even on 2 cores
+                            (BENCHMARKS.md); the batches and their order do not depend on it
   image_size (int)          image_text / query_document: output side S (default 224)
   augment (bool)            image: random-resized-crop + flip (train); else center crop
   crop_scale (tuple)        random-resized-crop area range (default (0.08, 1.0))

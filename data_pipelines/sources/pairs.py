@@ -41,6 +41,7 @@ import numpy as np
 
 from data_pipelines import image_ops
 from data_pipelines import image_text
+from data_pipelines import shm_batches
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.sources import parquet as parquet_lib
 from data_pipelines.sources import spec as spec_lib
@@ -419,14 +420,16 @@ def to_iterator(ds, *, num_threads: int = 2, prefetch_buffer_size: int = 4,
   worker_count > 0 maps (decodes, augments) the batches in that many grain worker processes:
   a streamed source's batches are dealt round robin (`stream` module docstring), a
   random-access one's by grain's slicing; either way the batches and their order are those of
-  worker_count = 0 (the entry point needs a `__main__` guard: workers are spawned)."""
+  worker_count = 0 (the entry point needs a `__main__` guard: workers are spawned). Batches
+  come through each worker's shared-memory slot ring (`shm_batches.mp_prefetch`)."""
   if isinstance(ds, grain.MapDataset):
     return image_text.to_iterator(ds, num_threads=num_threads,
                                   prefetch_buffer_size=prefetch_buffer_size,
                                   worker_count=worker_count)
   if worker_count > 0:
     image_text.mark_flags_parsed()
-    return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count)))
+    return iter(shm_batches.mp_prefetch(ds, grain.MultiprocessingOptions(
+        num_workers=worker_count)))
   if prefetch_buffer_size > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_buffer_size)
   return iter(ds)

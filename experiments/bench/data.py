@@ -29,7 +29,7 @@ each in its own process and, for the peers, its own virtual environment that thi
 under --cache (nothing is installed into mmcl's environment):
 
   .venv/bin/python experiments/bench/data.py --peers [--cache /tmp/mmcl_peers] [--rounds 3]
-      [--peer_batches 40]
+      [--peer_batches 40] [--pipelines mmcl "mmcl workers=2"]
 
   mmcl            `pipelines.build_train_iterator` as `mmcl train` builds it (uint8 batches, 2 grain
                   threads each decoding its batch's images in data.decode_threads threads, by
@@ -110,7 +110,9 @@ def peers(args) -> None:
   here = pathlib.Path(__file__).resolve().parent / "peers"
   cache = pathlib.Path(args.cache)
   sets = photo_sets.build(pathlib.Path(args.shared) / "fashion-product-images", cache)
-  tf_py, oc_py = _peer_python(cache, "tfdata"), _peer_python(cache, "openclip")
+  wanted = args.pipelines or ["mmcl", "mmcl workers=2", "tf.data", "tf.data uint8", "open_clip"]
+  tf_py = _peer_python(cache, "tfdata") if any(n.startswith("tf.data") for n in wanted) else ""
+  oc_py = _peer_python(cache, "openclip") if "open_clip" in wanted else ""
   env = dict(os.environ, PYTHONPATH=str(repo))
   common = ["--batches", str(args.peer_batches), "--warmup", "3"]
   runners = {
@@ -123,7 +125,10 @@ def peers(args) -> None:
       "open_clip": lambda d: [oc_py, str(here / "openclip_runner.py"), str(d), *common,
                               "--workers", "2"],
   }
-  names = list(runners)
+  unknown = sorted(set(wanted) - set(runners))
+  if unknown:
+    raise SystemExit(f"--pipelines: unknown {unknown}; known: {list(runners)}")
+  names = [n for n in runners if n in wanted]
   results = {(s, n): [] for s in sets for n in names}
   for r in range(args.rounds):
     order = names[r % len(names):] + names[:r % len(names)]
@@ -139,13 +144,19 @@ def peers(args) -> None:
            for n in names}
     per_core = {n: statistics.median(x["examples_per_s_per_busy_core"]
                                      for x in results[(set_name, n)]) for n in names}
-    print(json.dumps({"summary": set_name, "median_examples_per_s": med,
-                      "median_examples_per_s_per_busy_core": per_core,
-                      "mmcl_vs_tfdata": round(med["mmcl"] / med["tf.data"], 3),
-                      "mmcl_vs_tfdata_uint8": round(med["mmcl"] / med["tf.data uint8"], 3),
-                      "mmcl_vs_open_clip": round(med["mmcl"] / med["open_clip"], 3),
-                      "mmcl_workers_vs_threads": round(med["mmcl workers=2"] / med["mmcl"], 3),
-                      "loadavg": _loadavg()}), flush=True)
+    summary = {"summary": set_name, "median_examples_per_s": med,
+               "median_examples_per_s_per_busy_core": per_core}
+    for key, peer in (("mmcl_vs_tfdata", "tf.data"), ("mmcl_vs_tfdata_uint8", "tf.data uint8"),
+                      ("mmcl_vs_open_clip", "open_clip")):
+      if "mmcl" in med and peer in med:
+        summary[key] = round(med["mmcl"] / med[peer], 3)
+    if "mmcl" in med and "mmcl workers=2" in med:
+      pairs = list(zip(results[(set_name, "mmcl workers=2")], results[(set_name, "mmcl")]))
+      summary["mmcl_workers_vs_threads"] = round(med["mmcl workers=2"] / med["mmcl"], 3)
+      summary["mmcl_workers_vs_threads_per_round"] = [
+          round(w["examples_per_s"] / t["examples_per_s"], 3) for w, t in pairs]
+    summary["loadavg"] = _loadavg()
+    print(json.dumps(summary), flush=True)
   _machine()
 
 
@@ -173,6 +184,9 @@ def main() -> None:
                  help="--peers: photo sets, TFRecords, shards and peer environments")
   p.add_argument("--rounds", type=int, default=3, help="--peers: alternated rounds")
   p.add_argument("--peer_batches", type=int, default=40, help="--peers: timed batches per run")
+  p.add_argument("--pipelines", nargs="+", default=None,
+                 help="--peers: run only these (mmcl, 'mmcl workers=2', tf.data, "
+                      "'tf.data uint8', open_clip; default all)")
   args = p.parse_args()
   if args.peers:
     peers(args)

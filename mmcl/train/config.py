@@ -28,8 +28,11 @@ def base_config() -> Config:
   d.define("num_epochs", None, "epochs to stream; None = repeat forever", type=(int, type(None)),
            bounds=(1, None))
   d.define("worker_count", 0, "grain worker processes per host decoding the training batches, "
-           "for ArrayRecord datasets and streamed sources alike (0 = in-process); the batches do "
-           "not depend on it", bounds=(0, None))
+           "for ArrayRecord datasets and streamed sources alike (0 = in-process threads); each "
+           "worker hands its batches over through its own ring of persistent shared-memory "
+           "slots (data_pipelines.shm_batches), so 2 workers are at least as fast as the threads "
+           "even on a 2-core host (BENCHMARKS.md); the batches do not depend on it",
+           bounds=(0, None))
   d.define("skip_bad_records", False, "skip (and count) undecodable records instead of failing")
 
   tr = c.section("train", "the training loop")

@@ -1,4 +1,6 @@
 """The image–text grain pipelines: order contract, multi-host slicing, exact resume, eval."""
+import os
+
 import grain
 import numpy as np
 import pytest
@@ -224,15 +226,22 @@ def test_eval_two_hosts_concatenate(small_shapes_dir):
 def test_worker_processes_give_the_same_batches_and_resume(small_shapes_dir):
   # (A state taken with worker_count=k restores into an iterator with the same worker_count.)
   reference = _take(_train(small_shapes_dir, augment=True), 5)
+  segments = lambda: {n for n in os.listdir("/dev/shm") if not n.startswith("sem.")}  # noqa: E731
+  before = segments()
   it = _train(small_shapes_dir, augment=True, worker_count=1)
   try:
     _assert_batches_equal(_take(it, 2), reference[:2])
     state = it.get_state()
+    # Both came through the worker's slot ring, whose name left /dev/shm once mapped.
+    assert it.counts == {"from_slots": 2, "passed_through": 0}
+    assert segments() <= before
   finally:
     it.close()
   fresh = _train(small_shapes_dir, augment=True, worker_count=1)
   try:
     fresh.set_state(state)
     _assert_batches_equal(_take(fresh, 3), reference[2:])
+    assert fresh.counts["from_slots"] == 3
   finally:
     fresh.close()
+  assert segments() <= before

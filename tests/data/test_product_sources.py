@@ -162,6 +162,7 @@ def test_worker_processes_give_the_same_batches_and_resume(product_rows):
     assert_batches_equal(got, reference)
     it.set_state(state)  # the workers restart from their states
     assert_batches_equal(take(it, 3), reference[4:])
+    assert it.counts["from_slots"] == 10  # every batch through the workers' slot rings
   finally:
     it.close()
 
