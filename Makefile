@@ -33,10 +33,12 @@ quickstart: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=$(NCPU) $$XLA_FLAGS" \
 	  $(PY) -m mmcl.cli eval --workdir $(QS_DIR)
 
-# Two pytest workers (one per core on the 2-core CI machine); each simulates 8 devices. Each test
+# One pytest worker per core plus one (3 on the 2-core CI machine: a worker that waits for its
+# subprocesses or SLURM jobs leaves its core to the others); each simulates 8 devices. Each test
 # file runs on one worker (its fixtures are built once), the costliest first (tests/conftest.py).
+TEST_WORKERS ?= $(shell echo $$(( $(NCPU) + 1 )))
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdirs data
