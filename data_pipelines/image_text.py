@@ -383,14 +383,6 @@ def train_dataset(source: records.ArrayRecordSource, *, global_batch_size: int, 
       max_text_len=max_text_len, augment=augment))
 
 
-def mark_flags_parsed() -> None:
-  """grain 0.2.18 workers read an absl flag and fail when flags were never parsed (plain
-  scripts, pytest); fixed upstream after 0.2.18. Call before `mp_prefetch`."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0, num_threads: int = 2,
                 prefetch_buffer_size: int = 4) -> grain.DatasetIterator:
   """Iterator over a batch `MapDataset` (from `train_dataset`), with thread or process prefetch.
@@ -404,7 +396,6 @@ def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0, num_threads: int
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                  prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:
-    mark_flags_parsed()
     iter_ds = shm_batches.mp_prefetch(iter_ds,
                                       grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(iter_ds)

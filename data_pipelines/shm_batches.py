@@ -312,6 +312,14 @@ class _FromSlotsIterDataset(grain.IterDataset):
     return f"FromSlotsIterDataset(slots={self._slots})"
 
 
+def _mark_flags_parsed() -> None:
+  """grain 0.2.18 workers read an absl flag and fail when flags were never parsed (plain
+  scripts, pytest); fixed upstream after 0.2.18."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def mp_prefetch(ds: grain.IterDataset, options: grain.MultiprocessingOptions, *,
                 slots: int | None = None) -> grain.IterDataset:
   """`ds.mp_prefetch(options)` with each worker's batches passed through its slot ring.
@@ -333,5 +341,6 @@ def mp_prefetch(ds: grain.IterDataset, options: grain.MultiprocessingOptions, *,
     slots = default_slots(options.per_worker_buffer_size)
   if slots < 2:
     raise ValueError(f"shm_batches.mp_prefetch: slots must be >= 2, got {slots}")
+  _mark_flags_parsed()
   out = ds.map(_ToSlots(slots=slots)).mp_prefetch(options)
   return _FromSlotsIterDataset(out, slots)

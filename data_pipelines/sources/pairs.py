@@ -427,7 +427,6 @@ def to_iterator(ds, *, num_threads: int = 2, prefetch_buffer_size: int = 4,
                                   prefetch_buffer_size=prefetch_buffer_size,
                                   worker_count=worker_count)
   if worker_count > 0:
-    image_text.mark_flags_parsed()
     return iter(shm_batches.mp_prefetch(ds, grain.MultiprocessingOptions(
         num_workers=worker_count)))
   if prefetch_buffer_size > 0:

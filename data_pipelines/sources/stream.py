@@ -23,8 +23,9 @@ is cheap next to decoding) but maps (decodes, augments) only batches w, w + W, .
 interleaves the workers round robin, so the batches and their order are those of W = 0. A
 worker's state adds `skip` (batches to pass over before its next one); grain keeps one state per
 worker. The decoded batches cross to the main process through each worker's ring of
-shared-memory slots (`shm_batches`, applied by `pairs.to_iterator`). Bad samples met while reading are counted by worker 0 only (the others pass over them,
-or raise the same error), so the skip ledger counts each once.
+shared-memory slots (`shm_batches`, applied by `pairs.to_iterator`). Bad samples met while
+reading are counted by worker 0 only (the others pass over them, or raise the same error), so
+the skip ledger counts each once.
 
 Samples: the reader's fields plus `path` (the shard file), `record` (the sample's position in
 it), `index` and `epoch`; readers' fields must not use these names.
