@@ -37,18 +37,37 @@ import pytest  # noqa: E402
 
 # One persistent XLA compilation cache for the whole run: the pytest-xdist workers and every
 # `python -m mmcl.cli` subprocess the tests start inherit it through the environment, so a program
-# that several tests (or processes) compile identically — the tiny CLIP train/init/eval steps are
-# ~20 s of CPU per process — is compiled once. The cache is fresh for every run and removed at the
-# end; a JAX_COMPILATION_CACHE_DIR set by the caller is used as it is (and kept).
+# that several tests (or processes) compile identically is compiled once. Every program is cached,
+# however fast it compiled: the suite's programs are tiny, and re-reading one costs milliseconds
+# where compiling it again costs 0.05-20 s. The cache is unbounded (a size bound makes JAX list
+# the whole directory on every write, quadratic in the ~3,000 entries of a run), fresh for every run
+# and removed at the end; a JAX_COMPILATION_CACHE_DIR set by the caller is used as it is (and kept).
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
   _OWN_CACHE = tempfile.mkdtemp(prefix="mmcl-test-xla-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
-  try:  # a size bound makes JAX lock the cache directory, so concurrent processes never see
-    import filelock  # noqa: F401  a half-written entry
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
-  except ImportError:
-    pass
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def _atomic_cache_writes():
+  """Without a size bound JAX writes cache entries in place and unlocked; write each one to a
+  temporary name and rename it, so a worker never reads another's half-written entry. (A reader
+  that does would only warn and compile the program itself: entries are zstd frames.)"""
+  from jax._src import lru_cache
+
+  def put(self, key, value):
+    path = self.path / f"{key}{lru_cache._CACHE_SUFFIX}"
+    if path.exists():
+      return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(value)
+    os.replace(tmp, path)
+  lru_cache.LRUCache.put = put
+
+
+def pytest_configure(config):
+  if os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE", "-1") == "-1":  # not bounded by the caller
+    _atomic_cache_writes()
 
 
 def pytest_unconfigure(config):

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+import shared_runs
+
 from data_pipelines import image_text as data_lib
 from data_pipelines import tokenizer as tokenizer_lib
 from mmcl import cli
@@ -101,8 +103,8 @@ def test_fresh_process_with_plain_jax_reproduces_mmcl_embeddings(exported, shape
   results.mkdir()
   np.save(inputs / "pixels.npy", np.stack([r["image"] for r in rows]))
   (inputs / "captions.json").write_text(json.dumps([r["caption"] for r in rows]))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one plain CPU device
-  env["JAX_PLATFORMS"] = "cpu"
+  # One CPU device, compiled with the test run's options (tests/conftest.py).
+  env = dict(os.environ, XLA_FLAGS=shared_runs.xla_flags(1), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", CLIENT, str(out), str(inputs), str(results)],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+import shared_runs
+
 from mmcl import cli
 from mmcl.export import verify_export
 from mmcl.pretrained.features import compute_features, read_features
@@ -55,8 +57,8 @@ def test_pretrained_export_served_without_mmcl_and_used_by_features(minilm_folde
 
   texts_file, result = tmp_path / "texts.json", tmp_path / "served.npy"
   texts_file.write_text(json.dumps(TEXTS))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
+  # One CPU device, compiled with the test run's options (tests/conftest.py).
+  env = dict(os.environ, XLA_FLAGS=shared_runs.xla_flags(1), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", CLIENT, str(out), str(texts_file), str(result)],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+import shared_runs
+
 from mmcl.config import load_config_file
 from mmcl.export import export_task, verify_export
 from mmcl.tasks import get_task_class
@@ -188,8 +190,8 @@ def served(request, tmp_path_factory):
                            corpus=type(task).export_corpus is not Task.export_corpus)
     (root / name / "raw.json").write_text(json.dumps(raw))
     cases[name] = (manifest, expected)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
+  # One CPU device, compiled with the test run's options (tests/conftest.py).
+  env = dict(os.environ, XLA_FLAGS=shared_runs.xla_flags(1), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", CLIENT, str(root)], cwd=root, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
