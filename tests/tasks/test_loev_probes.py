@@ -2,6 +2,7 @@
 import functools
 
 import numpy as np
+import pytest
 
 from mmcl.tasks.loev import probes
 
@@ -80,3 +81,44 @@ def test_out_of_fold_works_for_a_classifier():
   # Labels independent of the features: out-of-fold accuracy stays near chance (1/3).
   shuffled = rng.permutation(labels)
   assert np.mean(probes.out_of_fold(clf, x, shuffled, folds=5) == shuffled) < 0.5
+
+
+def test_kernel_ridge_probe_equals_scikit_learns_kernel_ridge_bit_for_bit():
+  """The probe's cached kernels and direct solve choose and predict exactly as a grid search over
+  `sklearn.kernel_ridge.KernelRidge(kernel="rbf")` with the same folds does."""
+  from sklearn.kernel_ridge import KernelRidge
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(57, 6))
+  y = np.cos(2 * x[:, 0]) + 0.3 * x[:, 1] + 0.05 * rng.normal(size=57)
+  xtr, xte = probes.standardize(x[:40], x[40:])
+  ytr = y[:40]
+
+  def fit(tr, te_x, alpha, gamma):
+    ym = ytr[tr].mean()
+    return KernelRidge(alpha=alpha, kernel="rbf", gamma=gamma).fit(xtr[tr], ytr[tr] - ym).predict(
+        te_x) + ym
+  d = x.shape[1]
+  best = probes._select_by_cv(  # pylint: disable=protected-access
+      [(a, g / d) for g in probes.KERNEL_GAMMAS for a in probes.KERNEL_ALPHAS], 40,
+      lambda ag, keep, fold: fit(keep, xtr[fold], *ag), ytr, 4, 0)
+  want = fit(np.arange(40), xte, *best)
+  got = probes.kernel_ridge_probe(x[:40], ytr, x[40:], y[40:])
+  assert (got["alpha"], got["gamma"]) == best
+  np.testing.assert_array_equal(got["pred"], want)
+
+
+def test_probes_refuse_non_finite_features_and_targets():
+  x = np.random.default_rng(4).normal(size=(30, 3))
+  y = x[:, 0].copy()
+  bad = x.copy()
+  bad[2, 1] = np.nan
+  for probe in (probes.ridge_probe, probes.kernel_ridge_probe):
+    with pytest.raises(ValueError, match=r"x_train has 1 non-finite"):
+      probe(bad[:20], y[:20], x[20:], y[20:])
+    y_bad = y.copy()
+    y_bad[25] = np.inf
+    with pytest.raises(ValueError, match=r"y_test has 1 non-finite"):
+      probe(x[:20], y[:20], x[20:], y_bad[20:])
+  with pytest.raises(ValueError, match=r"x_test has 1 non-finite"):
+    probes.logistic_probe(x[:20], (y[:20] > 0).astype(int), bad[:10], np.zeros(10, int),
+                          num_classes=2)
