@@ -46,7 +46,6 @@ def test_cloze_finetuning_learns_and_ranks_items_it_never_trained_on(text_seq_di
   val = [r for r in read_metrics(tmp_path) if "val/recall@10" in r]
   assert len(val) == 2 and val[-1]["val/recall@10"] > 0.6  # chance 10/40 = 0.25
   mesh, task = loop_lib.setup(c, get_task_class("mmsrec"))
-  params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
   from mmcl.train import checkpoint as ckpt_lib
   _, abstract, shardings, _, _ = loop_lib.build_state(c, task, mesh)
   ck = ckpt_lib.Checkpointer(tmp_path, read_only=True)

@@ -109,13 +109,13 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def test_retention_keeps_latest_and_best(shapes_dir, tmp_path):
-  c = _config(shapes_dir, train__total_steps=16, train__checkpoint_every=2,
+  c = _config(shapes_dir, train__total_steps=12, train__checkpoint_every=3,
               train__keep_checkpoints=2, train__keep_best=1)
   loop_lib.train(c, tmp_path, get_task_class("clip"))
   steps = ckpt_lib.Checkpointer(tmp_path, read_only=True).all_steps()
   vals = {r["step"]: r["val/loss"] for r in read_metrics(tmp_path) if "val/loss" in r}
   best = min(vals, key=vals.get)
-  assert set(steps) == {14, 16} | {best}
+  assert set(steps) == {9, 12} | {best}
 
 
 def test_fork_from_another_runs_checkpoint_continues_it_exactly(shapes_dir, tmp_path):
