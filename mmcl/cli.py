@@ -63,12 +63,32 @@ def cmd_train(args) -> int:
   from mmcl.tasks import get_task_class
   from mmcl.train.loop import train
   from mmcl.train.preemption import EXIT_CODE, Preempted
+  if args.eval and not _one_process(config):
+    print("mmcl train: error: --eval evaluates in the training process, which needs a "
+          "single-process run; evaluate a multi-process run with its own `mmcl eval --workdir` "
+          "(or `mmcl launch ... --eval`)", file=sys.stderr)
+    return 2
   try:
     train(config, args.workdir, get_task_class(config.task.name))
   except Preempted as e:
     print(f"mmcl train: {e}", file=sys.stderr)
     return EXIT_CODE
+  if args.eval:
+    from mmcl.eval.evaluator import run_evaluator
+    run_evaluator(args.workdir, resolve_task=get_task_class)
   return 0
+
+
+def _one_process(config) -> bool:
+  """Whether `mmcl train` runs as a single JAX process (no distributed.* settings and no
+  multi-task launcher environment)."""
+  if (config.distributed.num_processes or 1) > 1:
+    return False
+  for var in ("SLURM_STEP_NUM_TASKS", "JAX_NUM_PROCESSES", "OMPI_COMM_WORLD_SIZE"):
+    value = os.environ.get(var, "")
+    if value.isdigit() and int(value) > 1:
+      return False
+  return True
 
 
 def cmd_eval(args) -> int:
@@ -213,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--workdir", help="output directory; an existing one is resumed")
   t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
   t.add_argument("--help-config", action="store_true", help="list every config key and exit")
+  t.add_argument("--eval", action="store_true",
+                 help="then evaluate the final checkpoint in this process, as `mmcl eval "
+                      "--workdir` does (single-process runs; saves starting a second process)")
   t.set_defaults(fn=cmd_train)
 
   e = sub.add_parser("eval", help="evaluate checkpoints of a workdir in this (separate) process")

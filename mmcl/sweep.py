@@ -141,19 +141,18 @@ def new_manifest(config_spec: str, root: pathlib.Path, *, grids, overrides, seed
 
 def _run_element(config_spec: str, element: dict[str, Any], evaluate: bool,
                  log_path: pathlib.Path) -> str:
-  """Trains then evaluates one element in subprocesses, output appended to `log_path`."""
+  """Trains then evaluates one element in one subprocess (`mmcl train --eval`), output appended
+  to `log_path`."""
   sets = [a for o in element["overrides"] for a in ("--set", o)]
   with open(log_path, "a") as log:
     r = subprocess.run([sys.executable, "-m", "mmcl.cli", "train", "--config", config_spec,
-                        "--workdir", element["workdir"], *sets],
+                        "--workdir", element["workdir"], *sets, *(["--eval"] if evaluate else [])],
                        stdout=log, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-      return f"train failed ({r.returncode})"
-    if evaluate:
-      r = subprocess.run([sys.executable, "-m", "mmcl.cli", "eval", "--workdir",
-                          element["workdir"]], stdout=log, stderr=subprocess.STDOUT)
-      if r.returncode != 0:
-        return f"eval failed ({r.returncode})"
+  if r.returncode != 0:
+    trained = finished_lib.read(element["workdir"]) is not None
+    return f"{'eval' if evaluate and trained else 'train'} failed ({r.returncode})"
+  if evaluate and not element_done(element, evaluate):
+    return "eval failed (no eval/latest.json)"
   return "ok"
 
 

@@ -48,3 +48,13 @@ def test_sweep_runs_every_combination(shapes_dir, tmp_path, monkeypatch, capfd):
   assert rows[0]["final/loss"] != rows[1]["final/loss"]  # the grid value reached the runs
   md = (tmp_path / "results.md").read_text()
   assert md.count("| ok |") == 2 and "final/loss" in md and "best_step" in md
+
+
+def test_train_eval_needs_a_single_process(tmp_path, capsys):
+  """`mmcl train --eval` (how a sweep element trains and evaluates in one process) refuses a
+  multi-process run before training anything."""
+  rc = cli.main(["train", "--config", str(REPO / "experiments/clip_shapes.py") + ":tiny",
+                 "--workdir", str(tmp_path / "run"), "--set", "distributed.num_processes=2",
+                 "--eval"])
+  assert rc == 2 and "--eval evaluates in the training process" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()

@@ -224,7 +224,8 @@ def array_script(*, root: pathlib.Path, elements: Sequence[dict], indices: Seque
                  config_spec: str, evaluate: bool, res: Resources, chdir: str,
                  max_parallel: int | None, invocation: Sequence[str] | None = None) -> str:
   """One job array over sweep elements: element i trains (`srun`, every task) in its own workdir,
-  then evaluates its final checkpoint (one process); requeued on SIGTERM like a training job."""
+  then evaluates its final checkpoint (one process: the training process itself for a one-task
+  element); requeued on SIGTERM like a training job."""
   logs = root / "logs"
   array = compress_indices(indices) + (f"%{max_parallel}" if max_parallel else "")
   extra = [f"--array={array}", "--requeue", f"--signal=B:TERM@{res.signal_seconds}"]
@@ -240,11 +241,14 @@ def array_script(*, root: pathlib.Path, elements: Sequence[dict], indices: Seque
             "esac",
             'echo "mmcl: element $SLURM_ARRAY_TASK_ID (job $SLURM_JOB_ID, restart '
             '${SLURM_RESTART_COUNT:-0}): $workdir"']
+  # A one-task element evaluates its final checkpoint in the training process (`train --eval`);
+  # a multi-task one in a process of its own on this node once training has ended.
+  in_process = evaluate and res.nodes * res.tasks_per_node == 1
   lines += _run_forwarding_sigterm(
       _srun(res, python_command("train", "--config", config_spec, "--workdir", "WORKDIR"))
-      .replace("WORKDIR", '"$workdir" "${sets[@]}"'))
+      .replace("WORKDIR", '"$workdir" "${sets[@]}"' + (" --eval" if in_process else "")))
   lines += _requeue_on_preemption()
-  if evaluate:
+  if evaluate and not in_process:
     lines += ["# The final checkpoint's evaluation: one process on this node (no srun needed).",
               'if [ "$rc" -eq 0 ]; then',
               f'  {quote(python_command("eval", "--workdir"))} "$workdir"; rc=$?',

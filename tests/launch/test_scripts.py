@@ -77,6 +77,12 @@ def test_sweep_array_script_lists_only_unfinished_elements(tmp_path):
                             chdir=str(REPO), max_parallel=2)
   assert "#SBATCH --array=0-2,4%2" in text and 'case "$SLURM_ARRAY_TASK_ID" in' in text
   assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+  # One task: the training process evaluates its final checkpoint itself.
+  assert '"${sets[@]}" --eval' in text and " eval --workdir" not in text
+  two = slurm.array_script(root=tmp_path, elements=elements, indices=[0], config_spec=TINY,
+                           evaluate=True, res=slurm.Resources(nodes=2), chdir=str(REPO),
+                           max_parallel=None)
+  assert "--eval" not in two and " eval --workdir" in two  # several tasks: a process of its own
   assert slurm.compress_indices([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
 
 
