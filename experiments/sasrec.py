@@ -63,6 +63,7 @@ def get_config(arg: str | None = None):
     c.data.global_batch_size = 16
     c.data.max_len = 8
     c.model.hidden = 16
+    c.model.num_blocks = 1
     c.model.dropout = 0.1
     c.train.total_steps = 6
     c.train.log_every = 2
