@@ -19,7 +19,6 @@ import io
 import math
 
 import numpy as np
-import scipy.signal
 import soundfile
 
 from data_pipelines import permutation
@@ -43,6 +42,7 @@ def resample(wave: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
   if sr_in == sr_out:
     return wave
   g = math.gcd(sr_in, sr_out)
+  import scipy.signal  # pylint: disable=g-import-not-at-top  (~1 s to import; only audio needs it)
   return scipy.signal.resample_poly(wave, sr_out // g, sr_in // g, axis=-1).astype(np.float32)
 
 
@@ -110,6 +110,7 @@ class LogMel:
 
   @functools.cached_property
   def window(self) -> np.ndarray:
+    import scipy.signal  # pylint: disable=g-import-not-at-top
     return scipy.signal.get_window("hann", self.n_fft, fftbins=True).astype(np.float32)
 
   def _check(self, wave_shape: tuple[int, ...]) -> int:

@@ -12,17 +12,28 @@ import pytest
 
 from mmcl.pretrained.text import load_safetensors, load_text_params
 
-torch = pytest.importorskip("torch", reason="torch is needed for the reference outputs")
-transformers = pytest.importorskip(
-    "transformers", reason="transformers is needed to write the reference models "
-                           "(pip install transformers)")
-
 SMALL = dict(vocab_size=99, max_position_embeddings=40)
-MODELS = {"distilbert": transformers.DistilBertModel, "roberta": transformers.RobertaModel,
+
+
+# torch and transformers are imported by the tests that use them, not at collection: every
+# pytest-xdist worker collects this file, one runs it.
+@pytest.fixture(scope="module")
+def torch():
+  return pytest.importorskip("torch", reason="torch is needed for the reference outputs")
+
+
+@pytest.fixture(scope="module")
+def transformers():
+  return pytest.importorskip("transformers", reason="transformers is needed to write the "
+                                                    "reference models (pip install transformers)")
+
+
+def _models(transformers):
+  return {"distilbert": transformers.DistilBertModel, "roberta": transformers.RobertaModel,
           "xlm-roberta": transformers.XLMRobertaModel, "bert": transformers.BertModel}
 
 
-def _configs():
+def _configs(transformers):
   bert_like = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64, **SMALL)
   return {
@@ -47,10 +58,10 @@ def _inputs(pad_id):
 
 
 @pytest.mark.parametrize("model_type", ["distilbert", "roberta", "xlm-roberta", "bert"])
-def test_family_matches_transformers(model_type, tmp_path):
-  config = _configs()[model_type]
+def test_family_matches_transformers(model_type, tmp_path, torch, transformers):
+  config = _configs(transformers)[model_type]
   torch.manual_seed(0)
-  model = MODELS[model_type](config).eval()
+  model = _models(transformers)[model_type](config).eval()
   with torch.no_grad():  # larger LayerNorm / bias values than the init, for a sharper test
     for name, p in model.named_parameters():
       if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
@@ -78,15 +89,15 @@ def test_family_matches_transformers(model_type, tmp_path):
       tower.apply({"params": params}, np.full((1, 41), 5, np.int32))
 
 
-def test_unsupported_model_type_names_file_and_key(tmp_path):
-  transformers.BertModel(_configs()["bert"]).save_pretrained(tmp_path)
+def test_unsupported_model_type_names_file_and_key(tmp_path, transformers):
+  transformers.BertModel(_configs(transformers)["bert"]).save_pretrained(tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
   with pytest.raises(ValueError, match=r"config.json: key 'model_type' is 'gpt2', which this "
                                        r"loader does not read; supported: \('bert', 'roberta'"):
     load_text_params(tmp_path)
   # A DistilBERT checkpoint declared as BERT fails on the first missing tensor, named.
-  transformers.DistilBertModel(_configs()["distilbert"]).save_pretrained(tmp_path / "d")
+  transformers.DistilBertModel(_configs(transformers)["distilbert"]).save_pretrained(tmp_path / "d")
   config = json.loads((tmp_path / "d" / "config.json").read_text())
   (tmp_path / "d" / "config.json").write_text(json.dumps({**config, "model_type": "bert",
                                                           "hidden_size": 32,
