@@ -91,8 +91,10 @@ def _job_ids(stdout: str) -> list[str]:
   return re.findall(r"job (?:array )?(\d+) submitted", stdout)
 
 
-# Augmentation is host-side numpy: every element runs the reference run's compiled step.
+# Augmentation is host-side numpy: every element runs the reference run's compiled step (the
+# schedule is constant, so 8 steps instead of 24 compile the same program).
 SWEEP_GRID = ["--grid", "data.augment=true,false"]
+SWEEP_STEPS = ["--set", "train.total_steps=8", "--set", "train.checkpoint_every=4"]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +137,7 @@ def _submit_all(sigterm_reference):
     out["sweep_workdir"] = str(root / "slurm-sweep")
     sweeping = _submit(["sweep", "--launcher", "slurm", "--config", shared_runs.TINY,
                         "--workdir", out["sweep_workdir"], *SWEEP_GRID, "--seeds", "0,1",
-                        "--max-parallel", "2", *sets], root=root, devices=2)
+                        "--max-parallel", "2", *sets, *SWEEP_STEPS], root=root, devices=2)
     # (d) mmcl train in an sbatch script, no srun: one process on 2 devices.
     wd = root / "slurm-wrap"
     wd.mkdir()
