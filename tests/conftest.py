@@ -52,7 +52,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 def _atomic_cache_writes():
   """Without a size bound JAX writes cache entries in place and unlocked; write each one to a
   temporary name and rename it, so a worker never reads another's half-written entry. (A reader
-  that does would only warn and compile the program itself: entries are zstd frames.)"""
+  that does would only warn and compile the program itself: entries are compressed frames.)"""
   from jax._src import lru_cache
 
   def put(self, key, value):

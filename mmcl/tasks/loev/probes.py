@@ -15,10 +15,9 @@ the same numbers as the plain estimators, bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, Sequence
-
-import functools
 
 import numpy as np
 import scipy.linalg
@@ -74,14 +73,21 @@ def _select_by_cv(candidates: Sequence[Any], n: int, fit_predict, y: np.ndarray,
                   seed: int) -> Any:
   """The candidate (in order; the first of equals) with the best mean R² over `folds` folds of
   the n training rows; fit_predict(candidate, keep_rows, held_out_rows) → held-out predictions."""
-  best, best_c = -np.inf, candidates[0]
+  scores = {}
   for cand in candidates:
-    scores = []
+    scores[cand] = []
     for fold in _folds(n, folds, seed):
       keep = np.setdiff1d(np.arange(n), fold)
-      scores.append(r2_score(y[fold], fit_predict(cand, keep, fold)))
-    if np.mean(scores) > best:
-      best, best_c = float(np.mean(scores)), cand
+      scores[cand].append(r2_score(y[fold], fit_predict(cand, keep, fold)))
+  return _best_mean(candidates, scores)
+
+
+def _best_mean(candidates: Sequence[Any], scores: dict[Any, list[float]]) -> Any:
+  """The candidate (in order; the first of equals) whose fold scores have the best mean."""
+  best, best_c = -np.inf, candidates[0]
+  for cand in candidates:
+    if np.mean(scores[cand]) > best:
+      best, best_c = float(np.mean(scores[cand])), cand
   return best_c
 
 
@@ -160,10 +166,7 @@ def kernel_ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndar
     for g in gammas:
       for a, pred in zip(alphas, fits(keep, x_train[fold], g / d, alphas)):
         scores.setdefault((a, g / d), [None] * folds)[fold_i] = r2_score(y_train[fold], pred)
-  best, best_ag = -np.inf, (alphas[0], gammas[0] / d)
-  for ag in [(alpha, g / d) for g in gammas for alpha in alphas]:
-    if np.mean(scores[ag]) > best:
-      best, best_ag = float(np.mean(scores[ag])), ag
+  best_ag = _best_mean([(alpha, g / d) for g in gammas for alpha in alphas], scores)
   (pred,) = fits(np.arange(n), x_test, best_ag[1], [best_ag[0]])
   return {"r2": r2_score(y_test, pred), "alpha": float(best_ag[0]), "gamma": float(best_ag[1]),
           "pred": pred}
