@@ -1,7 +1,6 @@
 """`mmcl export`: artifacts that a fresh process with plain jax (no mmcl) turns back into mmcl's
 embeddings, from raw pixels and caption strings, following only the manifest."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -103,8 +102,7 @@ def test_fresh_process_with_plain_jax_reproduces_mmcl_embeddings(exported, shape
   results.mkdir()
   np.save(inputs / "pixels.npy", np.stack([r["image"] for r in rows]))
   (inputs / "captions.json").write_text(json.dumps([r["caption"] for r in rows]))
-  # One CPU device, compiled with the test run's options (tests/conftest.py).
-  env = dict(os.environ, XLA_FLAGS=shared_runs.xla_flags(1), JAX_PLATFORMS="cpu")
+  env = shared_runs.env(tmp_path, devices=1)  # one CPU device, the run's compile options and cache
   proc = subprocess.run([sys.executable, "-c", CLIENT, str(out), str(inputs), str(results)],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,7 +2,6 @@
 tower; a fresh process with jax + tokenizers only (no mmcl) reproduces `encode_texts`, and
 `mmcl features` embeds with the artifact directory as its tower."""
 import json
-import os
 import subprocess
 import sys
 
@@ -57,8 +56,7 @@ def test_pretrained_export_served_without_mmcl_and_used_by_features(minilm_folde
 
   texts_file, result = tmp_path / "texts.json", tmp_path / "served.npy"
   texts_file.write_text(json.dumps(TEXTS))
-  # One CPU device, compiled with the test run's options (tests/conftest.py).
-  env = dict(os.environ, XLA_FLAGS=shared_runs.xla_flags(1), JAX_PLATFORMS="cpu")
+  env = shared_runs.env(tmp_path, devices=1)  # one CPU device, the run's compile options and cache
   proc = subprocess.run([sys.executable, "-c", CLIENT, str(out), str(texts_file), str(result)],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

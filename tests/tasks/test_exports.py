@@ -3,7 +3,6 @@ parameters, are reloaded by one fresh process with plain jax and numpy (no mmcl)
 only the manifests (item ids through item_ids.txt, ...), and reproduce the task's own embeddings.
 One client process serves all recipes, so the JAX start-up is paid once."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -190,8 +189,7 @@ def served(request, tmp_path_factory):
                            corpus=type(task).export_corpus is not Task.export_corpus)
     (root / name / "raw.json").write_text(json.dumps(raw))
     cases[name] = (manifest, expected)
-  # One CPU device, compiled with the test run's options (tests/conftest.py).
-  env = dict(os.environ, XLA_FLAGS=shared_runs.xla_flags(1), JAX_PLATFORMS="cpu")
+  env = shared_runs.env(root, devices=1)  # one CPU device, the run's compile options and cache
   proc = subprocess.run([sys.executable, "-c", CLIENT, str(root)], cwd=root, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
